@@ -1,0 +1,1 @@
+"""Who contributed what: contributors, adapters, their versions, the audit trail, intake."""
