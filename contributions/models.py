@@ -120,20 +120,26 @@ def _version_upload_to(instance: AdapterVersion, filename: str) -> str:
     return f"adapters/{adapter.owner_id}/{adapter.slug}/v{instance.number}/{filename}"
 
 
+class VersionStatus(models.TextChoices):
+    """Where a version stands: uploaded → validated → queued → evaluating → passed | failed
+    → admitted | rejected; later withdrawn (by its contributor) or suspended (maintainer)."""
+
+    UPLOADED = "uploaded", "Uploaded"
+    VALIDATED = "validated", "Validated"
+    QUEUED = "queued", "Queued for evaluation"
+    EVALUATING = "evaluating", "Evaluating"
+    PASSED = "passed", "Passed evaluation"
+    FAILED = "failed", "Failed evaluation"
+    ADMITTED = "admitted", "Admitted"
+    REJECTED = "rejected", "Rejected"
+    WITHDRAWN = "withdrawn", "Withdrawn"
+    SUSPENDED = "suspended", "Suspended"
+
+
 class AdapterVersion(models.Model):
     """One uploaded set of files for an Adapter, and where it stands in review."""
 
-    class Status(models.TextChoices):
-        UPLOADED = "uploaded", "Uploaded"
-        VALIDATED = "validated", "Validated"
-        QUEUED = "queued", "Queued for evaluation"
-        EVALUATING = "evaluating", "Evaluating"
-        PASSED = "passed", "Passed evaluation"
-        FAILED = "failed", "Failed evaluation"
-        ADMITTED = "admitted", "Admitted"
-        REJECTED = "rejected", "Rejected"
-        WITHDRAWN = "withdrawn", "Withdrawn"
-        SUSPENDED = "suspended", "Suspended"
+    Status = VersionStatus
 
     adapter = models.ForeignKey(Adapter, on_delete=models.PROTECT, related_name="versions")
     number = models.PositiveIntegerField()
@@ -169,7 +175,8 @@ class AdapterVersion(models.Model):
             models.CheckConstraint(condition=Q(number__gte=1), name="version_number_positive"),
             models.CheckConstraint(condition=Q(rank__gte=1), name="version_rank_positive"),
             models.CheckConstraint(
-                condition=Q(status__in=[s.value for s in Status]), name="version_status_known"
+                condition=Q(status__in=VersionStatus.values),
+                name="version_status_known",
             ),
         ]
         indexes = [

@@ -1,0 +1,60 @@
+"""Create a demo maintainer and a demo contributor, printing their logins and a token once.
+
+Idempotent: on later runs the accounts exist and nothing secret is printed again
+(``--reset`` issues fresh passwords and a fresh token).
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+from django.db import transaction
+
+from contributions import services
+from contributions.models import ApiToken
+
+DEMO_USERS = (
+    ("maintainer", "Demo Maintainer", True),
+    ("contributor", "Demo Contributor", False),
+)
+
+
+class Command(BaseCommand):
+    help = "Create the demo maintainer and contributor accounts (prints secrets only once)."
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--reset", action="store_true", help="Issue new passwords and a new demo token."
+        )
+
+    @transaction.atomic
+    def handle(self, *args, reset: bool = False, **options):
+        User = get_user_model()
+        for username, display_name, is_maintainer in DEMO_USERS:
+            user = User.objects.filter(username=username).first()
+            if user is not None and not reset:
+                self.stdout.write(f"Demo account '{username}' exists (use --reset for new secrets).")
+                continue
+            password = secrets.token_urlsafe(12)
+            if user is None:
+                contributor = services.contributor_sign_up(
+                    username=username,
+                    email=f"{username}@tessera.localhost",
+                    password=password,
+                    display_name=display_name,
+                    affiliation="Tessera demo",
+                )
+                user = contributor.user
+            else:
+                user.set_password(password)
+                user.save(update_fields=["password"])
+            if is_maintainer:
+                services.maintainer_grant(user=user)
+            self.stdout.write(self.style.SUCCESS(f"{username:12} password: {password}"))
+            if not is_maintainer:
+                ApiToken.objects.filter(user=user, name="demo", revoked_at__isnull=True).delete()
+                _, key = services.api_token_create(user=user, name="demo")
+                self.stdout.write(self.style.SUCCESS(f"{'':12} API token: {key}"))
+        self.stdout.write("These secrets are shown once; save them now.")

@@ -1,0 +1,455 @@
+"""Writes for contributions. Every state change of a version goes through
+``adapter_version_transition`` (compare-and-set + AuditEvent)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable, Sequence
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser, Group, Permission
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.db import IntegrityError, transaction
+from django.db.models import Max
+from django.utils import timezone
+
+from contributions import selectors
+from contributions.intake import IntakeLimits, UploadPart, ValidatedAdapter, validate_upload
+from contributions.licenses import LICENSES
+from contributions.models import (
+    Adapter,
+    AdapterVersion,
+    ApiToken,
+    AuditEvent,
+    BaseModel,
+    Contributor,
+)
+from tessera.errors import DomainError
+
+Status = AdapterVersion.Status
+
+# to-status -> the statuses a version may leave for it. Anything else is a conflict.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    Status.VALIDATED: frozenset({Status.UPLOADED}),
+    Status.QUEUED: frozenset({Status.VALIDATED, Status.EVALUATING}),
+    Status.EVALUATING: frozenset({Status.QUEUED}),
+    Status.PASSED: frozenset({Status.EVALUATING}),
+    Status.FAILED: frozenset({Status.QUEUED, Status.EVALUATING}),
+    Status.ADMITTED: frozenset({Status.PASSED, Status.SUSPENDED}),
+    Status.REJECTED: frozenset({Status.PASSED}),
+    Status.SUSPENDED: frozenset({Status.PASSED, Status.ADMITTED}),
+    Status.WITHDRAWN: frozenset(
+        {
+            Status.UPLOADED,
+            Status.VALIDATED,
+            Status.QUEUED,
+            Status.EVALUATING,
+            Status.PASSED,
+            Status.FAILED,
+            Status.ADMITTED,
+            Status.REJECTED,
+            Status.SUSPENDED,
+        }
+    ),
+}
+
+MIN_EXAMPLE_PROMPTS = 3
+MAX_EXAMPLE_PROMPTS = 50
+MAX_PROMPT_CHARS = 2000
+MAX_TAGS = 20
+
+
+# --- Contributors and tokens -----------------------------------------------------------
+
+
+def contributor_sign_up(
+    *,
+    username: str,
+    email: str,
+    password: str,
+    display_name: str,
+    affiliation: str = "",
+    is_public: bool = True,
+) -> Contributor:
+    User = get_user_model()
+    with transaction.atomic():
+        if User.objects.filter(username__iexact=username).exists():
+            raise DomainError("username_taken", "That username is already taken.", kind="conflict")
+        user = User.objects.create_user(username=username, email=email, password=password)
+        return Contributor.objects.create(
+            user=user,
+            display_name=display_name or username,
+            affiliation=affiliation,
+            is_public=is_public,
+        )
+
+
+def contributor_ensure(*, user: AbstractBaseUser) -> Contributor:
+    """A profile for users created elsewhere (admin, createsuperuser)."""
+    contributor, _ = Contributor.objects.get_or_create(
+        user=user, defaults={"display_name": user.get_username()}
+    )
+    return contributor
+
+
+# Maintainers read everything in the admin and may correct adapter metadata; versions,
+# statuses and the audit trail change only through services, never by editing rows.
+MAINTAINER_PERMISSIONS = (
+    "view_contributor",
+    "change_contributor",
+    "view_adapter",
+    "change_adapter",
+    "view_adapterversion",
+    "view_auditevent",
+    "view_basemodel",
+    "view_apitoken",
+)
+
+
+def maintainer_grant(*, user: AbstractBaseUser) -> None:
+    """Make a user a maintainer: the maintainers group (with its admin permissions) and
+    access to the admin site."""
+    group, created = Group.objects.get_or_create(name=settings.MAINTAINERS_GROUP)
+    if created or not group.permissions.exists():
+        group.permissions.set(
+            Permission.objects.filter(
+                content_type__app_label="contributions", codename__in=MAINTAINER_PERMISSIONS
+            )
+        )
+    user.groups.add(group)
+    if not user.is_staff:
+        user.is_staff = True
+        user.save(update_fields=["is_staff"])
+
+
+def api_token_create(*, user: AbstractBaseUser, name: str) -> tuple[ApiToken, str]:
+    """Create a token; the returned key is the only time the secret exists in clear."""
+    name = name.strip()
+    if not name:
+        raise DomainError("token_name_required", "Give the token a name.")
+    for _ in range(5):
+        prefix = secrets.token_hex(4)
+        secret = secrets.token_urlsafe(32)
+        try:
+            with transaction.atomic():
+                token = ApiToken.objects.create(
+                    user=user, name=name[:100], prefix=prefix, key_hash=_hash_secret(secret)
+                )
+        except IntegrityError:
+            continue  # prefix collision: draw again
+        return token, f"tsr_{prefix}_{secret}"
+    raise DomainError("token_create_failed", "Could not create a token; try again.")
+
+
+def api_token_revoke(*, token: ApiToken, actor: AbstractBaseUser) -> ApiToken:
+    if token.user_id != actor.pk:
+        raise DomainError("not_found", "No such token.", kind="not_found")
+    ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    token.refresh_from_db()
+    return token
+
+
+def _hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+# --- Adapters ---------------------------------------------------------------------------
+
+
+def _clean_str_list(value: Iterable[str], *, field: str, max_items: int, max_len: int) -> list:
+    items = [str(item).strip() for item in value if str(item).strip()]
+    if len(items) > max_items:
+        raise DomainError(f"{field}_too_many", f"At most {max_items} {field.replace('_', ' ')}.")
+    if any(len(item) > max_len for item in items):
+        raise DomainError(
+            f"{field}_too_long", f"Each of {field.replace('_', ' ')} is at most {max_len} chars."
+        )
+    # Keep the contributor's order, drop repeats.
+    return list(dict.fromkeys(items))
+
+
+def _clean_metadata(fields: dict) -> dict:
+    cleaned = dict(fields)
+    if "license" in cleaned and cleaned["license"] not in LICENSES:
+        raise DomainError(
+            "license_unknown",
+            f"License must be one of: {', '.join(sorted(LICENSES))}.",
+        )
+    if "task_tags" in cleaned:
+        cleaned["task_tags"] = [
+            t.lower()
+            for t in _clean_str_list(
+                cleaned["task_tags"], field="task_tags", max_items=MAX_TAGS, max_len=40
+            )
+        ]
+    if "languages" in cleaned:
+        cleaned["languages"] = _clean_str_list(
+            cleaned["languages"], field="languages", max_items=MAX_TAGS, max_len=16
+        )
+    if "example_prompts" in cleaned:
+        prompts = _clean_str_list(
+            cleaned["example_prompts"],
+            field="example_prompts",
+            max_items=MAX_EXAMPLE_PROMPTS,
+            max_len=MAX_PROMPT_CHARS,
+        )
+        if len(prompts) < MIN_EXAMPLE_PROMPTS:
+            raise DomainError(
+                "example_prompts_too_few",
+                f"Give at least {MIN_EXAMPLE_PROMPTS} different example prompts: the router "
+                "learns from them which requests your adapter should answer.",
+            )
+        cleaned["example_prompts"] = prompts
+    return cleaned
+
+
+def adapter_create(
+    *,
+    owner: AbstractBaseUser,
+    slug: str,
+    title: str,
+    license: str,
+    intended_use: str,
+    training_data_summary: str,
+    example_prompts: Sequence[str],
+    description: str = "",
+    task_tags: Sequence[str] = (),
+    languages: Sequence[str] = (),
+    visibility: str = Adapter.Visibility.PUBLIC,
+) -> Adapter:
+    fields = _clean_metadata(
+        {
+            "slug": slug,
+            "title": title,
+            "license": license,
+            "intended_use": intended_use,
+            "training_data_summary": training_data_summary,
+            "example_prompts": list(example_prompts),
+            "description": description,
+            "task_tags": list(task_tags),
+            "languages": list(languages),
+            "visibility": visibility,
+        }
+    )
+    contributor_ensure(user=owner)
+    try:
+        with transaction.atomic():
+            adapter = Adapter.objects.create(owner=owner, **fields)
+            AuditEvent.objects.create(actor=owner, adapter=adapter, action="adapter.created")
+    except IntegrityError as exc:
+        if Adapter.objects.filter(owner=owner, slug=slug).exists():
+            raise DomainError(
+                "slug_taken", f"You already have an adapter named '{slug}'.", kind="conflict"
+            ) from exc
+        raise
+    return adapter
+
+
+EDITABLE_ADAPTER_FIELDS = frozenset(
+    {
+        "title",
+        "description",
+        "task_tags",
+        "languages",
+        "license",
+        "intended_use",
+        "training_data_summary",
+        "example_prompts",
+        "visibility",
+    }
+)
+
+
+def adapter_update(*, adapter: Adapter, actor: AbstractBaseUser, **changes) -> Adapter:
+    unknown = set(changes) - EDITABLE_ADAPTER_FIELDS
+    if unknown:
+        raise DomainError("field_not_editable", f"Cannot change: {', '.join(sorted(unknown))}.")
+    changes = _clean_metadata(changes)
+    changed = sorted(k for k, v in changes.items() if getattr(adapter, k) != v)
+    if not changed:
+        return adapter
+    with transaction.atomic():
+        for key in changed:
+            setattr(adapter, key, changes[key])
+        adapter.save(update_fields=[*changed, "updated_at"])
+        AuditEvent.objects.create(
+            actor=actor, adapter=adapter, action="adapter.updated", reason=", ".join(changed)
+        )
+    return adapter
+
+
+# --- Versions ---------------------------------------------------------------------------
+
+
+def adapter_version_create(
+    *, adapter: Adapter, actor: AbstractBaseUser, parts: Sequence[UploadPart]
+) -> AdapterVersion:
+    """Validate an upload and store it as the adapter's next version, status ``validated``.
+
+    Validation runs before anything is written; if anything after it fails, the files
+    already written are removed again, so a refused upload leaves nothing behind.
+    """
+    base_model = selectors.base_model_active()
+    validated = validate_upload(
+        parts,
+        base_model_names=[base_model.name, base_model.source, *base_model.aliases],
+        architecture=base_model.architecture,
+        limits=IntakeLimits.from_settings(),
+    )
+    duplicate = selectors.version_by_weights_sha256(validated.weights_sha256)
+    if duplicate is not None:
+        raise _duplicate_error(duplicate, actor)
+
+    written: list[str] = []
+    try:
+        with transaction.atomic():
+            # Lock the adapter row so two concurrent uploads get different numbers.
+            Adapter.objects.select_for_update().filter(pk=adapter.pk).first()
+            number = (adapter.versions.aggregate(n=Max("number"))["n"] or 0) + 1
+            version = AdapterVersion(
+                adapter=adapter,
+                number=number,
+                base_model=base_model,
+                status=Status.UPLOADED,
+                status_changed_at=timezone.now(),
+                **_version_fields(validated),
+            )
+            _attach_files(version, validated, written)
+            version.save()
+            AuditEvent.objects.create(
+                actor=actor,
+                adapter=adapter,
+                version=version,
+                action="version.uploaded",
+                to_status=Status.UPLOADED,
+            )
+            version = adapter_version_transition(
+                version=version,
+                to_status=Status.VALIDATED,
+                actor=None,
+                reason="Intake checks passed: format, safety, config and every tensor shape.",
+            )
+    except BaseException as exc:
+        for name in written:
+            default_storage.delete(name)
+        if isinstance(exc, IntegrityError):
+            duplicate = selectors.version_by_weights_sha256(validated.weights_sha256)
+            if duplicate is not None:
+                raise _duplicate_error(duplicate, actor) from exc
+        raise
+    return version
+
+
+def _duplicate_error(duplicate: AdapterVersion, actor: AbstractBaseUser) -> DomainError:
+    where = (
+        f" ({duplicate.adapter.slug} v{duplicate.number})"
+        if duplicate.adapter.owner_id == actor.pk
+        else ""
+    )
+    return DomainError(
+        "duplicate_upload",
+        f"These exact weights were already uploaded{where}; upload a new training run instead.",
+        kind="conflict",
+    )
+
+
+def _version_fields(validated: ValidatedAdapter) -> dict:
+    return {
+        "config_sha256": validated.config_sha256,
+        "weights_sha256": validated.weights_sha256,
+        "card_sha256": validated.card_sha256,
+        "size_bytes": validated.size_bytes,
+        "rank": validated.rank,
+        "alpha": validated.alpha,
+        "dropout": validated.dropout,
+        "target_modules": validated.target_modules,
+        "dtype": validated.dtype,
+        "tensor_count": validated.tensor_count,
+        "parameter_count": validated.parameter_count,
+        "adapter_config": validated.normalised_config,
+    }
+
+
+def _attach_files(version: AdapterVersion, validated: ValidatedAdapter, written: list) -> None:
+    files = [
+        ("config_file", "adapter_config.json", validated.config_bytes),
+        ("weights_file", "adapter_model.safetensors", validated.weights_bytes),
+    ]
+    if validated.card_bytes is not None:
+        files.append(("card_file", "README.md", validated.card_bytes))
+    for field, name, data in files:
+        getattr(version, field).save(name, ContentFile(data), save=False)
+        written.append(getattr(version, field).name)
+
+
+def adapter_version_transition(
+    *,
+    version: AdapterVersion,
+    to_status: str,
+    actor: AbstractBaseUser | None,
+    reason: str = "",
+    action: str = "",
+) -> AdapterVersion:
+    """Move a version to ``to_status`` if, and only if, it is still where the caller saw it.
+
+    The update is a compare-and-set on (pk, status): of two workers or maintainers acting
+    on the same version at once, exactly one wins; the other gets a ``status_conflict``.
+    """
+    allowed_from = TRANSITIONS.get(to_status)
+    if allowed_from is None:
+        raise DomainError("status_unknown", f"Unknown status '{to_status}'.")
+    from_status = version.status
+    if from_status not in allowed_from:
+        raise DomainError(
+            "status_conflict",
+            f"A version that is {from_status} cannot become {to_status}.",
+            kind="conflict",
+            details={"from": from_status, "to": to_status},
+        )
+    now = timezone.now()
+    with transaction.atomic():
+        updated = AdapterVersion.objects.filter(pk=version.pk, status=from_status).update(
+            status=to_status, status_changed_at=now
+        )
+        if updated != 1:
+            raise DomainError(
+                "status_conflict",
+                "The version changed while you were acting on it; reload and try again.",
+                kind="conflict",
+            )
+        AuditEvent.objects.create(
+            actor=actor,
+            adapter_id=version.adapter_id,
+            version=version,
+            action=action or f"version.{to_status}",
+            from_status=from_status,
+            to_status=to_status,
+            reason=reason,
+        )
+    version.status = to_status
+    version.status_changed_at = now
+    return version
+
+
+def adapter_version_withdraw(
+    *, version: AdapterVersion, actor: AbstractBaseUser, reason: str = ""
+) -> AdapterVersion:
+    """The contributor takes a version back; effective at once, whatever its state."""
+    if version.adapter.owner_id != actor.pk:
+        raise DomainError(
+            "not_owner", "Only the adapter's owner can withdraw a version.", kind="forbidden"
+        )
+    if version.status == Status.WITHDRAWN:
+        raise DomainError(
+            "already_withdrawn", "This version is already withdrawn.", kind="conflict"
+        )
+    return adapter_version_transition(
+        version=version,
+        to_status=Status.WITHDRAWN,
+        actor=actor,
+        reason=reason.strip() or "Withdrawn by its contributor.",
+    )
+
