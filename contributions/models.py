@@ -169,7 +169,9 @@ class AdapterVersion(models.Model):
     class Meta:
         ordering = ["adapter", "-number"]
         constraints = [
-            models.UniqueConstraint(fields=["adapter", "number"], name="version_number_per_adapter"),
+            models.UniqueConstraint(
+                fields=["adapter", "number"], name="version_number_per_adapter"
+            ),
             # An identical weights file is refused at intake; this keeps it true under races.
             models.UniqueConstraint(fields=["weights_sha256"], name="version_weights_unique"),
             models.CheckConstraint(condition=Q(number__gte=1), name="version_number_positive"),

@@ -79,11 +79,7 @@ def version_get_visible(*, user: AbstractBaseUser, adapter_id: int, number: int)
 
 
 def version_by_weights_sha256(sha256: str) -> AdapterVersion | None:
-    return (
-        AdapterVersion.objects.select_related("adapter")
-        .filter(weights_sha256=sha256)
-        .first()
-    )
+    return AdapterVersion.objects.select_related("adapter").filter(weights_sha256=sha256).first()
 
 
 def audit_events_for_version(*, version: AdapterVersion) -> list[AuditEvent]:

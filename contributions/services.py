@@ -24,7 +24,6 @@ from contributions.models import (
     AdapterVersion,
     ApiToken,
     AuditEvent,
-    BaseModel,
     Contributor,
 )
 from tessera.errors import DomainError
@@ -452,4 +451,3 @@ def adapter_version_withdraw(
         actor=actor,
         reason=reason.strip() or "Withdrawn by its contributor.",
     )
-

@@ -25,9 +25,21 @@ def celery_worker_process(redis_proc, pg_server):
     )
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "celery", "-A", "tessera", "worker",
-            "--queues", "default,eval-cpu", "--concurrency", "1", "--loglevel", "INFO",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tessera",
+            "worker",
+            "--queues",
+            "default,eval-cpu",
+            "--concurrency",
+            "1",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
         ],
         cwd=ROOT,
         env=env,
@@ -44,9 +56,7 @@ def celery_worker_process(redis_proc, pg_server):
 
 
 def test_a_real_worker_answers_a_task_sent_through_redis(celery_worker_process, redis_proc):
-    client = Celery(
-        "client", broker=redis_url(redis_proc, 0), backend=redis_url(redis_proc, 2)
-    )
+    client = Celery("client", broker=redis_url(redis_proc, 0), backend=redis_url(redis_proc, 2))
     client.conf.task_serializer = "json"
     started = time.monotonic()
     result = client.send_task("tessera.ping", queue="default")

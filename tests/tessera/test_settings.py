@@ -39,7 +39,11 @@ def test_production_with_a_secret_key_starts():
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("TESSERA_MAX_UPLOAD_BYTES", "lots"), ("TESSERA_MAX_LORA_RANK", "0"), ("DJANGO_DEBUG", "maybe")],
+    [
+        ("TESSERA_MAX_UPLOAD_BYTES", "lots"),
+        ("TESSERA_MAX_LORA_RANK", "0"),
+        ("DJANGO_DEBUG", "maybe"),
+    ],
 )
 def test_a_bad_value_stops_the_settings_from_loading(name, value):
     result = _load_settings(**{name: value})
@@ -77,7 +81,9 @@ def test_celery_is_json_only_and_acknowledges_late():
 
 
 def test_the_upload_cap_is_enforced_by_our_handler_first():
-    assert settings.FILE_UPLOAD_HANDLERS[0] == "contributions.upload_handlers.SizeCappedUploadHandler"
+    assert (
+        settings.FILE_UPLOAD_HANDLERS[0] == "contributions.upload_handlers.SizeCappedUploadHandler"
+    )
 
 
 @pytest.mark.django_db

@@ -35,7 +35,9 @@ class Command(BaseCommand):
         for username, display_name, is_maintainer in DEMO_USERS:
             user = User.objects.filter(username=username).first()
             if user is not None and not reset:
-                self.stdout.write(f"Demo account '{username}' exists (use --reset for new secrets).")
+                self.stdout.write(
+                    f"Demo account '{username}' exists (use --reset for new secrets)."
+                )
                 continue
             password = secrets.token_urlsafe(12)
             if user is None:
