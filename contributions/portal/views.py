@@ -1,0 +1,258 @@
+"""The server-rendered portal. Views are thin: a form checks the input, a service writes,
+a selector (or contributions.portal.queries) reads, a template renders.
+
+Access: someone else's adapter is a 404, exactly as if it did not exist; maintainers may
+look at every adapter but only its owner may change it (403 for anyone else).
+"""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth import login
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.csrf import csrf_exempt, csrf_protect
+from django.views.decorators.http import require_POST
+
+from contributions import selectors, services
+from contributions.models import Adapter
+from contributions.portal import queries
+from contributions.portal.forms import (
+    AdapterEditForm,
+    AdapterForm,
+    SignUpForm,
+    TokenCreateForm,
+    UploadForm,
+    WithdrawForm,
+)
+from contributions.upload_handlers import upload_limit_bytes
+from tessera.api import STATUS_BY_KIND
+from tessera.errors import DomainError
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def _form_status(form) -> int:
+    return 400 if form.is_bound and form.errors else 200
+
+
+def _visible_adapter(request: HttpRequest, adapter_id: int) -> Adapter:
+    try:
+        return selectors.adapter_get_visible(user=request.user, adapter_id=adapter_id)
+    except DomainError as exc:
+        if exc.kind == "not_found":
+            raise Http404(exc.message) from exc
+        raise
+
+
+def _owned_adapter(request: HttpRequest, adapter_id: int) -> Adapter:
+    adapter = _visible_adapter(request, adapter_id)
+    if adapter.owner_id != request.user.pk:
+        raise PermissionDenied("Only the adapter's owner can change it.")
+    return adapter
+
+
+# --- public pages -----------------------------------------------------------------------
+
+
+def home(request: HttpRequest) -> HttpResponse:
+    return render(request, "portal/home.html", {"base_model": queries.base_model_or_none()})
+
+
+def rules(request: HttpRequest) -> HttpResponse:
+    return render(request, "portal/rules.html", {"rules": queries.intake_rules()})
+
+
+def signup(request: HttpRequest) -> HttpResponse:
+    if request.user.is_authenticated:
+        return redirect("portal:dashboard")
+    form = SignUpForm(request.POST if request.method == "POST" else None)
+    if form.is_bound and form.is_valid():
+        try:
+            contributor = services.contributor_sign_up(**form.service_kwargs())
+        except DomainError as exc:
+            form.add_domain_error(exc)
+        else:
+            login(request, contributor.user, backend="django.contrib.auth.backends.ModelBackend")
+            messages.success(request, f"Welcome, {contributor.display_name}. You are signed in.")
+            return redirect("portal:dashboard")
+    return render(request, "portal/signup.html", {"form": form}, status=_form_status(form))
+
+
+# --- adapters ---------------------------------------------------------------------------
+
+
+@login_required
+def dashboard(request: HttpRequest) -> HttpResponse:
+    context = {"adapters": queries.adapter_list_owned(user=request.user)}
+    if selectors.user_is_maintainer(request.user):
+        context["all_adapters"] = queries.adapter_list_all(user=request.user)
+    return render(request, "portal/dashboard.html", context)
+
+
+@login_required
+def adapter_new(request: HttpRequest) -> HttpResponse:
+    form = AdapterForm(request.POST if request.method == "POST" else None)
+    status = 200
+    if form.is_bound and form.is_valid():
+        try:
+            adapter = services.adapter_create(owner=request.user, **form.cleaned_data)
+        except DomainError as exc:
+            form.add_domain_error(exc)
+            status = STATUS_BY_KIND[exc.kind]
+        else:
+            messages.success(request, f"Adapter '{adapter.slug}' created. Upload its files next.")
+            return redirect("portal:version-upload", adapter_id=adapter.pk)
+    return _adapter_form_page(request, form, None, status)
+
+
+def _adapter_form_page(request, form, adapter: Adapter | None, status: int) -> HttpResponse:
+    context = {"form": form, "adapter": adapter}
+    status = max(status, _form_status(form))
+    return render(request, "portal/adapter_form.html", context, status=status)
+
+
+@login_required
+def adapter_detail(request: HttpRequest, adapter_id: int) -> HttpResponse:
+    adapter = _visible_adapter(request, adapter_id)
+    context = {
+        "adapter": adapter,
+        "is_owner": adapter.owner_id == request.user.pk,
+        "version_rows": queries.version_rows(adapter=adapter),
+        "adapter_events": queries.adapter_events(adapter=adapter),
+        "withdraw_form": WithdrawForm(),
+    }
+    return render(request, "portal/adapter_detail.html", context)
+
+
+@login_required
+def adapter_edit(request: HttpRequest, adapter_id: int) -> HttpResponse:
+    adapter = _owned_adapter(request, adapter_id)
+    initial = AdapterEditForm.initial_for(adapter)
+    form = AdapterEditForm(request.POST if request.method == "POST" else None, initial=initial)
+    status = 200
+    if form.is_bound and form.is_valid():
+        try:
+            services.adapter_update(adapter=adapter, actor=request.user, **form.cleaned_data)
+        except DomainError as exc:
+            form.add_domain_error(exc)
+            status = STATUS_BY_KIND[exc.kind]
+        else:
+            messages.success(request, "Adapter details saved.")
+            return redirect("portal:adapter-detail", adapter_id=adapter.pk)
+    return _adapter_form_page(request, form, adapter, status)
+
+
+# --- versions ---------------------------------------------------------------------------
+
+
+def _upload_page(request, adapter, form, refusal: DomainError | None = None) -> HttpResponse:
+    status = STATUS_BY_KIND[refusal.kind] if refusal else _form_status(form)
+    context = {
+        "adapter": adapter,
+        "form": form,
+        "refusal": refusal,
+        "rules": queries.intake_rules(),
+    }
+    return render(request, "portal/version_upload.html", context, status=status)
+
+
+def _upload_too_large(request: HttpRequest) -> bool:
+    _ = request.FILES  # parsing the body is what runs the size-capping upload handler
+    return getattr(request, "upload_too_large", False)
+
+
+# CSRF is checked by hand below, after the size check: when the upload handler refuses an
+# oversized body by its Content-Length it never reads the body, so the form's CSRF token
+# is never seen either, and the middleware would answer a baffling "CSRF failed" instead
+# of the 413. A refusal changes nothing, so answering it before the CSRF check is safe.
+@csrf_exempt
+@login_required
+def version_upload(request: HttpRequest, adapter_id: int) -> HttpResponse:
+    adapter = _owned_adapter(request, adapter_id)
+    if request.method == "POST" and _upload_too_large(request):
+        refusal = DomainError(
+            "upload_too_large",
+            f"The upload is over the {upload_limit_bytes() // (1024 * 1024)} MiB cap.",
+            kind="too_large",
+        )
+        return _upload_page(request, adapter, UploadForm(), refusal)
+    return _version_upload_checked(request, adapter)
+
+
+@csrf_protect
+def _version_upload_checked(request: HttpRequest, adapter: Adapter) -> HttpResponse:
+    if request.method != "POST":
+        return _upload_page(request, adapter, UploadForm())
+    form = UploadForm(request.POST, request.FILES)
+    if not form.is_valid():
+        return _upload_page(request, adapter, form)
+    try:
+        version = services.adapter_version_create(
+            adapter=adapter, actor=request.user, parts=form.parts()
+        )
+    except DomainError as exc:
+        return _upload_page(request, adapter, form, exc)
+    messages.success(
+        request,
+        f"Version {version.number} uploaded: status {version.status}. It passed every intake "
+        "check and waits for evaluation.",
+    )
+    return redirect("portal:adapter-detail", adapter_id=adapter.pk)
+
+
+@login_required
+@require_POST
+def version_withdraw(request: HttpRequest, adapter_id: int, number: int) -> HttpResponse:
+    adapter = _owned_adapter(request, adapter_id)
+    version = next((v for v in adapter.versions.all() if v.number == number), None)
+    if version is None:
+        raise Http404("No such version.")
+    form = WithdrawForm(request.POST)
+    reason = form.cleaned_data["reason"] if form.is_valid() else ""
+    try:
+        services.adapter_version_withdraw(version=version, actor=request.user, reason=reason)
+    except DomainError as exc:
+        messages.error(request, f"Not withdrawn ({exc.code}): {exc.message}")
+    else:
+        messages.success(request, f"Version {number} withdrawn. It is no longer served.")
+    return redirect("portal:adapter-detail", adapter_id=adapter.pk)
+
+
+# --- API tokens -------------------------------------------------------------------------
+
+
+@login_required
+def tokens(request: HttpRequest) -> HttpResponse:
+    form = TokenCreateForm(request.POST if request.method == "POST" else None)
+    context = {"form": form, "new_key": None, "new_token": None}
+    if form.is_bound and form.is_valid():
+        try:
+            token, key = services.api_token_create(
+                user=request.user, name=form.cleaned_data["name"]
+            )
+        except DomainError as exc:
+            form.add_domain_error(exc)
+        else:
+            # Shown on this response only: the key is not stored, and not kept in the session.
+            context.update(new_key=key, new_token=token, form=TokenCreateForm())
+    context["tokens"] = queries.api_token_list(user=request.user)
+    context["api_me_url"] = request.build_absolute_uri(reverse("api:me"))
+    response = render(request, "portal/tokens.html", context, status=_form_status(form))
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@login_required
+@require_POST
+def token_revoke(request: HttpRequest, token_id: int) -> HttpResponse:
+    try:
+        token = queries.api_token_get_owned(user=request.user, token_id=token_id)
+    except DomainError as exc:
+        raise Http404(exc.message) from exc
+    services.api_token_revoke(token=token, actor=request.user)
+    messages.success(request, f"Token '{token.name}' revoked; requests with it now get 401.")
+    return redirect("portal:tokens")
