@@ -28,8 +28,8 @@ install: $(VENV)/.stamp-run
 install-dev: $(VENV)/.stamp-dev
 
 run: install
-	$(PY) manage.py prepare_base_model
 	$(PY) manage.py migrate --no-input
+	$(PY) manage.py prepare_base_model
 	$(PY) manage.py seed_demo
 	HOST=$(HOST) PORT=$(PORT) PY=$(PY) sh platform/run-local.sh
 

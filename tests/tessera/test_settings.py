@@ -103,3 +103,13 @@ def test_the_cache_is_the_suites_redis(redis_proc):
 
     client = redis.Redis(host=redis_proc.host, port=redis_proc.port, db=1)
     assert any(b"probe" in key for key in client.keys("*"))
+
+
+def test_each_queue_has_its_own_routing_key():
+    queues = {q.name: q for q in app.conf.task_queues}
+    assert {name: q.routing_key for name, q in queues.items()} == {
+        "default": "default",
+        "eval-cpu": "eval-cpu",
+        "eval-gpu": "eval-gpu",
+    }
+    assert len({q.exchange.name for q in queues.values()}) == 3
