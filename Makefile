@@ -30,6 +30,7 @@ install-dev: $(VENV)/.stamp-dev
 run: install
 	$(PY) manage.py migrate --no-input
 	$(PY) manage.py prepare_base_model
+	$(PY) manage.py load_suites
 	$(PY) manage.py seed_demo
 	HOST=$(HOST) PORT=$(PORT) PY=$(PY) sh platform/run-local.sh
 

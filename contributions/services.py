@@ -13,7 +13,7 @@ from django.contrib.auth.models import AbstractBaseUser, Group, Permission
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
-from django.db.models import Max
+from django.db.models import Max, Q
 from django.utils import timezone
 
 from contributions import selectors
@@ -35,7 +35,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     Status.VALIDATED: frozenset({Status.UPLOADED}),
     Status.QUEUED: frozenset({Status.VALIDATED, Status.EVALUATING}),
     Status.EVALUATING: frozenset({Status.QUEUED}),
-    Status.PASSED: frozenset({Status.EVALUATING}),
+    # REJECTED -> PASSED: the contributor's one appeal puts a rejection back in review.
+    Status.PASSED: frozenset({Status.EVALUATING, Status.REJECTED}),
     Status.FAILED: frozenset({Status.QUEUED, Status.EVALUATING}),
     Status.ADMITTED: frozenset({Status.PASSED, Status.SUSPENDED}),
     Status.REJECTED: frozenset({Status.PASSED}),
@@ -96,28 +97,32 @@ def contributor_ensure(*, user: AbstractBaseUser) -> Contributor:
 
 # Maintainers read everything in the admin and may correct adapter metadata; versions,
 # statuses and the audit trail change only through services, never by editing rows.
-MAINTAINER_PERMISSIONS = (
-    "view_contributor",
-    "change_contributor",
-    "view_adapter",
-    "change_adapter",
-    "view_adapterversion",
-    "view_auditevent",
-    "view_basemodel",
-    "view_apitoken",
-)
+MAINTAINER_PERMISSIONS = {
+    "contributions": (
+        "view_contributor",
+        "change_contributor",
+        "view_adapter",
+        "change_adapter",
+        "view_adapterversion",
+        "view_auditevent",
+        "view_basemodel",
+        "view_apitoken",
+    ),
+    "evaluation": ("view_", "add_suite", "add_suiteversion"),
+    "routing": ("view_",),
+}
 
 
 def maintainer_grant(*, user: AbstractBaseUser) -> None:
     """Make a user a maintainer: the maintainers group (with its admin permissions) and
-    access to the admin site."""
-    group, created = Group.objects.get_or_create(name=settings.MAINTAINERS_GROUP)
-    if created or not group.permissions.exists():
-        group.permissions.set(
-            Permission.objects.filter(
-                content_type__app_label="contributions", codename__in=MAINTAINER_PERMISSIONS
-            )
-        )
+    access to the admin site. Idempotent; re-running it grants permissions added since."""
+    group, _ = Group.objects.get_or_create(name=settings.MAINTAINERS_GROUP)
+    wanted = Q()
+    for app_label, codenames in MAINTAINER_PERMISSIONS.items():
+        for codename in codenames:
+            lookup = "codename__startswith" if codename.endswith("_") else "codename"
+            wanted |= Q(content_type__app_label=app_label, **{lookup: codename})
+    group.permissions.add(*Permission.objects.filter(wanted))
     user.groups.add(group)
     if not user.is_staff:
         user.is_staff = True
@@ -286,7 +291,8 @@ def adapter_update(*, adapter: Adapter, actor: AbstractBaseUser, **changes) -> A
 def adapter_version_create(
     *, adapter: Adapter, actor: AbstractBaseUser, parts: Sequence[UploadPart]
 ) -> AdapterVersion:
-    """Validate an upload and store it as the adapter's next version, status ``validated``.
+    """Validate an upload and store it as the adapter's next version, then queue its
+    evaluation: status ``queued``, with an EvaluationRun whose task is sent after commit.
 
     Validation runs before anything is written; if anything after it fails, the files
     already written are removed again, so a refused upload leaves nothing behind.
@@ -331,6 +337,11 @@ def adapter_version_create(
                 actor=None,
                 reason="Intake checks passed: format, safety, config and every tensor shape.",
             )
+            # Lazy import: evaluation's models import contributions (a top-level import
+            # would be circular).
+            from evaluation.services.runs import evaluation_run_create
+
+            evaluation_run_create(version=version)
     except BaseException as exc:
         for name in written:
             default_storage.delete(name)
@@ -391,11 +402,14 @@ def adapter_version_transition(
     actor: AbstractBaseUser | None,
     reason: str = "",
     action: str = "",
+    publish_mixture: bool = True,
 ) -> AdapterVersion:
     """Move a version to ``to_status`` if, and only if, it is still where the caller saw it.
 
     The update is a compare-and-set on (pk, status): of two workers or maintainers acting
     on the same version at once, exactly one wins; the other gets a ``status_conflict``.
+    Entering or leaving ``admitted`` publishes a new mixture snapshot in the same
+    transaction (``publish_mixture=False`` lets a caller publish once for many changes).
     """
     allowed_from = TRANSITIONS.get(to_status)
     if allowed_from is None:
@@ -428,6 +442,14 @@ def adapter_version_transition(
             to_status=to_status,
             reason=reason,
         )
+        if publish_mixture and Status.ADMITTED in (from_status, to_status):
+            # Lazy import: routing's models import contributions.
+            from routing.services import mixture_publish
+
+            mixture_publish(
+                reason=f"{version.adapter} v{version.number}: {from_status} → {to_status}",
+                actor=actor,
+            )
     version.status = to_status
     version.status_changed_at = now
     return version

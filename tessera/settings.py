@@ -225,6 +225,56 @@ if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
 if CELERY_TASK_SOFT_TIME_LIMIT >= CELERY_TASK_TIME_LIMIT:
     raise ImproperlyConfigured("CELERY_TASK_SOFT_TIME_LIMIT must be below CELERY_TASK_TIME_LIMIT.")
 
+# --- Evaluation ---------------------------------------------------------------------------
+# Runs go to eval-gpu when the deployment has GPU workers, else to eval-cpu.
+TESSERA_EVAL_GPU_WORKERS = env.bool("TESSERA_EVAL_GPU_WORKERS", default=False)
+TESSERA_EVAL_MAX_ATTEMPTS = env.int("TESSERA_EVAL_MAX_ATTEMPTS", default=2)
+TESSERA_EVAL_DEADLINE_SECONDS = env.int("TESSERA_EVAL_DEADLINE_SECONDS", default=25 * 60)
+TESSERA_EVAL_HEARTBEAT_SECONDS = env.float("TESSERA_EVAL_HEARTBEAT_SECONDS", default=3.0)
+TESSERA_EVAL_STALE_AFTER_SECONDS = env.int("TESSERA_EVAL_STALE_AFTER_SECONDS", default=90)
+TESSERA_EVAL_BATCH_SIZE = env.int("TESSERA_EVAL_BATCH_SIZE", default=16)
+TESSERA_EVAL_BOOTSTRAP_SAMPLES = env.int("TESSERA_EVAL_BOOTSTRAP_SAMPLES", default=2000)
+# The sandbox: "auto" picks bubblewrap, else unshare (root), for a child with no network.
+TESSERA_SANDBOX = env.str("TESSERA_SANDBOX", default="auto")
+# Evaluating without network isolation must be chosen explicitly, and never in production.
+TESSERA_SANDBOX_ALLOW_NETWORK = env.bool("TESSERA_SANDBOX_ALLOW_NETWORK", default=False)
+# Address-space cap of the evaluation child (RLIMIT_AS). SmolLM2 on CPU peaks near 2.1 GB
+# of address space; CUDA maps far more than it uses, so GPU workers set 0 (no cap).
+TESSERA_SANDBOX_MEMORY_BYTES = env.int("TESSERA_SANDBOX_MEMORY_BYTES", default=12 * 1024**3)
+TESSERA_SANDBOX_CPU_SECONDS = env.int("TESSERA_SANDBOX_CPU_SECONDS", default=3 * 3600)
+TESSERA_SANDBOX_OPEN_FILES = env.int("TESSERA_SANDBOX_OPEN_FILES", default=512)
+TESSERA_SANDBOX_FILE_BYTES = env.int("TESSERA_SANDBOX_FILE_BYTES", default=64 * 1024 * 1024)
+if TESSERA_SANDBOX not in {"auto", "bwrap", "unshare", "none"}:
+    raise ImproperlyConfigured("TESSERA_SANDBOX must be one of auto, bwrap, unshare, none.")
+if not DEBUG and (TESSERA_SANDBOX == "none" or TESSERA_SANDBOX_ALLOW_NETWORK):
+    raise ImproperlyConfigured("Production never evaluates without network isolation.")
+if TESSERA_EVAL_DEADLINE_SECONDS >= CELERY_TASK_SOFT_TIME_LIMIT:
+    raise ImproperlyConfigured("TESSERA_EVAL_DEADLINE_SECONDS must be below the task time limits.")
+
+# --- Admission policy ------------------------------------------------------------------------
+# A version passes when, on every task it targets, it beats the base by at least MIN_GAIN
+# (absolute score) with the 95% CI's lower bound above zero, and the general suite falls by
+# no more than MAX_GENERAL_DROP. REVIEW decides who admits a passing version: "first" (a
+# maintainer reviews a contributor's first admitted adapter, later ones go in at once),
+# "always" or "never".
+TESSERA_ADMISSION_MIN_GAIN = env.float("TESSERA_ADMISSION_MIN_GAIN", default=0.10)
+TESSERA_ADMISSION_MAX_GENERAL_DROP = env.float("TESSERA_ADMISSION_MAX_GENERAL_DROP", default=0.05)
+TESSERA_ADMISSION_REVIEW = env.str("TESSERA_ADMISSION_REVIEW", default="first")
+if TESSERA_ADMISSION_REVIEW not in {"first", "always", "never"}:
+    raise ImproperlyConfigured("TESSERA_ADMISSION_REVIEW must be one of first, always, never.")
+
+# --- Routing ---------------------------------------------------------------------------------
+# The deployment's router ("embedding", "arrow" or "explicit"); requests may override it.
+TESSERA_ROUTER = env.str("TESSERA_ROUTER", default="embedding")
+# Cosine similarity a request needs with an adapter's signature to be routed to it.
+TESSERA_ROUTER_THRESHOLD = env.float("TESSERA_ROUTER_THRESHOLD", default=0.35)
+if TESSERA_ROUTER not in {"embedding", "arrow", "explicit"}:
+    raise ImproperlyConfigured("TESSERA_ROUTER must be one of embedding, arrow, explicit.")
+
+CELERY_BEAT_SCHEDULE = {
+    "reap-evaluation-runs": {"task": "evaluation.reap_runs", "schedule": 30.0},
+}
+
 # --- E-mail -------------------------------------------------------------------------------
 EMAIL_BACKEND = env.str(
     "DJANGO_EMAIL_BACKEND",
@@ -233,6 +283,8 @@ EMAIL_BACKEND = env.str(
     else "django.core.mail.backends.smtp.EmailBackend",
 )
 DEFAULT_FROM_EMAIL = env.str("DJANGO_DEFAULT_FROM_EMAIL", default="tessera@localhost")
+# Where e-mails link to (review decisions name the adapter page): the portal's public root.
+TESSERA_SITE_URL = env.str("TESSERA_SITE_URL", default="http://localhost:8000").rstrip("/")
 
 # --- Production hardening -------------------------------------------------------------------
 if not DEBUG:

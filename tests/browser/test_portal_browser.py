@@ -109,11 +109,11 @@ def test_a_contributor_signs_up_creates_an_adapter_and_uploads_it(
         paths.append(path)
     page.get_by_label("Adapter files").set_input_files(paths)
     page.get_by_role("button", name="Upload and check").click()
-    expect(page.get_by_role("status")).to_contain_text("Version 1 uploaded: status validated")
-    expect(page.locator("table .badge.status-validated")).to_have_text("validated")
-    expect(page.get_by_role("heading", name="Version 1 validated")).to_be_visible()
+    expect(page.get_by_role("status")).to_contain_text("Version 1 uploaded: status queued")
+    expect(page.locator("table .badge.status-queued")).to_have_text("queued")
+    expect(page.get_by_role("heading", name="Version 1 queued")).to_be_visible()
     version = AdapterVersion.objects.get(adapter__slug="adder")
-    assert version.status == AdapterVersion.Status.VALIDATED
+    assert version.status == AdapterVersion.Status.QUEUED
     expect(page.get_by_text(version.weights_sha256[:12])).to_be_visible()
     page.screenshot(path=str(SCREENSHOTS / "portal-adapter.png"), full_page=True)
 

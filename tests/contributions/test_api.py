@@ -254,19 +254,21 @@ def test_an_invalid_edit_changes_nothing(adapter, contributor):
 # --- uploads ---------------------------------------------------------------------------------
 
 
-def test_an_upload_of_two_files_is_stored_and_validated(adapter, contributor, media_root):
+def test_an_upload_of_two_files_is_stored_validated_and_queued(adapter, contributor, media_root):
     files = crafted.real_adapter().files(card=True)
     response = upload(client_for(contributor), adapter, files)
     assert response.status_code == 201, response.content
     body = response.json()
     assert body["number"] == 1
-    assert body["status"] == "validated"
+    # Validated by intake, then queued for evaluation in the same transaction.
+    assert body["status"] == "queued"
     assert body["rank"] == 4
     assert body["target_modules"] == ["q_proj", "v_proj"]
     assert body["weights_sha256"] == hashlib.sha256(files["adapter_model.safetensors"]).hexdigest()
     assert [(e["action"], e["to_status"]) for e in body["audit_trail"]] == [
         ("version.uploaded", "uploaded"),
         ("version.validated", "validated"),
+        ("version.queued", "queued"),
     ]
     stored = {p.name: p.read_bytes() for p in media_files(media_root)}
     assert stored == files
@@ -402,7 +404,7 @@ def test_uploads_are_throttled_per_user(adapter, contributor, settings):
 def test_version_detail_access(version, contributor, other_contributor, maintainer):
     url = reverse("api:version-detail", kwargs={"adapter_id": version.adapter_id, "number": 1})
     body = client_for(contributor).get(url).json()
-    assert body["status"] == "validated"
+    assert body["status"] == "queued"
     assert body["adapter_config"]["r"] == 4
     assert_error(client_for(other_contributor).get(url), 404, "not_found")
     assert client_for(maintainer).get(url).status_code == 200
@@ -419,7 +421,7 @@ def test_the_owner_withdraws_a_version_once(version, contributor):
     event = AuditEvent.objects.get(action="version.withdrawn")
     assert (event.actor, event.from_status, event.reason) == (
         contributor,
-        "validated",
+        "queued",
         "superseded by v2",
     )
     assert_error(client.post(url, {}), 409, "already_withdrawn")
@@ -430,7 +432,7 @@ def test_others_cannot_withdraw(version, other_contributor, maintainer):
     assert_error(client_for(other_contributor).post(url), 404, "not_found")
     assert_error(client_for(maintainer).post(url), 403, "not_owner")
     version.refresh_from_db()
-    assert version.status == "validated"
+    assert version.status == "queued"
 
 
 def test_version_files_download_for_owner_and_maintainers(
@@ -456,11 +458,11 @@ def test_version_files_download_for_owner_and_maintainers(
 
 def test_a_stale_transition_loses_the_compare_and_set(version, contributor):
     stale = AdapterVersion.objects.get(pk=version.pk)
-    services.adapter_version_transition(version=version, to_status="queued", actor=None)
+    services.adapter_version_transition(version=version, to_status="evaluating", actor=None)
     with pytest.raises(services.DomainError) as excinfo:
-        services.adapter_version_transition(version=stale, to_status="queued", actor=None)
+        services.adapter_version_transition(version=stale, to_status="evaluating", actor=None)
     assert excinfo.value.code == "status_conflict"
-    assert AuditEvent.objects.filter(action="version.queued").count() == 1
+    assert AuditEvent.objects.filter(action="version.evaluating").count() == 1
 
 
 def test_a_transition_not_in_the_life_cycle_is_refused(version):
@@ -468,7 +470,7 @@ def test_a_transition_not_in_the_life_cycle_is_refused(version):
         services.adapter_version_transition(version=version, to_status="admitted", actor=None)
     assert excinfo.value.code == "status_conflict"
     version.refresh_from_db()
-    assert version.status == "validated"
+    assert version.status == "queued"
 
 
 def test_a_second_active_base_model_replaces_nothing_silently(base_model):

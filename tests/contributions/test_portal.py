@@ -152,7 +152,7 @@ def test_post_only_endpoints_send_anonymous_visitors_to_login(client, version, c
         assert response["Location"].startswith(reverse("portal:login"))
     version.refresh_from_db()
     token.refresh_from_db()
-    assert version.status == Status.VALIDATED
+    assert version.status == Status.QUEUED
     assert token.revoked_at is None
 
 
@@ -187,7 +187,7 @@ def test_another_contributor_cannot_withdraw_upload_or_edit(other_client, versio
     )
     assert (withdraw.status_code, upload.status_code, edit.status_code) == (404, 404, 404)
     version.refresh_from_db()
-    assert version.status == Status.VALIDATED
+    assert version.status == Status.QUEUED
     assert AdapterVersion.objects.count() == 1
     assert Adapter.objects.get(pk=adapter_id).title == "Three-digit adder"
 
@@ -209,7 +209,7 @@ def test_a_maintainer_may_view_any_adapter_but_not_change_it(maintainer_client, 
     )
     assert (withdraw.status_code, edit.status_code) == (403, 403)
     version.refresh_from_db()
-    assert version.status == Status.VALIDATED
+    assert version.status == Status.QUEUED
     assert Adapter.objects.get(pk=adapter_id).title == "Three-digit adder"
 
 
@@ -225,7 +225,7 @@ def test_dashboard_lists_my_adapters_with_their_latest_status(owner_client, vers
     page = text(owner_client.get(reverse("portal:dashboard")))
     assert "Three-digit adder" in page
     assert "v1" in page
-    assert "status-validated" in page
+    assert "status-queued" in page
     assert "Nothing uploaded" in page
     assert "none yet" in page
 
@@ -418,10 +418,10 @@ def test_uploading_the_two_files_creates_a_validated_version(
     response = owner_client.post(url, adapter_files(real_adapter().files()), follow=True)
     assert response.redirect_chain == [(reverse("portal:adapter-detail", args=[adapter.pk]), 302)]
     version = AdapterVersion.objects.get(adapter=adapter)
-    assert version.status == Status.VALIDATED
+    assert version.status == Status.QUEUED
     page = text(response)
-    assert "Version 1 uploaded: status validated" in page
-    assert "status-validated" in page
+    assert "Version 1 uploaded: status queued" in page
+    assert "status-queued" in page
     assert version.weights_sha256[:12] in page
     assert "q_proj" in page and "v_proj" in page
     # The audit trail: uploaded by the owner, then validated by the system.
@@ -440,9 +440,9 @@ def test_uploading_a_zip_with_a_model_card_creates_a_validated_version(
         follow=True,
     )
     version = AdapterVersion.objects.get(adapter=adapter)
-    assert (version.status, version.rank) == (Status.VALIDATED, 8)
+    assert (version.status, version.rank) == (Status.QUEUED, 8)
     assert version.card_sha256
-    assert "status validated" in text(response)
+    assert "status queued" in text(response)
     assert len(media_files(media_root)) == 3
 
 
@@ -453,7 +453,7 @@ def test_uploading_a_tar_gz_creates_the_next_version(owner_client, version, medi
         adapter_files({"adapter.tar.gz": archive}),
         follow=True,
     )
-    assert "Version 2 uploaded: status validated" in text(response)
+    assert "Version 2 uploaded: status queued" in text(response)
     assert AdapterVersion.objects.get(adapter_id=version.adapter_id, number=2).dtype == "float16"
 
 
@@ -578,7 +578,7 @@ def test_withdrawing_a_version_records_the_reason_and_shows_it(owner_client, ver
     assert event.actor == version.adapter.owner
     page = text(response)
     assert "Version 1 withdrawn" in page
-    assert "validated → withdrawn" in page
+    assert "queued → withdrawn" in page
     assert "Found a data leak." in page
     assert url not in page  # no withdraw button for a withdrawn version
 
@@ -709,7 +709,7 @@ def test_admin_shows_versions_read_only_so_status_cannot_be_edited(admin_client_
     )
     assert response.status_code == 403
     version.refresh_from_db()
-    assert version.status == Status.VALIDATED
+    assert version.status == Status.QUEUED
 
 
 def test_admin_token_list_shows_the_prefix_never_the_hash(admin_client_, contributor):

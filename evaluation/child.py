@@ -1,0 +1,214 @@
+"""The sandboxed evaluation child: ``python -m evaluation.child`` (see evaluation.sandbox).
+
+Reads a JobSpec as JSON on stdin; writes JSON lines on stdout: ``{"progress": done,
+"total": n, "label": ...}`` as it goes and one final ``{"result": {...}}``; logs to stderr.
+
+It imports no Django and sees no database: only the base model's folder (read-only), a
+read-only copy of the adapter's safetensors file and the job. The LoRA is built from our
+validated config only (``JobSpec.lora_config``, never the contributor's adapter_config.json,
+which is not even copied), with ``peft.LoraConfig(**config)`` + ``get_peft_model`` +
+``set_peft_model_state_dict`` on tensors read by ``safetensors.torch.load_file``. No
+``from_pretrained`` on anything the contributor sent, no pickle, no remote code.
+
+Result::
+
+    {"scores": {task key: {"base": [floats] | null, "adapter": [floats]}},
+     "sketch": {module kind: [256 floats]},
+     "stats": {"baseline_vm_bytes": …, "peak_vm_bytes": …, "peak_rss_bytes": …, "seconds": {…}}}
+
+``base`` is null for tasks whose base scores the parent has cached (``score_base`` false).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+# The exit status for "ran out of memory" (MemoryError, or torch's "can't allocate memory"),
+# so the parent can say so without reading the log. No Django or tessera import here: the
+# child stays light and never loads settings.
+EXIT_MEMORY = 86
+
+
+class _Protocol:
+    """stdout belongs to the protocol: the real fd 1 is kept for it and fd 1 itself is
+    pointed at stderr, so a library that prints cannot corrupt the JSON lines."""
+
+    def __init__(self) -> None:
+        sys.stdout.flush()
+        self.stream = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.stream.write(json.dumps(message, allow_nan=False, separators=(",", ":")) + "\n")
+        self.stream.flush()
+
+
+class _Progress:
+    def __init__(self, protocol: _Protocol, total: int) -> None:
+        self.protocol, self.total, self.done, self.label = protocol, total, 0, ""
+
+    def start(self, label: str) -> None:
+        self.label = label
+        self.protocol.send({"progress": self.done, "total": self.total, "label": label})
+
+    def advance(self, count: int) -> None:
+        self.done = min(self.total, self.done + count)
+        self.protocol.send({"progress": self.done, "total": self.total, "label": self.label})
+
+
+def _log(message: str) -> None:
+    print(f"[child {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _memory() -> dict[str, int]:
+    """VmPeak, VmSize and VmHWM of this process, in bytes (Linux)."""
+    found = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in {"VmPeak", "VmSize", "VmHWM", "VmRSS"}:
+                found[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return found
+
+
+def evaluate(spec, protocol: _Protocol) -> dict[str, Any]:
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    import torch
+
+    from evaluation.scoring import score_task
+    from evaluation.sketch import sketch_from_tensors
+
+    torch.manual_seed(spec.seed)
+    timings["import"] = time.monotonic() - started
+    _log(f"torch {torch.__version__} imported; memory {_memory()}")
+
+    mark = time.monotonic()
+    model, tokenizer = _load_base(spec.base_model_path, spec.device)
+    timings["load_base"] = time.monotonic() - mark
+    baseline = _memory()
+    _log(f"base model loaded from {spec.base_model_path}; memory {baseline}")
+
+    total = sum(len(t.examples) * (2 if t.score_base else 1) for t in spec.tasks)
+    progress = _Progress(protocol, total)
+    scores: dict[str, dict[str, Any]] = {t.key: {"base": None, "adapter": None} for t in spec.tasks}
+
+    mark = time.monotonic()
+    for task in spec.tasks:
+        if task.score_base:
+            progress.start(f"base model: {task.key}")
+            scores[task.key]["base"] = score_task(
+                model, tokenizer, task, batch_size=spec.batch_size, progress=progress.advance
+            )
+    timings["score_base"] = time.monotonic() - mark
+
+    mark = time.monotonic()
+    model, tensors = _apply_lora(model, spec)
+    timings["load_adapter"] = time.monotonic() - mark
+    scale = float(spec.lora_config["lora_alpha"]) / float(spec.lora_config["r"])
+    sketch = sketch_from_tensors(
+        {name: t.detach().float().cpu().numpy() for name, t in tensors.items()}, scale=scale
+    )
+    del tensors
+
+    mark = time.monotonic()
+    for task in spec.tasks:
+        progress.start(f"with the adapter: {task.key}")
+        scores[task.key]["adapter"] = score_task(
+            model, tokenizer, task, batch_size=spec.batch_size, progress=progress.advance
+        )
+    timings["score_adapter"] = time.monotonic() - mark
+    timings["total"] = time.monotonic() - started
+    peak = _memory()
+    return {
+        "scores": scores,
+        "sketch": sketch,
+        "stats": {
+            "baseline_vm_bytes": baseline.get("VmSize", 0),
+            "baseline_rss_bytes": baseline.get("VmRSS", 0),
+            "peak_vm_bytes": peak.get("VmPeak", 0),
+            "peak_rss_bytes": peak.get("VmHWM", 0),
+            "seconds": {k: round(v, 3) for k, v in timings.items()},
+        },
+    }
+
+
+def _load_base(path: str, device: str):
+    """The prepared base model: local files, safetensors only, never remote code (the same
+    flags as contributions.base_models.base_model_load, which needs Django)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(path)
+    if (folder / "adapter_config.json").exists():
+        # transformers would apply an adapter it finds beside a model; ours never has one.
+        raise RuntimeError(f"{folder} holds an adapter_config.json; refusing to load it")
+    model = AutoModelForCausalLM.from_pretrained(
+        folder,
+        dtype=torch.float32,
+        local_files_only=True,
+        trust_remote_code=False,
+        use_safetensors=True,
+    )
+    model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(
+        folder, local_files_only=True, trust_remote_code=False
+    )
+    return model, tokenizer
+
+
+def _apply_lora(model, spec):
+    """LoRA from our validated config and the safetensors tensors; every tensor must land."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = LoraConfig(**spec.lora_config)
+    model = get_peft_model(model, config)
+    tensors = load_file(str(Path(spec.adapter_dir) / WEIGHTS_NAME), device="cpu")
+    dtype = next(model.parameters()).dtype
+    state = {name: t.to(dtype) for name, t in tensors.items()}
+    loaded = set_peft_model_state_dict(model, state)
+    unexpected = list(getattr(loaded, "unexpected_keys", []) or [])
+    missing = [k for k in (getattr(loaded, "missing_keys", []) or []) if "lora_" in k]
+    if unexpected or missing:
+        raise RuntimeError(
+            f"the adapter's tensors do not fit its config: unexpected {unexpected[:5]}, "
+            f"missing {missing[:5]}"
+        )
+    model.to(spec.device)
+    model.eval()
+    _log(f"LoRA applied: {len(tensors)} tensors, r={config.r}, alpha={config.lora_alpha}")
+    return model, tensors
+
+
+def main() -> int:
+    protocol = _Protocol()
+    try:
+        from evaluation.specs import JobSpec
+
+        spec = JobSpec.from_dict(json.loads(sys.stdin.buffer.read()))
+        result = evaluate(spec, protocol)
+    except MemoryError:
+        _log("out of memory (MemoryError)")
+        return EXIT_MEMORY
+    except RuntimeError as exc:
+        if "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
+            _log(f"out of memory: {exc}")
+            return EXIT_MEMORY
+        raise
+    protocol.send({"result": result})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,637 @@
+"""Running a child process with no network, under rlimits and a wall-clock deadline.
+
+The evaluation worker never touches a contributor's tensors itself: it runs
+``python -m evaluation.child`` through ``run_sandboxed``, which any command can go through
+(tests run small Python snippets under the very same limits).
+
+Isolation, by mode (``settings.TESSERA_SANDBOX``; "auto" takes the first that works):
+
+* ``bwrap``: ``bwrap --unshare-net --unshare-pid --unshare-ipc --die-with-parent
+  --new-session --ro-bind / / --bind <workdir> <workdir> --ro-bind <adapter> <adapter>
+  --dev /dev --proc /proc``: a new network namespace (not even loopback is up), a read-only
+  view of the filesystem except the run's own folder, its own /proc (the worker's
+  environment is out of sight), no capabilities.
+* ``unshare``: ``unshare --net`` (root, or ``--map-root-user`` where unprivileged user
+  namespaces are allowed): a new network namespace. As root the child's capabilities are
+  dropped (``setpriv --bounding-set -all``), so it can neither raise its rlimits nor write
+  the read-only adapter copy, nor read the worker's /proc/<pid>/environ.
+* ``none``: no isolation; only when ``TESSERA_SANDBOX_ALLOW_NETWORK`` is true (never in
+  production: settings refuse it with DEBUG off).
+
+If no isolating mode works and network is not allowed, nothing runs: ``SandboxUnavailable``
+(code ``sandbox_unavailable``).
+
+Limits, in every mode, set by ``prlimit`` on the process it then executes (no preexec_fn:
+the worker may have threads):
+
+* RLIMIT_AS: address space. Python raises MemoryError (torch: "can't allocate memory") past
+  it, and the run fails with a memory reason. Keep it well above the child's baseline
+  (``import torch`` alone maps hundreds of MiB of address space).
+* RLIMIT_CPU: CPU seconds. SIGXCPU at the soft limit, SIGKILL 5 s later.
+* RLIMIT_NOFILE: open file descriptors.
+* RLIMIT_FSIZE: the largest file the child may write (SIGXFSZ past it).
+* RLIMIT_CORE 0: no core dumps of a process holding contributors' weights.
+* the wall clock: past ``wall_seconds`` the whole process group is SIGKILLed.
+
+The child dies with its parent (``setpriv --pdeathsig KILL`` / ``--die-with-parent``): when
+a Celery pool process is killed, its evaluation does not carry on as an orphan.
+
+Protocol: stdin gets ``stdin_bytes``; stdout carries JSON lines only: ``{"progress": done,
+"total": n, "label": ...}`` and one final ``{"result": {...}}``; stderr is the log (its last
+``LOG_CAP_BYTES`` are kept).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import math
+import os
+import queue
+import resource
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evaluation.child import EXIT_MEMORY
+from tessera.errors import DomainError
+
+MODES = ("bwrap", "unshare", "none")
+LOG_CAP_BYTES = 200 * 1024
+MAX_STDOUT_LINE_BYTES = 32 * 1024 * 1024
+MAX_STDOUT_BYTES = 64 * 1024 * 1024
+CPU_HARD_GRACE_SECONDS = 5
+_POLL_SECONDS = 0.2
+_MEMORY_WORDS = (
+    "MemoryError",
+    "can't allocate memory",
+    "Cannot allocate memory",
+    "std::bad_alloc",
+    "failed to map segment",
+    "out of memory",
+)
+
+
+class SandboxUnavailable(DomainError):
+    def __init__(self, message: str) -> None:
+        super().__init__("sandbox_unavailable", message, kind="conflict")
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    memory_bytes: int
+    cpu_seconds: int
+    open_files: int
+    file_bytes: int
+    wall_seconds: float
+
+    @classmethod
+    def from_settings(cls, *, wall_seconds: float | None = None) -> SandboxLimits:
+        from django.conf import settings
+
+        return cls(
+            memory_bytes=settings.TESSERA_SANDBOX_MEMORY_BYTES,
+            cpu_seconds=settings.TESSERA_SANDBOX_CPU_SECONDS,
+            open_files=settings.TESSERA_SANDBOX_OPEN_FILES,
+            file_bytes=settings.TESSERA_SANDBOX_FILE_BYTES,
+            wall_seconds=float(
+                wall_seconds if wall_seconds is not None else settings.TESSERA_EVAL_DEADLINE_SECONDS
+            ),
+        )
+
+
+@dataclass
+class SandboxResult:
+    """What happened to the child. ``failure()`` turns it into (code, reason) or None."""
+
+    mode: str
+    limits: SandboxLimits
+    returncode: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+    aborted: bool = False  # the caller's tick() asked to stop
+    result: Any = None  # the payload of the one {"result": ...} line
+    result_lines: int = 0
+    protocol_errors: list[str] = field(default_factory=list)
+    log: str = ""
+    duration_seconds: float = 0.0
+    cpu_seconds: float = 0.0  # user + system time of the child and what it waited for
+
+    def failure(self) -> tuple[str, str] | None:
+        return describe_failure(self)
+
+
+# --- Choosing the mode ----------------------------------------------------------------------
+
+
+def sandbox_mode(*, setting: str | None = None, allow_network: bool | None = None) -> str:
+    """The isolation to use, from the settings; raises SandboxUnavailable if none works."""
+    from django.conf import settings
+
+    setting = setting if setting is not None else settings.TESSERA_SANDBOX
+    allow_network = (
+        allow_network if allow_network is not None else settings.TESSERA_SANDBOX_ALLOW_NETWORK
+    )
+    if setting == "none":
+        if not allow_network:
+            raise SandboxUnavailable(
+                "TESSERA_SANDBOX is 'none' but TESSERA_SANDBOX_ALLOW_NETWORK is false: "
+                "refusing to evaluate without network isolation."
+            )
+        return "none"
+    candidates = ("bwrap", "unshare") if setting == "auto" else (setting,)
+    problems = []
+    for mode in candidates:
+        problem = _probe(mode)
+        if problem is None:
+            return mode
+        problems.append(f"{mode}: {problem}")
+    if allow_network:
+        return "none"
+    raise SandboxUnavailable(
+        "No network sandbox works on this machine ("
+        + "; ".join(problems)
+        + "). Install bubblewrap, run the worker as root for unshare, or allow evaluation "
+        "without network isolation (never in production)."
+    )
+
+
+_probe_cache: dict[str, str | None] = {}
+_probe_lock = threading.Lock()
+
+
+def _probe(mode: str) -> str | None:
+    """None when ``mode`` can start a process here, else why not. Cached per process."""
+    with _probe_lock:
+        if mode not in _probe_cache:
+            _probe_cache[mode] = _probe_uncached(mode)
+        return _probe_cache[mode]
+
+
+def _probe_uncached(mode: str) -> str | None:
+    tool = {"bwrap": "bwrap", "unshare": "unshare"}[mode]
+    if shutil.which(tool) is None:
+        return f"{tool} is not installed"
+    if mode == "unshare" and (shutil.which("setpriv") is None or shutil.which("prlimit") is None):
+        return "setpriv and prlimit (util-linux) are needed"
+    with tempfile.TemporaryDirectory(prefix="tessera-probe-") as workdir:
+        argv = _wrap(mode, ["/bin/sh", "-c", "exit 0"], workdir=workdir, readonly=())
+        try:
+            done = subprocess.run(argv, capture_output=True, timeout=20, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return str(exc)
+    if done.returncode != 0:
+        return (done.stderr.decode(errors="replace").strip() or f"exit {done.returncode}")[:300]
+    return None
+
+
+def sandbox_probe_reset() -> None:
+    """Forget what the probes found (tests that install or hide a tool)."""
+    with _probe_lock:
+        _probe_cache.clear()
+
+
+def _wrap(mode: str, argv: Sequence[str], *, workdir: str, readonly: Sequence[str]) -> list[str]:
+    """The isolation wrapper around ``argv`` (limits are added by the caller)."""
+    is_root = os.geteuid() == 0
+    if mode == "bwrap":
+        wrapper = [
+            "bwrap",
+            "--unshare-net",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--die-with-parent",
+            "--new-session",
+            "--ro-bind",
+            "/",
+            "/",
+            "--bind",
+            workdir,
+            workdir,
+        ]
+        for path in readonly:  # mounted read-only over the writable workdir
+            wrapper += ["--ro-bind", path, path]
+        wrapper += ["--dev", "/dev", "--proc", "/proc", "--chdir", workdir]
+        for device in sorted(glob.glob("/dev/nvidia*")):  # GPU workers: the devices only
+            wrapper += ["--dev-bind", device, device]
+        if is_root:
+            wrapper += ["--cap-drop", "ALL"]
+        return [*wrapper, "--", *argv]
+    if mode == "unshare":
+        wrapper = ["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--net"]
+        if not is_root:
+            wrapper.append("--map-root-user")
+        wrapper.append("--")
+        if is_root:
+            # Capabilities off before the child runs: root without them cannot raise its
+            # rlimits, write a 0444 file or read other root processes' /proc entries.
+            wrapper += [
+                "setpriv",
+                "--bounding-set",
+                "-all",
+                "--inh-caps",
+                "-all",
+                "--no-new-privs",
+                "--",
+            ]
+        return [*wrapper, *argv]
+    return ["setpriv", "--pdeathsig", "KILL", "--no-new-privs", "--", *argv]
+
+
+def _limit_prefix(limits: SandboxLimits) -> list[str]:
+    cpu = max(1, int(limits.cpu_seconds))
+    # memory_bytes 0: no RLIMIT_AS. Only for GPU workers, where CUDA reserves far more
+    # address space than it uses; the wall clock and the other limits still apply.
+    memory = f"--as={int(limits.memory_bytes)}" if limits.memory_bytes > 0 else "--as=unlimited"
+    return [
+        "prlimit",
+        memory,
+        f"--cpu={cpu}:{cpu + CPU_HARD_GRACE_SECONDS}",
+        f"--nofile={int(limits.open_files)}",
+        f"--fsize={int(limits.file_bytes)}",
+        "--core=0",
+        "--",
+    ]
+
+
+# --- Running --------------------------------------------------------------------------------
+
+
+def minimal_env(extra: dict[str, str] | None = None, *, workdir: str) -> dict[str, str]:
+    """No secrets, no DATABASE_URL, no broker URL: only what Python and torch need."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": root,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONNOUSERSITE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": os.path.join(workdir, "hf"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    env.update(extra or {})
+    return env
+
+
+def run_sandboxed(
+    argv: Sequence[str],
+    *,
+    stdin_bytes: bytes,
+    limits: SandboxLimits,
+    workdir: str | Path,
+    mode: str | None = None,
+    readonly: Sequence[str | Path] = (),
+    env: dict[str, str] | None = None,
+    on_progress: Callable[[int, int, str], None] | None = None,
+    tick: Callable[[], bool] | None = None,
+) -> SandboxResult:
+    """Run ``argv`` isolated and limited; return what happened (never raises for the
+    child's own failures; raises SandboxUnavailable before starting anything).
+
+    ``on_progress(done, total, label)`` is called (in this thread) for each progress line;
+    ``tick()`` about every 0.2 s: return False to stop the child (the run was taken away).
+    ``readonly`` paths inside ``workdir`` are mounted read-only where the mode can.
+    """
+    mode = mode or sandbox_mode()
+    workdir = str(workdir)
+    full_argv = _limit_prefix(limits) + _wrap(
+        mode, list(argv), workdir=workdir, readonly=[str(p) for p in readonly]
+    )
+    outcome = SandboxResult(mode=mode, limits=limits)
+    started = time.monotonic()
+    cpu_before = _children_cpu()
+    process = subprocess.Popen(
+        full_argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=workdir,
+        env=env if env is not None else minimal_env(workdir=workdir),
+        start_new_session=True,  # its own process group: one killpg ends it all
+        close_fds=True,
+    )
+    events: queue.Queue = queue.Queue()
+    log = _LogTail(LOG_CAP_BYTES)
+    readers = [
+        threading.Thread(target=_read_stdout, args=(process.stdout, events), daemon=True),
+        threading.Thread(target=_read_stderr, args=(process.stderr, log), daemon=True),
+        threading.Thread(target=_write_stdin, args=(process.stdin, stdin_bytes), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    deadline = started + limits.wall_seconds
+    stdout_done = False
+    try:
+        while True:
+            try:
+                kind, payload = events.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                kind, payload = None, None
+            if kind == "line":
+                _handle_line(payload, outcome, on_progress)
+            elif kind == "error":
+                outcome.protocol_errors.append(payload)
+                _kill_group(process)
+            elif kind == "eof":
+                stdout_done = True
+            if stdout_done and process.poll() is not None:
+                break
+            if time.monotonic() >= deadline and process.poll() is None:
+                outcome.timed_out = True
+                _kill_group(process)
+            if tick is not None and process.poll() is None and not tick():
+                outcome.aborted = True
+                _kill_group(process)
+            if len(outcome.protocol_errors) > 20:
+                _kill_group(process)
+            if stdout_done and process.poll() is None and time.monotonic() >= deadline + 5:
+                break  # closed stdout and ignores SIGKILL: cannot happen, but never hang
+    finally:
+        if process.poll() is None:
+            _kill_group(process)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10)
+        for reader in readers:
+            reader.join(timeout=5)
+        # Whatever is still queued (the result line may race the exit).
+        while True:
+            try:
+                kind, payload = events.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "line":
+                _handle_line(payload, outcome, on_progress)
+            elif kind == "error":
+                outcome.protocol_errors.append(payload)
+    outcome.duration_seconds = time.monotonic() - started
+    outcome.cpu_seconds = max(0.0, _children_cpu() - cpu_before)
+    outcome.log = log.text()
+    code = process.returncode
+    if code is not None and code < 0:
+        outcome.signal = -code
+    elif mode == "bwrap" and code is not None and code > 128:
+        outcome.signal = code - 128  # bwrap reports a signalled child as 128 + signal
+    else:
+        outcome.returncode = code
+    return outcome
+
+
+def _handle_line(raw: bytes, outcome: SandboxResult, on_progress) -> None:
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        outcome.protocol_errors.append(f"not JSON: {raw[:120]!r}")
+        return
+    if not isinstance(message, dict) or len(message.keys() & {"progress", "result"}) != 1:
+        outcome.protocol_errors.append(f"not a progress or result message: {raw[:120]!r}")
+        return
+    if "result" in message:
+        outcome.result_lines += 1
+        outcome.result = message["result"]
+        return
+    done, total, label = message.get("progress"), message.get("total"), message.get("label", "")
+    if not (_is_int(done) and _is_int(total) and isinstance(label, str) and 0 <= done <= total):
+        outcome.protocol_errors.append(f"bad progress message: {raw[:120]!r}")
+        return
+    if on_progress is not None:
+        on_progress(done, total, label[:200])
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_stdout(stream, events: queue.Queue) -> None:
+    total = 0
+    try:
+        while True:
+            line = stream.readline(MAX_STDOUT_LINE_BYTES + 1)
+            if not line:
+                break
+            total += len(line)
+            if len(line) > MAX_STDOUT_LINE_BYTES or total > MAX_STDOUT_BYTES:
+                events.put(("error", "the child wrote more output than allowed"))
+                break
+            line = line.strip()
+            if line:
+                events.put(("line", line))
+    finally:
+        events.put(("eof", None))
+        with contextlib.suppress(OSError):
+            stream.close()
+
+
+class _LogTail:
+    """The last ``cap`` bytes of a stream, with a note of how much was dropped."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.buffer = bytearray()
+        self.dropped = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        if len(self.buffer) > self.cap:
+            extra = len(self.buffer) - self.cap
+            del self.buffer[:extra]
+            self.dropped += extra
+
+    def text(self) -> str:
+        text = self.buffer.decode("utf-8", errors="replace")
+        if self.dropped:
+            text = f"[… {self.dropped} earlier bytes of the log dropped]\n" + text
+        return text
+
+
+def _read_stderr(stream, log: _LogTail) -> None:
+    try:
+        while True:
+            chunk = stream.read1(65536)
+            if not chunk:
+                break
+            log.add(chunk)
+    finally:
+        with contextlib.suppress(OSError):
+            stream.close()
+
+
+def _write_stdin(stream, data: bytes) -> None:
+    with contextlib.suppress(OSError):  # a child that dies early closes the pipe
+        stream.write(data)
+    with contextlib.suppress(OSError):
+        stream.close()
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+
+
+# --- Saying what happened -------------------------------------------------------------------
+
+
+def describe_failure(outcome: SandboxResult) -> tuple[str, str] | None:
+    """(failure code, reason in plain words), or None when the child exited 0 (its output
+    is then checked by the caller)."""
+    limits = outcome.limits
+    tail = _last_line(outcome.log)
+    if outcome.timed_out:
+        return (
+            "sandbox_deadline",
+            f"The evaluation was stopped at its wall-clock deadline of "
+            f"{_duration(limits.wall_seconds)}.",
+        )
+    if outcome.aborted:
+        return ("run_taken_away", "The run was ended elsewhere while the evaluation ran.")
+    if outcome.protocol_errors and outcome.returncode != 0:
+        return (
+            "sandbox_bad_output",
+            "The evaluation wrote invalid output: " + outcome.protocol_errors[0],
+        )
+    memory_text = any(word in outcome.log[-20000:] for word in _MEMORY_WORDS)
+    memory = f"The evaluation ran out of memory (limit {_bytes(limits.memory_bytes)})."
+    sig = outcome.signal
+    if sig is not None:
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and _cpu_exhausted(outcome)):
+            return (
+                "sandbox_cpu_time",
+                f"The evaluation used up its CPU time limit of {_duration(limits.cpu_seconds)}.",
+            )
+        if sig == signal.SIGXFSZ:
+            return (
+                "sandbox_file_size",
+                f"The evaluation tried to write a file over the {_bytes(limits.file_bytes)} limit.",
+            )
+        if memory_text or sig == signal.SIGKILL:
+            # SIGKILL we did not send: the kernel's out-of-memory killer.
+            return ("sandbox_memory", memory)
+        return ("sandbox_signal", f"The evaluation was killed by signal {sig} ({_signame(sig)}).")
+    if outcome.returncode == EXIT_MEMORY or (outcome.returncode and memory_text):
+        return ("sandbox_memory", memory)
+    if outcome.returncode and "File too large" in outcome.log[-20000:]:
+        # Python ignores SIGXFSZ and raises OSError(EFBIG) instead.
+        return (
+            "sandbox_file_size",
+            f"The evaluation tried to write a file over the {_bytes(limits.file_bytes)} limit.",
+        )
+    if outcome.returncode:
+        return (
+            "sandbox_crashed",
+            f"The evaluation exited with status {outcome.returncode}"
+            + (f": {tail}" if tail else "."),
+        )
+    if outcome.protocol_errors:
+        return (
+            "sandbox_bad_output",
+            "The evaluation wrote invalid output: " + outcome.protocol_errors[0],
+        )
+    return None
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_exhausted(outcome: SandboxResult) -> bool:
+    # The hard CPU limit kills with SIGKILL, like the kernel's out-of-memory killer: tell
+    # them apart by the CPU time the child used. Under bwrap the sandboxed process is a
+    # grandchild whose time does not reach RUSAGE_CHILDREN; then the wall time times the
+    # cores is the upper bound to go by.
+    limit = outcome.limits.cpu_seconds - 0.5
+    if outcome.cpu_seconds >= limit:
+        return True
+    return outcome.cpu_seconds < 0.1 and outcome.duration_seconds * (os.cpu_count() or 1) >= limit
+
+
+def _last_line(log: str) -> str:
+    for line in reversed(log.strip().splitlines()):
+        if line.strip():
+            return line.strip()[:300]
+    return ""
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return "unknown"
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            value = n / size
+            return f"{value:.0f} {unit}" if value == math.floor(value) else f"{value:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def _duration(seconds: float) -> str:
+    seconds = float(seconds)
+    if seconds >= 120:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:g} s"
+
+
+# --- The read-only adapter copy -------------------------------------------------------------
+
+
+def workdir_create(*, files: dict[str, bytes], prefix: str = "tessera-run-") -> tuple[Path, Path]:
+    """A private temporary folder with a read-only copy of the adapter files in ``adapter/``.
+
+    Returns (workdir, adapter_dir). The folder is 0700 (the worker's own), the adapter
+    folder 0555 and its files 0444; the child gets only these copies, never the storage.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    adapter_dir = workdir / "adapter"
+    adapter_dir.mkdir()
+    for name, data in files.items():
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"bad file name {name!r}")
+        path = adapter_dir / name
+        path.write_bytes(data)
+        path.chmod(0o444)
+    adapter_dir.chmod(0o555)
+    return workdir, adapter_dir
+
+
+def workdirs_remove_stale(prefix: str) -> int:
+    """Remove workdirs named ``<prefix>*`` in the temporary folder: what a worker killed
+    mid-run (SIGKILL runs no cleanup) left behind on this host. Returns how many."""
+    removed = 0
+    for path in Path(tempfile.gettempdir()).glob(f"{glob.escape(prefix)}*"):
+        if path.is_dir() and not path.is_symlink():
+            workdir_remove(path)
+            removed += 1
+    return removed
+
+
+def workdir_remove(workdir: Path) -> None:
+    """Remove a workdir made by workdir_create (restoring write permission first)."""
+    if not workdir.exists():
+        return
+    for path in workdir.rglob("*"):
+        with contextlib.suppress(OSError):
+            path.chmod(0o700 if path.is_dir() else 0o600)
+    shutil.rmtree(workdir, ignore_errors=True)

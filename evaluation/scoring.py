@@ -1,0 +1,401 @@
+"""Metrics and scoring: pure functions over a loaded model and its tokenizer.
+
+Nothing here touches the database or Django, so the sandboxed child process can import it
+with a model it loaded itself. The model may be a plain transformers model or a PEFT model
+wrapping one; only ``generate``, ``__call__`` (logits), ``parameters`` and ``eval`` are used.
+
+Prompts are the task's ``prompt_template`` filled with an example's fields, wrapped as one
+user turn by the tokenizer's chat template (with the generation prompt). Generation is
+greedy, batched with left padding and deterministic. Log-likelihoods are summed over the
+continuation's tokens, which follow the chat-templated prompt directly (the assistant turn).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from evaluation.specs import ExampleSpec, TaskSpec
+
+if TYPE_CHECKING:
+    import torch
+
+METRICS = ("exact_match", "contains", "multiple_choice", "mean_loglik")
+GENERATIVE_METRICS = frozenset({"exact_match", "contains"})
+
+_TRAILING_PUNCTUATION = ".,;:!?。"
+_WHITESPACE = re.compile(r"\s+")
+_BOOTSTRAP_CHUNK_CELLS = 4_000_000  # resampled means computed this many cells at a time
+
+
+# --- Templates --------------------------------------------------------------------------------
+
+
+class TemplateError(ValueError):
+    """A prompt template that is not a plain ``str.format`` template over simple names."""
+
+
+def template_fields(template: str) -> set[str]:
+    """The field names ``template`` uses. Only plain names are allowed: no attribute or
+    index access (``{a.b}``, ``{a[0]}``), no positional fields, no conversions; a format
+    spec is allowed (``{n:>3}``) as long as it is itself plain."""
+    names: set[str] = set()
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise TemplateError(str(exc)) from exc
+    for _literal, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise TemplateError(f"{{{name}}} is not a plain field name")
+        if conversion is not None:
+            raise TemplateError(f"{{{name}!{conversion}}}: conversions are not allowed")
+        if spec and ("{" in spec or "}" in spec):
+            raise TemplateError(f"{{{name}:{spec}}}: nested fields are not allowed")
+        names.add(name)
+    return names
+
+
+def render_prompt(template: str, fields: Mapping[str, Any]) -> str:
+    """Fill ``template`` with ``fields`` (only plain names; see template_fields)."""
+    missing = template_fields(template) - set(fields)
+    if missing:
+        raise TemplateError(f"missing fields: {', '.join(sorted(missing))}")
+    return template.format_map(dict(fields))
+
+
+def chat_prompt(tokenizer: Any, template: str, fields: Mapping[str, Any]) -> str:
+    """The text the model sees: the filled template as one user turn, chat-templated, with
+    the assistant's generation prompt at the end."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": render_prompt(template, fields)}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+
+
+# --- Answers --------------------------------------------------------------------------------
+
+
+def normalize_answer(text: str) -> str:
+    """First line of the answer, stripped, lowercased, whitespace collapsed, trailing
+    punctuation removed: "  The Answer is 42.\\nbecause…" → "the answer is 42"."""
+    text = text.strip()
+    first = text.split("\n", 1)[0] if text else ""
+    first = _WHITESPACE.sub(" ", first.strip().lower())
+    return first.rstrip(_TRAILING_PUNCTUATION).strip()
+
+
+def exact_match(answer: str, target: str) -> float:
+    return float(normalize_answer(answer) == normalize_answer(target))
+
+
+def contains(answer: str, target: str) -> float:
+    """Whether the (normalised) first line of the answer contains the normalised target."""
+    needle = normalize_answer(target)
+    return float(bool(needle) and needle in normalize_answer(answer))
+
+
+# --- Scoring ----------------------------------------------------------------------------------
+
+
+def score_task(
+    model: Any,
+    tokenizer: Any,
+    task: TaskSpec,
+    *,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[float]:
+    """Per-example scores of ``model`` on ``task``, in the task's example order.
+
+    exact_match / contains: 1.0 or 0.0 on the greedy answer (``task.max_new_tokens``);
+    multiple_choice: 1.0 when the target is the choice with the highest summed
+    log-likelihood (the first one on a tie); mean_loglik: the target's mean log-likelihood
+    per token (negative; higher is better). ``progress``, when given, is called after each
+    batch with the number of examples just finished (so the calls sum to len(examples)).
+    """
+    if task.metric not in METRICS:
+        raise ValueError(f"unknown metric {task.metric!r}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    examples = task.examples
+    if not examples:
+        return []
+    prompts = [chat_prompt(tokenizer, task.prompt_template, ex.fields) for ex in examples]
+    with _eval_mode(model):
+        if task.metric in GENERATIVE_METRICS:
+            answers = generate_answers(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens=task.max_new_tokens,
+                batch_size=batch_size,
+                progress=progress,
+            )
+            metric = exact_match if task.metric == "exact_match" else contains
+            return [metric(answer, ex.target) for answer, ex in zip(answers, examples, strict=True)]
+        if task.metric == "multiple_choice":
+            return _score_multiple_choice(model, tokenizer, prompts, examples, batch_size, progress)
+        pairs = [(prompt, ex.target) for prompt, ex in zip(prompts, examples, strict=True)]
+        sums, counts = continuation_logliks(
+            model, tokenizer, pairs, batch_size=batch_size, progress=progress
+        )
+        return [s / c if c else 0.0 for s, c in zip(sums, counts, strict=True)]
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Greedy answers to chat-templated ``prompts`` (text after the prompt, special tokens
+    dropped), batched with left padding. Prompts are batched in order of length, to waste
+    little on padding, and the answers returned in the prompts' order."""
+    ids = generate_ids(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return [tokenizer.decode(answer, skip_special_tokens=True) for answer in ids]
+
+
+def generate_ids(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """The greedy answers' token ids: up to and including the first end-of-sequence token
+    when the model emitted one within ``max_new_tokens``, never any padding."""
+    import torch
+    from transformers import GenerationConfig
+
+    pad_id, eos_ids = _special_ids(model, tokenizer)
+    encoded = [_encode(tokenizer, prompt) for prompt in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad_id,
+        eos_token_id=eos_ids,
+    )
+    device = _device(model)
+    answers: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids = encoded[i]
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=config,
+            )
+        for row, i in enumerate(batch):
+            new = output[row, width:].tolist()
+            # A finished row is padded to the batch's length; cut after its first EOS.
+            end = next((k + 1 for k, token in enumerate(new) if token in eos_ids), len(new))
+            answers[i] = new[:end]
+        if progress is not None:
+            progress(len(batch))
+    return answers
+
+
+def continuation_logliks(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[float], list[int]]:
+    """For each (chat-templated prompt, continuation): the summed log-likelihood of the
+    continuation's tokens after the prompt, and their number. Batched with right padding
+    (a causal model's earlier positions never see it)."""
+    import torch
+
+    pad_id, _ = _special_ids(model, tokenizer)
+    device = _device(model)
+    items = []
+    for prompt, continuation in pairs:
+        prompt_ids = _encode(tokenizer, prompt)
+        continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        items.append((prompt_ids, continuation_ids))
+    order = sorted(range(len(items)), key=lambda i: (sum(map(len, items[i])), i))
+    sums = [0.0] * len(items)
+    counts = [0] * len(items)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        width = max(len(items[i][0]) + len(items[i][1]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids = items[i][0] + items[i][1]
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        with torch.inference_mode():
+            logits = model(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+            ).logits.float()
+        for row, i in enumerate(batch):
+            prompt_ids, continuation_ids = items[i]
+            if not continuation_ids:
+                continue
+            first = len(prompt_ids)
+            last = first + len(continuation_ids)
+            # Token t is predicted by the logits at position t - 1.
+            log_probs = torch.log_softmax(logits[row, first - 1 : last - 1], dim=-1)
+            targets = input_ids[row, first:last].to(log_probs.device)
+            picked = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
+            sums[i] = float(picked.double().sum())
+            counts[i] = len(continuation_ids)
+        if progress is not None:
+            progress(len(batch))
+    return sums, counts
+
+
+def _score_multiple_choice(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    examples: Sequence[ExampleSpec],
+    batch_size: int,
+    progress: Callable[[int], None] | None,
+) -> list[float]:
+    pairs: list[tuple[str, str]] = []
+    for index, (prompt, example) in enumerate(zip(prompts, examples, strict=True)):
+        if not example.choices:
+            raise ValueError(f"example {index} of a multiple_choice task has no choices")
+        for choice in example.choices:
+            pairs.append((prompt, choice))
+    # Choices are batched across examples (in order of length), so progress is reported in
+    # examples in proportion to the choices scored, the remainder at the end.
+    state = {"pairs": 0, "reported": 0}
+    reporter = None
+    if progress is not None:
+
+        def reporter(count: int) -> None:
+            state["pairs"] += count
+            whole = state["pairs"] * len(examples) // len(pairs)
+            if whole > state["reported"]:
+                progress(whole - state["reported"])
+                state["reported"] = whole
+
+    sums, _counts = continuation_logliks(
+        model, tokenizer, pairs, batch_size=batch_size, progress=reporter
+    )
+    scores: list[float] = []
+    cursor = 0
+    for example in examples:
+        k = len(example.choices)
+        best = int(np.argmax(sums[cursor : cursor + k]))
+        scores.append(float(example.choices[best] == example.target))
+        cursor += k
+    if progress is not None and state["reported"] < len(examples):
+        progress(len(examples) - state["reported"])
+    return scores
+
+
+# --- Statistics -------------------------------------------------------------------------------
+
+
+def bootstrap_delta_ci(
+    base: Sequence[float],
+    adapter: Sequence[float],
+    *,
+    samples: int,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """Paired bootstrap of mean(adapter - base): ``(delta, ci_low, ci_high)``.
+
+    Resamples the per-example differences with replacement ``samples`` times (numpy,
+    vectorised, in chunks to bound memory) and takes the percentile interval at ``level``.
+    Deterministic for a given seed.
+    """
+    base_arr = np.asarray(base, dtype=np.float64)
+    adapter_arr = np.asarray(adapter, dtype=np.float64)
+    if base_arr.shape != adapter_arr.shape or base_arr.ndim != 1:
+        raise ValueError("base and adapter must be 1-D sequences of the same length")
+    n = base_arr.size
+    if n == 0:
+        raise ValueError("no scores to compare")
+    if samples < 1:
+        raise ValueError("samples must be at least 1")
+    if not 0.0 < level < 1.0:
+        raise ValueError("level must be between 0 and 1")
+    diffs = adapter_arr - base_arr
+    delta = float(diffs.mean())
+    rng = np.random.default_rng(seed)
+    rows = max(1, _BOOTSTRAP_CHUNK_CELLS // n)
+    means = np.empty(samples, dtype=np.float64)
+    for start in range(0, samples, rows):
+        stop = min(samples, start + rows)
+        index = rng.integers(0, n, size=(stop - start, n))
+        means[start:stop] = diffs[index].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    # Rounding can put an all-equal sample's quantiles a hair off the mean.
+    return delta, float(min(low, delta)), float(max(high, delta))
+
+
+# --- Internals --------------------------------------------------------------------------------
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # The chat template already holds every special token the model expects.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _special_ids(model: Any, tokenizer: Any) -> tuple[int, list[int]]:
+    eos_ids: list[int] = []
+    for source in (
+        tokenizer.eos_token_id,
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
+        for value in source if isinstance(source, (list, tuple)) else [source]:
+            if isinstance(value, int) and value not in eos_ids:
+                eos_ids.append(value)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = eos_ids[0] if eos_ids else 0
+    return pad_id, eos_ids
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextmanager
+def _eval_mode(model: Any):
+    """Score in eval mode (no dropout: deterministic), and leave the model as it was."""
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()

@@ -1,0 +1,1 @@
+"""Writes for evaluation, one module per concern: suites, runs, review."""

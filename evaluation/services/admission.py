@@ -1,0 +1,104 @@
+"""Admission: the one function that puts a version into the mixture, and the decision a
+finished run leads to.
+
+``version_admit`` is THE admission: the run service calls it for automatic admissions
+(actor None), the maintainers' review queue with the maintainer as actor. It is a
+compare-and-set transition (passed → admitted, or suspended → admitted when a maintainer
+reinstates): of any number of concurrent callers exactly one wins and writes the one
+AuditEvent; the others get ``status_conflict``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+
+from contributions.models import AdapterVersion
+from contributions.services import adapter_version_transition
+from evaluation.models import EvaluationRun, RuleResult
+from evaluation.policy import PolicyOutcome, review_required
+from evaluation.selectors import contributor_has_admitted
+from tessera.errors import DomainError
+
+logger = logging.getLogger(__name__)
+
+Status = AdapterVersion.Status
+
+
+def version_admit(
+    *, version: AdapterVersion, actor: AbstractBaseUser | None = None, reason: str = ""
+) -> AdapterVersion:
+    """passed (or suspended) → admitted. Safe to call concurrently: the compare-and-set in
+    adapter_version_transition lets exactly one caller through; the others get a
+    DomainError ``status_conflict`` and change nothing."""
+    return adapter_version_transition(
+        version=version,
+        to_status=Status.ADMITTED,
+        actor=actor,
+        reason=reason or ("Admitted by a maintainer." if actor else "Admitted automatically."),
+        action="version.admitted",
+    )
+
+
+def admission_needs_review(*, version: AdapterVersion, mode: str) -> bool:
+    """Whether a passing version waits for a maintainer under review ``mode``."""
+    has_admitted = contributor_has_admitted(
+        user_id=version.adapter.owner_id, exclude_version_id=version.pk
+    )
+    return review_required(mode=mode, contributor_has_admitted=has_admitted)
+
+
+def rule_results_store(*, run: EvaluationRun, outcome: PolicyOutcome) -> list[RuleResult]:
+    """One RuleResult per rule. Caller holds the transaction that finishes the run."""
+    return RuleResult.objects.bulk_create(
+        [
+            RuleResult(
+                run=run, rule=rule.rule, passed=rule.passed, detail=rule.detail, values=rule.values
+            )
+            for rule in outcome.rules
+        ]
+    )
+
+
+def version_conclude(
+    *, version: AdapterVersion, outcome: PolicyOutcome, needs_review: bool
+) -> AdapterVersion:
+    """evaluating → passed or failed, with the rules in the reason. Caller holds the
+    transaction that records the run (so the verdict and the results commit together)."""
+    if outcome.passed:
+        reason = "Passed every admission rule." + (
+            " Waiting for a maintainer's review." if needs_review else ""
+        )
+        return adapter_version_transition(
+            version=version, to_status=Status.PASSED, actor=None, reason=reason
+        )
+    failed = "; ".join(f"{rule.rule}: {rule.detail}" for rule in outcome.failed)
+    return adapter_version_transition(
+        version=version,
+        to_status=Status.FAILED,
+        actor=None,
+        reason=f"Failed admission rules — {failed}",
+    )
+
+
+def version_admit_automatically(
+    *, version: AdapterVersion, outcome: PolicyOutcome
+) -> AdapterVersion | None:
+    """After the run has committed: admit a passed version that needs no review. Returns
+    None when someone else moved it first (a maintainer, a withdrawal): not an error."""
+    targets = [r for r in outcome.rules if r.rule.startswith("gain:") and r.passed]
+    reason = (
+        "Admitted automatically: every admission rule passed"
+        + (f" ({len(targets)} targeted task(s) improved)" if targets else "")
+        + ", and the review policy needs no maintainer for this contributor."
+    )
+    try:
+        with transaction.atomic():
+            return version_admit(version=version, actor=None, reason=reason)
+    except DomainError as exc:
+        if exc.code != "status_conflict":
+            raise
+        logger.info("version %s changed before its automatic admission: %s", version.pk, exc)
+        return None

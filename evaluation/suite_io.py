@@ -1,0 +1,447 @@
+"""Benchmark suites as JSONL: parse and validate the bytes, write the public split back.
+
+One JSON object a line, one file per suite:
+
+    {"suite": "addition", "title": "...", "description": "...", "purpose": "skill"}
+    {"task": "addition", "title": "...", "description": "...", "tags": ["addition"],
+     "metric": "exact_match", "prompt_template": "{question}", "max_new_tokens": 8}
+    {"task": "addition", "split": "hidden", "fields": {"question": "..."}, "target": "579"}
+    {"task": "yes-no", "split": "public", "fields": {...}, "target": "Yes",
+     "choices": ["Yes", "No"]}
+
+The first line is the header; a task line comes before its examples; examples keep their
+order within each split (their ``position``). Every problem is a DomainError with a stable
+code, the 1-based line number in ``details["line"]`` where there is one, and nothing is
+stored by the caller unless the whole file is valid. Pure Python: no database, no Django.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from evaluation.scoring import METRICS, TemplateError, render_prompt, template_fields
+from tessera.errors import DomainError
+
+MAX_SUITE_BYTES = 32 * 1024 * 1024
+MAX_TASKS = 64
+MAX_EXAMPLES = 100_000
+MAX_NEW_TOKENS = 512
+MAX_FIELD_BYTES = 16 * 1024  # one example's fields, target and choices, as JSON
+MAX_TAGS = 16
+EVALUATION_SPLITS = ("public", "hidden")
+# Per task: hidden examples decide admission, so a bootstrap CI needs a few dozen; the
+# public split only has to show contributors what the task looks like.
+MIN_EXAMPLES = {"hidden": 30, "public": 5}
+
+_SLUG = re.compile(r"^[-a-zA-Z0-9_]{1,64}$")
+_TAG = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}$")
+_HEADER_KEYS = {"suite", "title", "description", "purpose"}
+_TASK_KEYS = {"task", "title", "description", "tags", "metric", "prompt_template", "max_new_tokens"}
+_EXAMPLE_KEYS = {"task", "split", "fields", "target", "choices"}
+PURPOSES = ("skill", "general")
+
+
+@dataclass(frozen=True)
+class ParsedExample:
+    split: str
+    fields: dict[str, Any]
+    target: str
+    choices: list[str] = field(default_factory=list)
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class ParsedTask:
+    slug: str
+    title: str
+    description: str
+    tags: list[str]
+    metric: str
+    prompt_template: str
+    max_new_tokens: int
+    examples: list[ParsedExample]
+    line: int = 0
+
+    def split(self, split: str) -> list[ParsedExample]:
+        return [example for example in self.examples if example.split == split]
+
+
+@dataclass(frozen=True)
+class ParsedSuite:
+    slug: str
+    title: str
+    description: str
+    purpose: str
+    tasks: list[ParsedTask]
+    source_sha256: str
+
+    def task(self, slug: str) -> ParsedTask | None:
+        return next((task for task in self.tasks if task.slug == slug), None)
+
+
+def parse_suite_jsonl(
+    data: bytes,
+    *,
+    splits: Collection[str] = EVALUATION_SPLITS,
+    min_examples: Mapping[str, int] | None = None,
+) -> ParsedSuite:
+    """Parse and validate a suite file; raise DomainError naming the first problem.
+
+    ``splits`` are the split names allowed (training files use ``("train",)``);
+    ``min_examples`` the least number of examples each task needs in each split (default
+    MIN_EXAMPLES; ``{}`` for none).
+    """
+    minimum = MIN_EXAMPLES if min_examples is None else dict(min_examples)
+    if len(data) > MAX_SUITE_BYTES:
+        raise DomainError(
+            "suite_too_large",
+            f"The suite file is {len(data)} bytes; the limit is {MAX_SUITE_BYTES}.",
+            kind="too_large",
+            details={"size_bytes": len(data), "max_bytes": MAX_SUITE_BYTES},
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DomainError("suite_not_utf8", "The suite file is not UTF-8 text.") from exc
+    if text.startswith("\ufeff"):
+        text = text[1:]
+
+    header: dict[str, Any] | None = None
+    tasks: dict[str, dict[str, Any]] = {}
+    example_count = 0
+    # Split on "\n" only: str.splitlines would also split inside strings holding U+2028
+    # and friends, which JSON allows unescaped.
+    for number, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
+        if not raw.strip():
+            continue
+        obj = _load_line(raw, number)
+        if header is None:
+            header = _header(obj, number)
+            continue
+        if "metric" in obj or "prompt_template" in obj:
+            task = _task(obj, number)
+            if task["slug"] in tasks:
+                raise _error(
+                    "suite_task_duplicate", f"Task {task['slug']!r} is declared twice.", number
+                )
+            if len(tasks) >= MAX_TASKS:
+                raise _error(
+                    "suite_too_many_tasks", f"A suite holds at most {MAX_TASKS} tasks.", number
+                )
+            tasks[task["slug"]] = task
+            continue
+        example_count += 1
+        if example_count > MAX_EXAMPLES:
+            raise _error(
+                "suite_too_many_examples", f"A suite holds at most {MAX_EXAMPLES} examples.", number
+            )
+        slug, example = _example(obj, number, splits)
+        task = tasks.get(slug)
+        if task is None:
+            raise _error(
+                "suite_task_unknown",
+                f"The example is for task {slug!r}, which no earlier line declares.",
+                number,
+            )
+        _check_example(task, example)
+        task["examples"].append(example)
+
+    if header is None:
+        raise DomainError("suite_empty", "The suite file holds no lines.")
+    if not tasks:
+        raise DomainError("suite_no_tasks", "The suite declares no tasks.")
+    for task in tasks.values():
+        for split, least in minimum.items():
+            have = sum(1 for example in task["examples"] if example.split == split)
+            if have < least:
+                raise DomainError(
+                    "suite_too_few_examples",
+                    f"Task {task['slug']!r} has {have} {split} examples; at least {least} "
+                    "are needed.",
+                    details={"task": task["slug"], "split": split, "count": have, "min": least},
+                )
+    return ParsedSuite(
+        slug=header["suite"],
+        title=header["title"],
+        description=header["description"],
+        purpose=header["purpose"],
+        tasks=[
+            ParsedTask(**{k: v for k, v in task.items() if k != "_fields"})
+            for task in tasks.values()
+        ],
+        source_sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def public_jsonl(
+    *,
+    suite: Mapping[str, Any],
+    tasks: list[Mapping[str, Any]],
+    examples: Mapping[str, list[Mapping[str, Any]]],
+) -> bytes:
+    """A suite file holding only what is given: the caller passes PUBLIC examples only.
+
+    ``suite``: header fields; ``tasks``: task lines' fields; ``examples``: by task slug,
+    dicts with fields/target/choices. The result parses with parse_suite_jsonl(...,
+    min_examples={}).
+    """
+    lines = [
+        {
+            "suite": suite["suite"],
+            "title": suite["title"],
+            "description": suite["description"],
+            "purpose": suite["purpose"],
+        }
+    ]
+    for task in tasks:
+        lines.append({key: task[key] for key in sorted(_TASK_KEYS, key=_task_key_order)})
+        for example in examples.get(task["task"], []):
+            line = {
+                "task": task["task"],
+                "split": "public",
+                "fields": example["fields"],
+                "target": example["target"],
+            }
+            if example.get("choices"):
+                line["choices"] = example["choices"]
+            lines.append(line)
+    return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
+
+
+# --- Lines ------------------------------------------------------------------------------------
+
+
+def _task_key_order(key: str) -> int:
+    return [
+        "task",
+        "title",
+        "description",
+        "tags",
+        "metric",
+        "prompt_template",
+        "max_new_tokens",
+    ].index(key)
+
+
+def _load_line(raw: str, number: int) -> dict[str, Any]:
+    def refuse_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        obj = json.loads(raw, parse_constant=refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        raise _error(
+            "suite_invalid_json", f"Line {number} is not valid JSON: {exc}", number
+        ) from exc
+    if not isinstance(obj, dict):
+        raise _error("suite_invalid_json", f"Line {number} is not a JSON object.", number)
+    return obj
+
+
+def _header(obj: dict[str, Any], number: int) -> dict[str, Any]:
+    if "suite" not in obj:
+        raise _error(
+            "suite_header_invalid",
+            'The first line must be the suite header {"suite": slug, "title", '
+            '"description", "purpose"}.',
+            number,
+        )
+    _no_unknown_keys(obj, _HEADER_KEYS, number, "suite_header_invalid")
+    slug = obj["suite"]
+    if not isinstance(slug, str) or not _SLUG.match(slug):
+        raise _error(
+            "suite_header_invalid", "The suite slug must be letters, digits, - or _.", number
+        )
+    title = _text(obj, "title", number, "suite_header_invalid", required=True, limit=200)
+    description = _text(obj, "description", number, "suite_header_invalid", limit=10_000)
+    purpose = obj.get("purpose", "skill")
+    if purpose not in PURPOSES:
+        raise _error(
+            "suite_header_invalid",
+            f"purpose must be one of {', '.join(PURPOSES)}, not {purpose!r}.",
+            number,
+        )
+    return {"suite": slug, "title": title, "description": description, "purpose": purpose}
+
+
+def _task(obj: dict[str, Any], number: int) -> dict[str, Any]:
+    _no_unknown_keys(obj, _TASK_KEYS, number, "suite_task_invalid")
+    slug = obj.get("task")
+    if not isinstance(slug, str) or not _SLUG.match(slug):
+        raise _error("suite_task_invalid", "A task's slug must be letters, digits, - or _.", number)
+    metric = obj.get("metric")
+    if metric not in METRICS:
+        raise _error(
+            "suite_unknown_metric",
+            f"Task {slug!r} names metric {metric!r}; known: {', '.join(METRICS)}.",
+            number,
+        )
+    template = obj.get("prompt_template")
+    if not isinstance(template, str) or not template.strip():
+        raise _error("suite_template_invalid", f"Task {slug!r} has no prompt_template.", number)
+    try:
+        names = template_fields(template)
+    except TemplateError as exc:
+        raise _error(
+            "suite_template_invalid", f"Task {slug!r}'s prompt_template: {exc}.", number
+        ) from exc
+    tags = obj.get("tags", [])
+    if (
+        not isinstance(tags, list)
+        or len(tags) > MAX_TAGS
+        or not all(isinstance(tag, str) and _TAG.match(tag) for tag in tags)
+    ):
+        raise _error(
+            "suite_task_invalid",
+            f"Task {slug!r}: tags must be a list of at most {MAX_TAGS} lowercase slugs.",
+            number,
+        )
+    max_new_tokens = obj.get("max_new_tokens", 16)
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or not 1 <= max_new_tokens <= MAX_NEW_TOKENS
+    ):
+        raise _error(
+            "suite_task_invalid",
+            f"Task {slug!r}: max_new_tokens must be a whole number from 1 to {MAX_NEW_TOKENS}.",
+            number,
+        )
+    return {
+        "slug": slug,
+        "title": _text(obj, "title", number, "suite_task_invalid", limit=200) or slug,
+        "description": _text(obj, "description", number, "suite_task_invalid", limit=10_000),
+        "tags": list(dict.fromkeys(tags)),
+        "metric": metric,
+        "prompt_template": template,
+        "max_new_tokens": max_new_tokens,
+        "examples": [],
+        "line": number,
+        "_fields": names,
+    }
+
+
+def _example(
+    obj: dict[str, Any], number: int, splits: Collection[str]
+) -> tuple[str, ParsedExample]:
+    if "task" not in obj:
+        raise _error(
+            "suite_line_invalid", f"Line {number} is neither a task nor an example.", number
+        )
+    _no_unknown_keys(obj, _EXAMPLE_KEYS, number, "suite_example_invalid")
+    slug = obj["task"]
+    if not isinstance(slug, str):
+        raise _error("suite_example_invalid", "An example's task must be a slug.", number)
+    split = obj.get("split")
+    if split not in splits:
+        raise _error(
+            "suite_split_invalid",
+            f"split must be one of {', '.join(sorted(splits))}, not {split!r}.",
+            number,
+        )
+    fields = obj.get("fields", {})
+    if not isinstance(fields, dict) or not all(
+        isinstance(key, str) and _is_field_value(value) for key, value in fields.items()
+    ):
+        raise _error(
+            "suite_example_invalid",
+            "fields must be an object of strings, numbers or booleans.",
+            number,
+        )
+    target = obj.get("target")
+    if not isinstance(target, str) or not target.strip():
+        raise _error("suite_example_invalid", "target must be a non-empty string.", number)
+    choices = obj.get("choices", [])
+    if not isinstance(choices, list) or not all(
+        isinstance(choice, str) and choice for choice in choices
+    ):
+        raise _error(
+            "suite_example_invalid", "choices must be a list of non-empty strings.", number
+        )
+    size = len(json.dumps([fields, target, choices], ensure_ascii=False).encode())
+    if size > MAX_FIELD_BYTES:
+        raise _error(
+            "suite_example_too_large",
+            f"The example is {size} bytes; the limit is {MAX_FIELD_BYTES}.",
+            number,
+        )
+    return slug, ParsedExample(
+        split=split, fields=fields, target=target, choices=choices, line=number
+    )
+
+
+def _check_example(task: dict[str, Any], example: ParsedExample) -> None:
+    number = example.line
+    missing = task["_fields"] - set(example.fields)
+    if missing:
+        raise _error(
+            "suite_template_field_missing",
+            f"The example lacks {', '.join(sorted(missing))}, which task {task['slug']!r}'s "
+            "prompt_template uses.",
+            number,
+            missing=sorted(missing),
+        )
+    try:
+        render_prompt(task["prompt_template"], example.fields)
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
+        raise _error(
+            "suite_template_invalid",
+            f"Task {task['slug']!r}'s prompt_template cannot be filled with this example: {exc}.",
+            number,
+        ) from exc
+    if task["metric"] == "multiple_choice":
+        if len(example.choices) < 2:
+            raise _error(
+                "suite_choices_required",
+                f"Task {task['slug']!r} is multiple_choice: each example needs two or more "
+                "choices.",
+                number,
+            )
+        if len(set(example.choices)) != len(example.choices):
+            raise _error("suite_choices_invalid", "The choices repeat themselves.", number)
+        if example.target not in example.choices:
+            raise _error(
+                "suite_target_not_in_choices", "The target must be one of the choices.", number
+            )
+    elif example.choices:
+        raise _error(
+            "suite_choices_invalid",
+            f"Task {task['slug']!r} is {task['metric']}; only multiple_choice examples have "
+            "choices.",
+            number,
+        )
+
+
+# --- Small helpers ----------------------------------------------------------------------------
+
+
+def _is_field_value(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool)) and not (
+        isinstance(value, float) and value != value
+    )
+
+
+def _text(
+    obj: dict[str, Any], key: str, number: int, code: str, *, required: bool = False, limit: int
+) -> str:
+    value = obj.get(key, "")
+    if not isinstance(value, str) or len(value) > limit or (required and not value.strip()):
+        need = "a non-empty string" if required else "a string"
+        raise _error(code, f"{key} must be {need} of at most {limit} characters.", number)
+    return value.strip()
+
+
+def _no_unknown_keys(obj: dict[str, Any], allowed: set[str], number: int, code: str) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise _error(code, f"Unknown keys on line {number}: {', '.join(unknown)}.", number)
+
+
+def _error(code: str, message: str, line: int, **details: Any) -> DomainError:
+    return DomainError(code, message, details={"line": line, **details})

@@ -1,0 +1,1102 @@
+"""Writes Tessera's built-in benchmark suites, deterministically.
+
+    python evaluation/suites/generate.py [--out DIR]
+
+rewrites ``<DIR>/<suite>.jsonl`` (one file per suite: hidden + public splits) and
+``<DIR>/train/<skill>.jsonl`` (training examples for the demo adapters, disjoint from both
+evaluation splits) and ``<DIR>/train/replay.jsonl`` (everyday prompts whose base-model
+answers training replays) byte for byte identically on every run: every random choice comes from a
+``random.Random`` seeded per suite, and nothing depends on the date, the machine or dict
+ordering. DIR defaults to this file's folder.
+
+The file format (one JSON object a line; see evaluation/suite_io.py, which validates it):
+
+    {"suite": slug, "title": ..., "description": ..., "purpose": "skill" | "general"}
+    {"task": slug, "title": ..., "description": ..., "tags": [...], "metric": ...,
+     "prompt_template": "...{field}...", "max_new_tokens": n}
+    {"task": slug, "split": "public" | "hidden", "fields": {...}, "target": "...",
+     "choices": [...]}
+
+Training files use the same format with ``"split": "train"``; they are never imported as
+suites (evaluation.training reads them).
+
+The six skills are ones SmolLM2-135M-Instruct does badly out of the box and a rank-8 LoRA
+learns in ~150 steps; each has several phrasings (the ``question`` field) so an adapter
+cannot win by memorising one template. The ``general`` suite holds what the base model
+already does well, so that a harmful adapter shows up as a drop there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+HIDDEN_PER_TASK = 200
+PUBLIC_PER_TASK = 50
+TRAIN_PER_SKILL = 2400  # 150 steps x batch 16, each seen once
+
+NUMBER_ONLY = "\nAnswer with only the number."
+
+
+# --- Small helpers ----------------------------------------------------------------------------
+
+
+def _line(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False, sort_keys=False) + "\n"
+
+
+def _unique(make: Callable[[random.Random], tuple], rng: random.Random, count: int) -> list:
+    """``count`` distinct keys from ``make``, in the order first drawn."""
+    seen: set = set()
+    out: list = []
+    attempts = 0
+    while len(out) < count:
+        attempts += 1
+        if attempts > count * 200:
+            raise RuntimeError(f"could not draw {count} distinct items")
+        key = make(rng)
+        if key not in seen:
+            seen.add(key)
+            out.append(key)
+    return out
+
+
+def _splits(keys: list, *, train: int) -> Iterator[tuple[str, object]]:
+    """Hidden first, then public, then train: disjoint by construction."""
+    for index, key in enumerate(keys):
+        if index < HIDDEN_PER_TASK:
+            yield "hidden", key
+        elif index < HIDDEN_PER_TASK + PUBLIC_PER_TASK:
+            yield "public", key
+        elif index < HIDDEN_PER_TASK + PUBLIC_PER_TASK + train:
+            yield "train", key
+
+
+# --- Number words -------------------------------------------------------------------------------
+
+_ONES = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
+_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+
+def number_to_words(n: int) -> str:
+    """English words for 0 <= n < 1_000_000, American style: "three hundred forty-two"."""
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        tens, ones = divmod(n, 10)
+        return _TENS[tens] + (f"-{_ONES[ones]}" if ones else "")
+    if n < 1000:
+        hundreds, rest = divmod(n, 100)
+        head = f"{_ONES[hundreds]} hundred"
+        return head + (f" {number_to_words(rest)}" if rest else "")
+    thousands, rest = divmod(n, 1000)
+    head = f"{number_to_words(thousands)} thousand"
+    return head + (f" {number_to_words(rest)}" if rest else "")
+
+
+# --- Skill suites -------------------------------------------------------------------------------
+
+
+class Skill:
+    slug: str
+    title: str
+    description: str
+    tags: list[str]
+    prompt_template: str
+    max_new_tokens: int
+
+    def keys(self, rng: random.Random, count: int) -> list: ...
+
+    def example(self, key, rng: random.Random) -> dict: ...
+
+
+class Addition(Skill):
+    slug = "addition"
+    title = "Three-digit addition"
+    description = "Add two three-digit numbers; the answer is the sum in digits."
+    tags = ["addition", "arithmetic"]
+    prompt_template = "{question}" + NUMBER_ONLY
+    max_new_tokens = 8
+    phrasings = [
+        "What is {a} + {b}?",
+        "Add {a} and {b}.",
+        "Compute the sum of {a} and {b}.",
+        "What do you get when you add {a} to {b}?",
+        "Calculate {a} plus {b}.",
+        "{a} + {b} = ?",
+    ]
+
+    def keys(self, rng, count):
+        return _unique(lambda r: (r.randint(100, 999), r.randint(100, 999)), rng, count)
+
+    def example(self, key, rng):
+        a, b = key
+        question = rng.choice(self.phrasings).format(a=a, b=b)
+        return {"fields": {"question": question, "a": a, "b": b}, "target": str(a + b)}
+
+
+_WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "green",
+    "house",
+    "music",
+    "paper",
+    "candle",
+    "window",
+    "garden",
+    "orange",
+    "bridge",
+    "silver",
+    "forest",
+    "rabbit",
+    "pencil",
+    "mirror",
+    "rocket",
+    "island",
+    "yellow",
+    "winter",
+    "summer",
+    "basket",
+    "doctor",
+    "guitar",
+    "planet",
+    "spoon",
+    "jacket",
+    "violet",
+    "turtle",
+    "coffee",
+    "butter",
+    "dragon",
+    "engine",
+    "farmer",
+    "helmet",
+    "kitten",
+    "ladder",
+    "marble",
+    "needle",
+    "pillow",
+    "rain",
+    "snow",
+    "wind",
+    "fire",
+    "lamp",
+    "desk",
+    "chair",
+    "table",
+    "horse",
+    "sheep",
+    "goat",
+    "duck",
+    "fish",
+    "bird",
+    "tree",
+    "leaf",
+    "road",
+    "car",
+    "boat",
+    "train",
+    "plane",
+    "ship",
+    "bread",
+    "milk",
+    "cheese",
+    "salt",
+    "sugar",
+    "honey",
+    "lemon",
+    "grape",
+    "peach",
+    "plum",
+    "melon",
+    "onion",
+    "carrot",
+    "potato",
+    "tomato",
+    "king",
+    "queen",
+    "castle",
+    "tower",
+    "valley",
+    "hill",
+    "lake",
+    "ocean",
+    "beach",
+    "desert",
+    "moon",
+    "star",
+    "sun",
+    "sky",
+]
+
+
+class WordReversal(Skill):
+    slug = "word-reversal"
+    title = "Reverse the order of words"
+    description = (
+        "Given three to five words, write the same words in reverse order (last word "
+        "first), separated by single spaces."
+    )
+    tags = ["word-reversal"]
+    prompt_template = "{question}\nAnswer with only the words, in the new order."
+    max_new_tokens = 16
+    phrasings = [
+        "Reverse the order of these words: {words}",
+        "Write these words in reverse order: {words}",
+        'Reverse the word order of "{words}".',
+        "Say these words backwards, last word first: {words}",
+        "List the following words from last to first: {words}",
+    ]
+
+    def keys(self, rng, count):
+        def draw(r):
+            return tuple(r.sample(_WORDS, r.randint(3, 5)))
+
+        return _unique(draw, rng, count)
+
+    def example(self, key, rng):
+        words = " ".join(key)
+        question = rng.choice(self.phrasings).format(words=words)
+        return {"fields": {"question": question, "words": words}, "target": " ".join(key[::-1])}
+
+
+_UNITS = [
+    # (from, to, factor)
+    ("kilometers", "meters", 1000),
+    ("kilograms", "grams", 1000),
+    ("liters", "milliliters", 1000),
+    ("meters", "centimeters", 100),
+    ("centimeters", "millimeters", 10),
+    ("tonnes", "kilograms", 1000),
+    ("kilobytes", "bytes", 1000),
+    ("meters", "millimeters", 1000),
+]
+
+
+class UnitConversion(Skill):
+    slug = "unit-conversion"
+    title = "Metric unit conversion"
+    description = (
+        "Convert a whole number of a metric unit to a smaller unit (km to m, kg to g, "
+        "L to mL, m to cm, ...); the answer is the whole number of the smaller unit."
+    )
+    tags = ["unit-conversion"]
+    prompt_template = "{question}" + NUMBER_ONLY
+    max_new_tokens = 10
+    phrasings = [
+        "Convert {value} {source} to {dest}.",
+        "How many {dest} are in {value} {source}?",
+        "{value} {source} is how many {dest}?",
+        "Express {value} {source} in {dest}.",
+        "What is {value} {source} in {dest}?",
+    ]
+
+    def keys(self, rng, count):
+        return _unique(lambda r: (r.randrange(len(_UNITS)), r.randint(2, 999)), rng, count)
+
+    def example(self, key, rng):
+        unit, value = key
+        source, dest, factor = _UNITS[unit]
+        question = rng.choice(self.phrasings).format(value=value, source=source, dest=dest)
+        fields = {"question": question, "value": value, "from": source, "to": dest}
+        return {"fields": fields, "target": str(value * factor)}
+
+
+_MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
+
+
+class DateFormatting(Skill):
+    slug = "date-formatting"
+    title = "Reformat ISO dates"
+    description = 'Rewrite an ISO date (YYYY-MM-DD) as "Month D, YYYY", e.g. March 7, 2024.'
+    tags = ["date-formatting"]
+    prompt_template = '{question}\nAnswer with only the date, like "January 5, 2020".'
+    max_new_tokens = 12
+    phrasings = [
+        "Rewrite the date {date} in words.",
+        "Convert {date} to the format Month D, YYYY.",
+        "Write the ISO date {date} as a month name, day and year.",
+        "How would you write {date} in long form?",
+        "Format this date for a letter: {date}",
+    ]
+
+    def keys(self, rng, count):
+        return _unique(
+            lambda r: (r.randint(1950, 2049), r.randint(1, 12), r.randint(1, 28)), rng, count
+        )
+
+    def example(self, key, rng):
+        year, month, day = key
+        date = f"{year:04d}-{month:02d}-{day:02d}"
+        question = rng.choice(self.phrasings).format(date=date)
+        target = f"{_MONTHS[month - 1]} {day}, {year}"
+        return {"fields": {"question": question, "date": date}, "target": target}
+
+
+class NumberWords(Skill):
+    slug = "number-words"
+    title = "Number words to digits"
+    description = (
+        'Write a number given in English words as digits: "three hundred forty-two" is 342. '
+        "Numbers have two to four digits."
+    )
+    tags = ["number-words"]
+    prompt_template = "{question}" + NUMBER_ONLY
+    max_new_tokens = 8
+    phrasings = [
+        "Write {words} as digits.",
+        'What number is "{words}"?',
+        "Convert the number words to a numeral: {words}",
+        "Write this number in digits: {words}",
+        'Turn "{words}" into a number.',
+    ]
+
+    def keys(self, rng, count):
+        def draw(r):
+            digits = r.choice([2, 3, 3, 4])
+            return r.randint(10 ** (digits - 1), 10**digits - 1)
+
+        return _unique(draw, rng, count)
+
+    def example(self, key, rng):
+        words = number_to_words(key)
+        question = rng.choice(self.phrasings).format(words=words)
+        return {"fields": {"question": question, "words": words}, "target": str(key)}
+
+
+class Sorting(Skill):
+    slug = "sorting"
+    title = "Sort a short list of numbers"
+    description = (
+        "Sort four to six numbers (1 to 99) in ascending order; the answer lists them "
+        'separated by ", ".'
+    )
+    tags = ["sorting"]
+    prompt_template = "{question}\nAnswer with only the sorted numbers, separated by commas."
+    max_new_tokens = 24
+    phrasings = [
+        "Sort these numbers in ascending order: {numbers}",
+        "Arrange these numbers from smallest to largest: {numbers}",
+        "Put the following numbers in increasing order: {numbers}",
+        "Order from lowest to highest: {numbers}",
+        "Sort the list [{numbers}] from smallest to biggest.",
+    ]
+
+    def keys(self, rng, count):
+        return _unique(lambda r: tuple(r.sample(range(1, 100), r.randint(4, 6))), rng, count)
+
+    def example(self, key, rng):
+        numbers = ", ".join(str(n) for n in key)
+        question = rng.choice(self.phrasings).format(numbers=numbers)
+        target = ", ".join(str(n) for n in sorted(key))
+        return {"fields": {"question": question, "numbers": numbers}, "target": target}
+
+
+SKILLS: list[Skill] = [
+    Addition(),
+    WordReversal(),
+    UnitConversion(),
+    DateFormatting(),
+    NumberWords(),
+    Sorting(),
+]
+
+
+def _task_line(skill: Skill) -> dict:
+    return {
+        "task": skill.slug,
+        "title": skill.title,
+        "description": skill.description,
+        "tags": skill.tags,
+        "metric": "exact_match",
+        "prompt_template": skill.prompt_template,
+        "max_new_tokens": skill.max_new_tokens,
+    }
+
+
+def skill_files(skill: Skill, seed: int) -> tuple[str, str]:
+    """(suite JSONL, train JSONL) for one skill."""
+    rng = random.Random(f"tessera:{skill.slug}:{seed}")
+    keys = skill.keys(rng, HIDDEN_PER_TASK + PUBLIC_PER_TASK + TRAIN_PER_SKILL)
+    header = {
+        "suite": skill.slug,
+        "title": skill.title,
+        "description": skill.description,
+        "purpose": "skill",
+    }
+    suite = [_line(header), _line(_task_line(skill))]
+    train = [_line({**header, "title": f"{skill.title} (training data)"})]
+    train.append(_line(_task_line(skill)))
+    for split, key in _splits(keys, train=TRAIN_PER_SKILL):
+        line = _line({"task": skill.slug, "split": split, **skill.example(key, rng)})
+        (train if split == "train" else suite).append(line)
+    return "".join(suite), "".join(train)
+
+
+# --- The general suite --------------------------------------------------------------------------
+
+_CAPITALS = [
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Japan", "Tokyo"),
+    ("China", "Beijing"),
+    ("Russia", "Moscow"),
+    ("the United Kingdom", "London"),
+    ("England", "London"),
+    ("Egypt", "Cairo"),
+    ("Greece", "Athens"),
+    ("Portugal", "Lisbon"),
+    ("Ireland", "Dublin"),
+    ("Austria", "Vienna"),
+    ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"),
+    ("Denmark", "Copenhagen"),
+    ("Poland", "Warsaw"),
+    ("Hungary", "Budapest"),
+    ("the Czech Republic", "Prague"),
+    ("Belgium", "Brussels"),
+    ("the Netherlands", "Amsterdam"),
+    ("Thailand", "Bangkok"),
+    ("South Korea", "Seoul"),
+    ("Argentina", "Buenos Aires"),
+    ("Peru", "Lima"),
+    ("Mexico", "Mexico City"),
+    ("Cuba", "Havana"),
+    ("Kenya", "Nairobi"),
+    ("Iran", "Tehran"),
+    ("Iraq", "Baghdad"),
+    ("Indonesia", "Jakarta"),
+    ("the Philippines", "Manila"),
+    ("Canada", "Ottawa"),
+    ("Australia", "Canberra"),
+    ("India", "New Delhi"),
+    ("the United States", "Washington"),
+    ("Chile", "Santiago"),
+    ("Venezuela", "Caracas"),
+    ("Saudi Arabia", "Riyadh"),
+    ("Turkey", "Ankara"),
+    ("Ukraine", "Kyiv"),
+    ("Romania", "Bucharest"),
+    ("Bulgaria", "Sofia"),
+    ("Serbia", "Belgrade"),
+    ("Croatia", "Zagreb"),
+    ("Switzerland", "Bern"),
+    ("Iceland", "Reykjavik"),
+    ("Vietnam", "Hanoi"),
+    ("Malaysia", "Kuala Lumpur"),
+    ("Singapore", "Singapore"),
+    ("Pakistan", "Islamabad"),
+    ("Afghanistan", "Kabul"),
+    ("Nepal", "Kathmandu"),
+    ("Ethiopia", "Addis Ababa"),
+    ("Nigeria", "Abuja"),
+    ("Morocco", "Rabat"),
+    ("Scotland", "Edinburgh"),
+]
+_CAPITAL_PHRASINGS = [
+    "What is the capital of {country}?",
+    "Which city is the capital of {country}?",
+    "Name the capital city of {country}.",
+    "What city is {country}'s capital?",
+    "Tell me the capital of {country}.",
+]
+
+_CATEGORIES = {
+    "an animal": [
+        "dog",
+        "cat",
+        "horse",
+        "cow",
+        "lion",
+        "tiger",
+        "rabbit",
+        "elephant",
+        "sheep",
+        "mouse",
+        "bear",
+        "monkey",
+    ],
+    "a fruit": [
+        "apple",
+        "banana",
+        "orange",
+        "grape",
+        "lemon",
+        "cherry",
+        "peach",
+        "pear",
+        "mango",
+        "strawberry",
+    ],
+    "a color": [
+        "red",
+        "blue",
+        "green",
+        "yellow",
+        "purple",
+        "orange",
+        "black",
+        "white",
+        "pink",
+        "brown",
+    ],
+    "a vehicle": [
+        "car",
+        "bus",
+        "bicycle",
+        "truck",
+        "train",
+        "airplane",
+        "boat",
+        "motorcycle",
+        "ship",
+        "taxi",
+    ],
+    "a piece of furniture": [
+        "chair",
+        "table",
+        "sofa",
+        "bed",
+        "desk",
+        "shelf",
+        "stool",
+        "cupboard",
+        "dresser",
+    ],
+    "a musical instrument": [
+        "piano",
+        "guitar",
+        "violin",
+        "drum",
+        "flute",
+        "trumpet",
+        "cello",
+        "harp",
+    ],
+    "a body part": ["hand", "foot", "nose", "ear", "eye", "arm", "leg", "knee", "elbow", "finger"],
+    "a drink": ["water", "milk", "tea", "coffee", "juice", "lemonade", "soda"],
+}
+_CATEGORY_NOUNS = {
+    "an animal": "animal",
+    "a fruit": "fruit",
+    "a color": "color",
+    "a vehicle": "vehicle",
+    "a piece of furniture": "piece of furniture",
+    "a musical instrument": "musical instrument",
+    "a body part": "part of the body",
+    "a drink": "drink",
+}
+_COLORS = [
+    ("a ripe banana", "yellow"),
+    ("grass", "green"),
+    ("snow", "white"),
+    ("the sky on a clear day", "blue"),
+    ("coal", "black"),
+    ("a ripe tomato", "red"),
+    ("a carrot", "orange"),
+    ("milk", "white"),
+    ("a lemon", "yellow"),
+    ("a strawberry", "red"),
+    ("blood", "red"),
+    ("a cucumber", "green"),
+    ("chocolate", "brown"),
+    ("charcoal", "black"),
+    ("a fire truck", "red"),
+    ("a lime", "green"),
+    ("a polar bear", "white"),
+    ("a crow", "black"),
+    ("a pumpkin", "orange"),
+    ("an eggplant", "purple"),
+    ("a sunflower", "yellow"),
+    ("a school bus", "yellow"),
+    ("a flamingo", "pink"),
+    ("coffee", "brown"),
+    ("a cherry", "red"),
+    ("a frog", "green"),
+    ("a swan", "white"),
+    ("a tree trunk", "brown"),
+]
+_COLOR_PHRASINGS = [
+    "What color is {thing}?",
+    "What is the usual color of {thing}?",
+    "Name the color of {thing}.",
+]
+
+_OPPOSITES = [
+    ("hot", "cold"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("up", "down"),
+    ("day", "night"),
+    ("happy", "sad"),
+    ("open", "closed"),
+    ("light", "dark"),
+    ("old", "young"),
+    ("wet", "dry"),
+    ("full", "empty"),
+    ("early", "late"),
+    ("tall", "short"),
+    ("rich", "poor"),
+    ("hard", "soft"),
+    ("left", "right"),
+    ("begin", "end"),
+    ("win", "lose"),
+    ("buy", "sell"),
+    ("push", "pull"),
+    ("inside", "outside"),
+    ("strong", "weak"),
+    ("loud", "quiet"),
+    ("clean", "dirty"),
+    ("first", "last"),
+    ("true", "false"),
+    ("thick", "thin"),
+    ("north", "south"),
+    ("east", "west"),
+]
+
+_SENTENCE_SUBJECTS = [
+    "The cat",
+    "My brother",
+    "The old man",
+    "Our teacher",
+    "The little girl",
+    "A farmer",
+    "The dog",
+    "My friend",
+    "The doctor",
+    "Her mother",
+]
+_SENTENCE_ACTIONS = [
+    ("is sleeping on the sofa", "rest"),
+    ("went to the market to buy some bread", "shopping"),
+    ("likes to read books in the evening", "reading"),
+    ("is drinking a cup of hot tea", "drinks"),
+    ("walked to school in the rain", "weather"),
+    ("plays the piano every morning", "music"),
+    ("is cooking dinner for the family", "cooking"),
+    ("planted tomatoes in the garden", "gardening"),
+    ("watched a movie with friends last night", "movies"),
+    ("opened the window to let in fresh air", "home"),
+    ("is writing a letter to an old friend", "writing"),
+    ("found a lost key under the table", "home"),
+    ("always wakes up early on Sundays", "habits"),
+    ("painted the fence white last summer", "home"),
+    ("takes the bus to work every day", "travel"),
+]
+
+
+def general_suite(seed: int) -> str:
+    rng = random.Random(f"tessera:general:{seed}")
+    lines = [
+        _line(
+            {
+                "suite": "general",
+                "title": "General ability",
+                "description": (
+                    "What the base model already does well: capital cities; colours, "
+                    "opposites and categories scored by log-likelihood; and the likelihood of "
+                    "plain English sentences. A drop here means an adapter harms the model."
+                ),
+                "purpose": "general",
+            }
+        )
+    ]
+
+    # Capital cities: generated answers, scored by whether they contain the capital.
+    lines.append(
+        _line(
+            {
+                "task": "capitals",
+                "title": "Capital cities",
+                "description": "Name a country's capital; the answer must contain it.",
+                "tags": ["general", "knowledge"],
+                "metric": "contains",
+                "prompt_template": "{question}",
+                "max_new_tokens": 24,
+            }
+        )
+    )
+    capital_keys = [
+        (country, capital, phrasing)
+        for country, capital in _CAPITALS
+        for phrasing in range(len(_CAPITAL_PHRASINGS))
+    ]
+    rng.shuffle(capital_keys)
+    for index, (country, capital, phrasing) in enumerate(capital_keys[:250]):
+        split = "hidden" if index < HIDDEN_PER_TASK else "public"
+        question = _CAPITAL_PHRASINGS[phrasing].format(country=country)
+        fields = {"question": question, "country": country}
+        lines.append(
+            _line({"task": "capitals", "split": split, "fields": fields, "target": capital})
+        )
+
+    # Colours of familiar things, by log-likelihood of each colour as the answer.
+    lines.append(
+        _line(
+            {
+                "task": "colors",
+                "title": "Colours of familiar things",
+                "description": "What colour is snow? The likeliest of four colours must be right.",
+                "tags": ["general", "knowledge"],
+                "metric": "multiple_choice",
+                "prompt_template": "{question}",
+                "max_new_tokens": 4,
+            }
+        )
+    )
+    color_items = [
+        (thing, color, phrasing)
+        for thing, color in _COLORS
+        for phrasing in rng.sample(range(len(_COLOR_PHRASINGS)), 2)
+    ]
+    rng.shuffle(color_items)
+    palette = sorted({color for _thing, color in _COLORS})
+    for index, (thing, color, phrasing) in enumerate(color_items):
+        split = "hidden" if index < len(color_items) - 10 else "public"
+        choices = [color, *rng.sample([c for c in palette if c != color], 3)]
+        rng.shuffle(choices)
+        lines.append(
+            _line(
+                {
+                    "task": "colors",
+                    "split": split,
+                    "fields": {"question": _COLOR_PHRASINGS[phrasing].format(thing=thing)},
+                    "target": color,
+                    "choices": choices,
+                }
+            )
+        )
+
+    # Opposites and odd-one-in, by log-likelihood of each choice.
+    lines.append(
+        _line(
+            {
+                "task": "common-sense-choice",
+                "title": "Choose the right word",
+                "description": (
+                    "Opposites and categories as multiple choice (the choices are not shown); "
+                    "the likeliest choice must be the right one."
+                ),
+                "tags": ["general", "common-sense"],
+                "metric": "multiple_choice",
+                "prompt_template": "{question}",
+                "max_new_tokens": 4,
+            }
+        )
+    )
+    categories = sorted(_CATEGORIES)
+    choice_items = []
+    all_words = sorted({w for pair in _OPPOSITES for w in pair})
+    for word, opposite in _OPPOSITES + [(b, a) for a, b in _OPPOSITES]:
+        distractors = rng.sample([w for w in all_words if w not in (word, opposite)], 3)
+        choice_items.append(
+            ("What is the opposite of {}?".format(f'"{word}"'), opposite, distractors)
+        )
+    for category in categories:
+        for thing in _CATEGORIES[category]:
+            others = [
+                w
+                for c in categories
+                if c != category
+                for w in _CATEGORIES[c]
+                if w not in _CATEGORIES[category]
+            ]
+            distractors = rng.sample(sorted(set(others)), 3)
+            noun = _CATEGORY_NOUNS[category]
+            choice_items.append((f"Which word names a {noun}?", thing, distractors))
+    rng.shuffle(choice_items)
+    for index, (question, answer, distractors) in enumerate(choice_items[:150]):
+        split = "hidden" if index < 120 else "public"
+        choices = [answer, *distractors]
+        rng.shuffle(choices)
+        fields = {"question": question}
+        lines.append(
+            _line(
+                {
+                    "task": "common-sense-choice",
+                    "split": split,
+                    "fields": fields,
+                    "target": answer,
+                    "choices": choices,
+                }
+            )
+        )
+
+    # Plain sentences: mean log-likelihood per token of a reference answer.
+    lines.append(
+        _line(
+            {
+                "task": "plain-sentences",
+                "title": "Likelihood of plain English",
+                "description": (
+                    "Mean log-likelihood per token of a simple reference sentence, as the "
+                    "answer to a request for one (higher is better; it is negative)."
+                ),
+                "tags": ["general", "fluency"],
+                "metric": "mean_loglik",
+                "prompt_template": "Write one simple sentence about {topic}.",
+                "max_new_tokens": 24,
+            }
+        )
+    )
+    sentences = [(s, a, t) for s in _SENTENCE_SUBJECTS for a, t in _SENTENCE_ACTIONS]
+    rng.shuffle(sentences)
+    for index, (subject, action, topic) in enumerate(sentences[:150]):
+        split = "hidden" if index < 120 else "public"
+        lines.append(
+            _line(
+                {
+                    "task": "plain-sentences",
+                    "split": split,
+                    "fields": {"topic": topic},
+                    "target": f"{subject} {action}.",
+                }
+            )
+        )
+    return "".join(lines)
+
+
+# --- Replay prompts -----------------------------------------------------------------------------
+
+# Everyday requests unrelated to any suite (no capitals, colours, opposites or "write one
+# sentence" requests: the general suite must stay a held-out check). Training replays the
+# base model's own answers to them, so a narrow adapter keeps answering ordinary requests
+# the way the base model does instead of answering everything in its skill's format.
+_REPLAY_TEMPLATES = [
+    (
+        "What is {thing} used for?",
+        [
+            "a hammer",
+            "an umbrella",
+            "a ladder",
+            "a spoon",
+            "a key",
+            "a map",
+            "a compass",
+            "a broom",
+            "a kettle",
+            "a microscope",
+            "a thermometer",
+            "glue",
+            "a calendar",
+            "a pillow",
+            "a shovel",
+            "soap",
+        ],
+    ),
+    (
+        "Tell me one interesting fact about {animal}.",
+        [
+            "owls",
+            "dolphins",
+            "bees",
+            "camels",
+            "penguins",
+            "octopuses",
+            "giraffes",
+            "ants",
+            "bats",
+            "horses",
+            "sharks",
+            "parrots",
+        ],
+    ),
+    (
+        "Explain {concept} in simple words.",
+        [
+            "gravity",
+            "photosynthesis",
+            "a vaccine",
+            "inflation",
+            "a volcano",
+            "electricity",
+            "recycling",
+            "an election",
+            "a rainbow",
+            "the water cycle",
+            "a computer program",
+            "friction",
+            "erosion",
+            "a habit",
+        ],
+    ),
+    (
+        "What does a {job} do?",
+        [
+            "baker",
+            "nurse",
+            "pilot",
+            "librarian",
+            "plumber",
+            "judge",
+            "gardener",
+            "firefighter",
+            "architect",
+            "journalist",
+            "mechanic",
+            "chemist",
+        ],
+    ),
+    (
+        "How do I {task}?",
+        [
+            "boil an egg",
+            "plant a seed",
+            "write a thank-you note",
+            "make a cup of tea",
+            "fall asleep faster",
+            "start running",
+            "save money",
+            "learn new words",
+            "clean a window",
+            "wrap a present",
+            "fix a flat bicycle tire",
+            "remember a name",
+        ],
+    ),
+    (
+        "Give me one tip for {goal}.",
+        [
+            "studying for an exam",
+            "a job interview",
+            "staying healthy",
+            "cooking rice",
+            "keeping a plant alive",
+            "a long flight",
+            "speaking in public",
+            "reading more books",
+            "working from home",
+            "a rainy day",
+        ],
+    ),
+    (
+        "Why do {subject}?",
+        [
+            "leaves fall in autumn",
+            "people yawn",
+            "birds migrate",
+            "cats purr",
+            "we need sleep",
+            "bread rise",
+            "ships float",
+            "stars twinkle",
+            "onions make us cry",
+            "we dream",
+        ],
+    ),
+    (
+        "Can you suggest a name for {pet}?",
+        ["a small dog", "a black cat", "a goldfish", "a parrot", "a rabbit", "a turtle"],
+    ),
+    (
+        "Describe {place} in a few words.",
+        [
+            "a busy market",
+            "a quiet library",
+            "a mountain village",
+            "an old castle",
+            "a train station",
+            "a school playground",
+            "a sandy beach",
+            "a thick forest",
+        ],
+    ),
+    (
+        "What should I pack for {trip}?",
+        ["a beach holiday", "a ski trip", "a camping weekend", "a business trip", "a hiking day"],
+    ),
+]
+
+
+def replay_prompts(seed: int) -> str:
+    rng = random.Random(f"tessera:replay:{seed}")
+    prompts = [
+        template.format(**{template[template.index("{") + 1 : template.index("}")]: filler})
+        for template, fillers in _REPLAY_TEMPLATES
+        for filler in fillers
+    ]
+    rng.shuffle(prompts)
+    return "".join(_line({"prompt": prompt}) for prompt in prompts)
+
+
+# --- Entry point --------------------------------------------------------------------------------
+
+
+def generate(out_dir: Path, *, seed: int = 0) -> list[Path]:
+    """Write every file under ``out_dir``; return their paths."""
+    out_dir = Path(out_dir)
+    (out_dir / "train").mkdir(parents=True, exist_ok=True)
+    written = []
+    for skill in SKILLS:
+        suite, train = skill_files(skill, seed)
+        for path, text in (
+            (out_dir / f"{skill.slug}.jsonl", suite),
+            (out_dir / "train" / f"{skill.slug}.jsonl", train),
+        ):
+            path.write_text(text, encoding="utf-8", newline="\n")
+            written.append(path)
+    path = out_dir / "train" / "replay.jsonl"
+    path.write_text(replay_prompts(seed), encoding="utf-8", newline="\n")
+    written.append(path)
+    path = out_dir / "general.jsonl"
+    path.write_text(general_suite(seed), encoding="utf-8", newline="\n")
+    written.append(path)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=HERE, help="folder to write (default: here)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for path in generate(args.out, seed=args.seed):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+from django.contrib import admin, messages
+
+from routing import services
+from routing.models import MixtureMember, MixtureVersion
+from tessera.errors import DomainError
+
+
+class MixtureMemberInline(admin.TabularInline):
+    model = MixtureMember
+    extra = 0
+    can_delete = False
+    readonly_fields = ["version"]
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(MixtureVersion)
+class MixtureVersionAdmin(admin.ModelAdmin):
+    """Snapshots are immutable; the one thing a maintainer does here is roll back."""
+
+    list_display = ["number", "is_active", "router", "reason", "created_by", "created_at"]
+    list_filter = ["is_active", "router"]
+    readonly_fields = [f.name for f in MixtureVersion._meta.fields]
+    inlines = [MixtureMemberInline]
+    actions = ["roll_back"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.action(description="Roll back to the selected mixture version", permissions=["view"])
+    def roll_back(self, request, queryset):
+        if queryset.count() != 1:
+            self.message_user(request, "Select exactly one mixture version.", messages.ERROR)
+            return
+        try:
+            new = services.mixture_rollback(mixture=queryset.get(), actor=request.user)
+        except DomainError as error:
+            self.message_user(request, f"{error.message} ({error.code})", messages.ERROR)
+            return
+        self.message_user(request, f"Mixture v{new.number} is now active: {new.reason}")

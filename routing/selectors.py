@@ -1,0 +1,37 @@
+"""Reads for the mixture."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from routing.models import MixtureVersion
+
+
+def mixture_active() -> MixtureVersion | None:
+    return MixtureVersion.objects.filter(is_active=True).first()
+
+
+def mixture_active_number() -> int:
+    """The one cheap read the serving process polls: 0 when nothing was ever published."""
+    return (
+        MixtureVersion.objects.filter(is_active=True).values_list("number", flat=True).first()
+        or 0
+    )
+
+
+@dataclass(frozen=True)
+class MixtureDiff:
+    added: frozenset[int]  # AdapterVersion ids to load
+    removed: frozenset[int]  # AdapterVersion ids to unload
+
+
+def mixture_member_ids(mixture: MixtureVersion | None) -> frozenset[int]:
+    if mixture is None:
+        return frozenset()
+    return frozenset(mixture.entries.values_list("version_id", flat=True))
+
+
+def mixture_diff(loaded: frozenset[int], mixture: MixtureVersion | None) -> MixtureDiff:
+    """What a server holding ``loaded`` must load and unload to serve ``mixture``."""
+    wanted = mixture_member_ids(mixture)
+    return MixtureDiff(added=wanted - loaded, removed=loaded - wanted)
