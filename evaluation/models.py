@@ -114,6 +114,9 @@ class Example(models.Model):
             ),
         ]
 
+    def __str__(self) -> str:
+        return f"{self.task} {self.split} #{self.position}"
+
 
 class EvaluationRun(models.Model):
     """One evaluation of one adapter version, executed by one Celery task per run id."""
@@ -197,6 +200,9 @@ class TaskResult(models.Model):
             models.UniqueConstraint(fields=["run", "task", "split"], name="one_result_per_task"),
         ]
 
+    def __str__(self) -> str:
+        return f"{self.task} on run {self.run_id}: {self.delta:+.3f}"
+
 
 class BaseScore(models.Model):
     """The base model's per-example scores on a task split, cached per (base model, task):
@@ -216,6 +222,9 @@ class BaseScore(models.Model):
             ),
         ]
 
+    def __str__(self) -> str:
+        return f"base {self.task} {self.split}: {self.mean:.3f}"
+
 
 class RuleResult(models.Model):
     """One admission rule's verdict on a run, in words and numbers."""
@@ -231,6 +240,9 @@ class RuleResult(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["run", "rule"], name="one_verdict_per_rule"),
         ]
+
+    def __str__(self) -> str:
+        return f"{self.rule}: {'passed' if self.passed else 'failed'}"
 
 
 class ReviewDecision(models.Model):
@@ -255,6 +267,9 @@ class ReviewDecision(models.Model):
             models.CheckConstraint(condition=~Q(reason=""), name="review_reason_required"),
         ]
 
+    def __str__(self) -> str:
+        return f"{self.decision} {self.version}"
+
 
 class Appeal(models.Model):
     """A contributor's one appeal against a rejection; it puts the version back in review."""
@@ -268,6 +283,9 @@ class Appeal(models.Model):
         constraints = [
             models.CheckConstraint(condition=~Q(message=""), name="appeal_message_required"),
         ]
+
+    def __str__(self) -> str:
+        return f"appeal of {self.version}"
 
 
 class ContributorTestSet(models.Model):
@@ -289,6 +307,9 @@ class ContributorTestSet(models.Model):
             models.UniqueConstraint(fields=["adapter", "name"], name="test_set_name_per_adapter"),
         ]
 
+    def __str__(self) -> str:
+        return f"{self.adapter}/{self.name}"
+
 
 class TestSetResult(models.Model):
     run = models.ForeignKey(
@@ -304,6 +325,9 @@ class TestSetResult(models.Model):
             models.UniqueConstraint(fields=["run", "test_set"], name="one_result_per_test_set"),
         ]
 
+    def __str__(self) -> str:
+        return f"{self.test_set} on run {self.run_id}"
+
 
 class RoutingSignature(models.Model):
     """The router's picture of a version: the normalised centroid of the embeddings of its
@@ -317,6 +341,9 @@ class RoutingSignature(models.Model):
     prompt_count = models.PositiveIntegerField()
     created_at = models.DateTimeField(auto_now_add=True)
 
+    def __str__(self) -> str:
+        return f"signature of {self.version}"
+
 
 class WeightSketch(models.Model):
     """A fixed random projection of a version's LoRA weight deltas (B·A per module), to flag
@@ -327,3 +354,6 @@ class WeightSketch(models.Model):
     )
     vector = models.JSONField()
     created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"sketch of {self.version}"

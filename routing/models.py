@@ -49,3 +49,6 @@ class MixtureMember(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["mixture", "version"], name="one_entry_per_version"),
         ]
+
+    def __str__(self) -> str:
+        return f"{self.version} in {self.mixture}"

@@ -14,8 +14,7 @@ def mixture_active() -> MixtureVersion | None:
 def mixture_active_number() -> int:
     """The one cheap read the serving process polls: 0 when nothing was ever published."""
     return (
-        MixtureVersion.objects.filter(is_active=True).values_list("number", flat=True).first()
-        or 0
+        MixtureVersion.objects.filter(is_active=True).values_list("number", flat=True).first() or 0
     )
 
 

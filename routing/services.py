@@ -11,7 +11,6 @@ from django.utils import timezone
 
 from contributions.models import AdapterVersion, BaseModel
 from routing.models import MixtureMember, MixtureVersion
-from tessera.errors import DomainError
 
 
 def _router_defaults() -> tuple[str, dict]:
@@ -25,9 +24,7 @@ def _lock_mixture() -> None:
 def _activate(mixture: MixtureVersion) -> None:
     # Deactivate first: the partial unique index allows one active row at any instant.
     MixtureVersion.objects.filter(is_active=True).exclude(pk=mixture.pk).update(is_active=False)
-    MixtureVersion.objects.filter(pk=mixture.pk).update(
-        is_active=True, activated_at=timezone.now()
-    )
+    MixtureVersion.objects.filter(pk=mixture.pk).update(is_active=True, activated_at=timezone.now())
     mixture.is_active = True
 
 

@@ -1,0 +1,484 @@
+"""Batched generation over the multi-LoRA model: one forward per decoding step for the whole
+batch, each row with its own adapter, sampling settings, stop sequences and limits.
+
+The loop is ours rather than ``model.generate`` because every row needs its own adapter (a
+binding, see routing.engine.model), its own temperature/top-p/seed, its own stop strings and
+its own cancellation, and because the streaming form must hand out text as it is made.
+
+One generation runs at a time per engine (the LoRA binding lives on the shared modules); a
+server batches its waiting requests into one call. Registry changes may happen meanwhile:
+the batch's slots are pinned, so its rows keep the weights they started with.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from routing.engine.lora import NO_ADAPTER, LoraRegistry
+from routing.engine.model import DEFAULT_MAX_BOUND_BYTES, Binding, MultiLoraModel
+from routing.engine.sampling import Sampler
+
+FinishReason = Literal["stop", "length", "cancelled"]
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+class GenerationError(ValueError):
+    """A request the engine cannot run (no prompt, unknown adapter, too long, bad settings)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One completion to make. Give exactly one of ``prompt_ids``, ``messages`` (chat
+    messages, formatted with the tokenizer's chat template and the assistant turn opened)
+    or ``prompt`` (plain text, tokenized as is)."""
+
+    prompt_ids: Sequence[int] | None = None
+    messages: Sequence[Mapping[str, Any]] | None = None
+    prompt: str | None = None
+    adapter: str | None = None  # a registry key; None runs the base model
+    max_new_tokens: int | None = None  # None: up to DEFAULT_MAX_NEW_TOKENS, within the context
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    stop: Sequence[str] = ()
+    seed: int | None = None  # with temperature > 0: the row's own random stream
+    ignore_eos: bool = False  # keep going past end-of-sequence (benchmarks)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    adapter: str | None
+    text: str  # the completion, cut before the first stop sequence; special tokens left out
+    token_ids: list[int]  # every generated token, the end-of-sequence one included
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One row's progress in one decoding step (``generate_stream``)."""
+
+    index: int  # the request's position in the list given to generate_stream
+    request_id: str
+    token_id: int | None  # None for a row cancelled before this step's token
+    text: str  # text made final by this step ("" while a possible stop sequence is held back)
+    finish_reason: FinishReason | None = None
+    result: GenerationResult | None = None  # with the row's last event
+
+
+@dataclass
+class _Row:
+    index: int
+    request: GenerationRequest
+    prompt_ids: list[int]
+    slot: int
+    max_new_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of ``text`` already streamed
+    # Incremental detokenization (as vLLM does it): decode a window starting a few tokens
+    # back, so that the text of the new tokens is right without re-decoding everything.
+    prefix_offset: int = 0
+    read_offset: int = 0
+    finish_reason: FinishReason | None = None
+
+
+class Engine:
+    """The base model, its LoRA registry, and batched generation over both.
+
+    Wraps ``model``'s linear modules in place. ``model`` must be a causal LM whose forward
+    takes ``attention_mask``, ``position_ids``, ``past_key_values`` and ``logits_to_keep``
+    (every transformers decoder does).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        registry: LoraRegistry | None = None,
+        max_bound_bytes: int = DEFAULT_MAX_BOUND_BYTES,
+        compact_fraction: float = 0.25,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.registry = registry or LoraRegistry.for_model(model)
+        self.lora = MultiLoraModel(model, self.registry, max_bound_bytes=max_bound_bytes)
+        self.device = next(model.parameters()).device
+        # Finished rows are dropped from the batch (KV cache included) once they are this
+        # fraction of it: each drop copies the cache, so not after every single row.
+        self.compact_fraction = compact_fraction
+        self.pad_id = _first_id(tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.vocab_size = getattr(model.config, "vocab_size", None)
+        self._generation_lock = threading.Lock()
+        self._cancel_lock = threading.Lock()
+        self._running: set[str] = set()
+        self._cancelled: set[str] = set()
+
+    @classmethod
+    def load(cls, base_model: Any, *, dtype: torch.dtype = torch.float32, **kwargs: Any) -> Engine:
+        """An engine over the prepared copy of a contributions BaseModel."""
+        from contributions.base_models import base_model_load
+
+        model, tokenizer = base_model_load(base_model, dtype=dtype)
+        return cls(model, tokenizer, **kwargs)
+
+    # --- Adapters ---------------------------------------------------------------------------
+
+    def add_adapter(
+        self, key: str, *, lora_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+    ) -> int:
+        return self.registry.add(key, lora_config=lora_config, tensors=tensors)
+
+    def remove_adapter(self, key: str) -> None:
+        self.registry.remove(key)
+
+    # --- Generation -------------------------------------------------------------------------
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a running request at its next step (finish_reason "cancelled"). Safe from any
+        thread. False when no running batch has that request."""
+        with self._cancel_lock:
+            if request_id not in self._running:
+                return False
+            self._cancelled.add(request_id)
+            return True
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Run the requests as one batch; results in the requests' order."""
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for event in self.generate_stream(requests):
+            if event.result is not None:
+                results[event.index] = event.result
+        assert all(result is not None for result in results)
+        return results  # type: ignore[return-value]
+
+    def generate_stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:
+        """Run the requests as one batch, yielding every row's event at every step.
+
+        The requests are checked here, before the first event is asked for (a
+        GenerationError is raised at once). The concatenated ``text`` of a row's events is
+        its result's text. Iterate to the end or close the iterator: closing it ends the
+        batch. A request can be cancelled from the moment iteration starts, including
+        while it waits for another batch to finish.
+        """
+        return self._stream(self._rows(requests))
+
+    def _stream(self, rows: list[_Row]) -> Iterator[StreamEvent]:
+        if not rows:
+            return
+        with self._cancel_lock:
+            self._running.update(row.request.request_id for row in rows)
+        try:
+            with self._generation_lock:
+                yield from self._run(rows)
+        finally:
+            with self._cancel_lock:
+                for row in rows:
+                    self._running.discard(row.request.request_id)
+                    self._cancelled.discard(row.request.request_id)
+
+    def next_token_logits(self, requests: Sequence[GenerationRequest]) -> torch.Tensor:
+        """The logits [B, vocab] of each request's first generated token (the prefill only),
+        with the same batching, padding and adapters as ``generate``."""
+        rows = self._rows(requests)
+        with self._generation_lock, self.lora.adapters([row.slot for row in rows]):
+            logits, *_ = self._prefill(rows)
+        return logits
+
+    # --- The loop ---------------------------------------------------------------------------
+
+    def _run(self, rows: list[_Row]) -> Iterator[StreamEvent]:
+        sampler = Sampler(
+            temperatures=[row.request.temperature for row in rows],
+            top_ps=[row.request.top_p for row in rows],
+            seeds=[row.request.seed for row in rows],
+            device=self.device,
+        )
+        with self.lora.adapters([row.slot for row in rows]) as binding:
+            logits, cache, mask, positions = self._prefill(rows)
+            batch = list(rows)  # the rows still in the batch, in batch order
+            while True:
+                tokens = sampler.sample(logits).tolist()  # the step's one device sync
+                cancelled = self._take_cancelled(batch)
+                for row, token in zip(batch, tokens, strict=True):
+                    if row.finish_reason is not None:
+                        continue  # finished earlier, waiting to be dropped from the batch
+                    if row.request.request_id in cancelled:
+                        row.finish_reason = "cancelled"
+                        yield self._event(row, None)
+                        continue
+                    self._advance(row, token)
+                    yield self._event(row, token)
+                if all(row.finish_reason is not None for row in batch):
+                    return
+                done = sum(row.finish_reason is not None for row in batch)
+                if done and done >= self.compact_fraction * len(batch):
+                    keep = [i for i, row in enumerate(batch) if row.finish_reason is None]
+                    batch, tokens, cache, mask, positions = self._compact(
+                        keep, batch, tokens, cache, mask, positions, binding, sampler
+                    )
+                # Rows already finished but not yet dropped are fed padding: their outputs
+                # are never read, and this keeps the step one forward for the whole batch.
+                step_ids = [
+                    token if row.finish_reason is None else self.pad_id
+                    for row, token in zip(batch, tokens, strict=True)
+                ]
+                positions = positions + 1
+                mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)
+                with torch.inference_mode():
+                    output = self.model(
+                        input_ids=torch.tensor(step_ids, device=self.device).unsqueeze(1),
+                        attention_mask=mask,
+                        position_ids=positions.unsqueeze(1),
+                        past_key_values=cache,
+                        use_cache=True,
+                    )
+                logits = output.logits[:, -1, :]
+
+    def _prefill(
+        self, rows: list[_Row]
+    ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
+        """Left-pad the prompts and run them: (last logits, cache, mask, last positions)."""
+        width = max(len(row.prompt_ids) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row.prompt_ids)
+            ids[i, width - n :] = torch.tensor(row.prompt_ids, dtype=torch.long)
+            mask[i, width - n :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        # Positions count real tokens only, so a left-padded row sees the same positions as
+        # it would alone (what transformers' generate does too).
+        position_ids = (mask.cumsum(dim=1) - 1).clamp_(min=0)
+        cache = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            output = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,  # the lm_head on the last position only
+            )
+        return output.logits[:, -1, :], cache, mask, position_ids[:, -1]
+
+    def _compact(
+        self,
+        keep: list[int],
+        batch: list[_Row],
+        tokens: list[int],
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        binding: Binding,
+        sampler: Sampler,
+    ) -> tuple[list[_Row], list[int], DynamicCache, torch.Tensor, torch.Tensor]:
+        index = torch.tensor(keep, device=self.device)
+        with torch.inference_mode():
+            cache.batch_select_indices(index)
+        binding.select_rows(keep)
+        sampler.select_rows(keep)
+        return (
+            [batch[i] for i in keep],
+            [tokens[i] for i in keep],
+            cache,
+            mask.index_select(0, index),
+            positions.index_select(0, index),
+        )
+
+    def _take_cancelled(self, batch: list[_Row]) -> set[str]:
+        with self._cancel_lock:
+            if not self._cancelled:
+                return set()
+            ids = {row.request.request_id for row in batch} & self._cancelled
+            self._cancelled -= ids
+            return ids
+
+    # --- Per row ----------------------------------------------------------------------------
+
+    def _advance(self, row: _Row, token: int) -> None:
+        """Add one generated token to the row and decide whether it is finished."""
+        request = row.request
+        row.token_ids.append(token)
+        if token in self.eos_ids and not request.ignore_eos:
+            row.finish_reason = "stop"
+            self._flush_text(row, end=len(row.token_ids) - 1)  # the eos token has no text
+            return
+        start = len(row.text)
+        row.text += self._decode_increment(row)
+        if request.stop:
+            # A stop sequence may straddle tokens: search from where it could have begun.
+            longest = max(len(stop) for stop in request.stop)
+            cut = _first_stop(row.text, request.stop, max(0, start - longest + 1))
+            if cut is not None:
+                row.text = row.text[:cut]
+                row.finish_reason = "stop"
+                return
+        if len(row.token_ids) >= row.max_new_tokens:
+            row.finish_reason = "length"
+            self._flush_text(row)
+
+    def _decode_increment(self, row: _Row, *, final: bool = False, end: int | None = None) -> str:
+        """The text of the tokens not yet decoded (up to ``end``), by decoding a window that
+        starts a few tokens back and dropping the window's known text."""
+        end = len(row.token_ids) if end is None else end
+        decode = self.tokenizer.decode
+        before = decode(
+            row.token_ids[row.prefix_offset : row.read_offset], skip_special_tokens=True
+        )
+        after = decode(row.token_ids[row.prefix_offset : end], skip_special_tokens=True)
+        # A trailing U+FFFD is an unfinished multi-byte character: wait for its next token,
+        # unless the row is finishing and there is none.
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            row.prefix_offset, row.read_offset = row.read_offset, end
+            return after[len(before) :]
+        return ""
+
+    def _flush_text(self, row: _Row, *, end: int | None = None) -> None:
+        """On finishing: whatever the incremental decoder still held back becomes text."""
+        row.text += self._decode_increment(row, final=True, end=end)
+        if row.request.stop:
+            cut = _first_stop(row.text, row.request.stop, 0)
+            if cut is not None:
+                row.text = row.text[:cut]
+
+    def _event(self, row: _Row, token: int | None) -> StreamEvent:
+        if row.finish_reason is None:
+            # Hold back a tail that could still become a stop sequence.
+            upto = len(row.text) - _stop_prefix_length(row.text, row.request.stop)
+        else:
+            upto = len(row.text)
+        upto = max(upto, row.emitted)  # a stop match can only shorten what is not yet sent
+        text = row.text[row.emitted : upto]
+        row.emitted = upto
+        result = None
+        if row.finish_reason is not None:
+            result = GenerationResult(
+                request_id=row.request.request_id,
+                adapter=row.request.adapter,
+                text=row.text,
+                token_ids=list(row.token_ids),
+                finish_reason=row.finish_reason,
+                prompt_tokens=len(row.prompt_ids),
+                completion_tokens=len(row.token_ids),
+            )
+        return StreamEvent(
+            index=row.index,
+            request_id=row.request.request_id,
+            token_id=token,
+            text=text,
+            finish_reason=row.finish_reason,
+            result=result,
+        )
+
+    # --- Requests ---------------------------------------------------------------------------
+
+    def _rows(self, requests: Sequence[GenerationRequest]) -> list[_Row]:
+        """Check every request before any work starts, so one bad request fails alone."""
+        rows = []
+        for index, request in enumerate(requests):
+            prompt_ids = self._prompt_ids(request)
+            room = (self.max_positions or 1 << 62) - len(prompt_ids)
+            if room < 1:
+                raise GenerationError(
+                    f"The prompt ({len(prompt_ids)} tokens) fills the model's context of "
+                    f"{self.max_positions} tokens."
+                )
+            max_new_tokens = request.max_new_tokens
+            if max_new_tokens is None:
+                max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, room)
+            if max_new_tokens < 1:
+                raise GenerationError("max_new_tokens must be at least 1.")
+            if max_new_tokens > room:
+                raise GenerationError(
+                    f"The prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
+                    f"({max_new_tokens}) exceeds the model's context of "
+                    f"{self.max_positions} tokens."
+                )
+            if not request.temperature >= 0:
+                raise GenerationError("temperature must be 0 (greedy) or more.")
+            if not 0 < request.top_p <= 1:
+                raise GenerationError("top_p must be in (0, 1].")
+            if any(not isinstance(stop, str) or not stop for stop in request.stop):
+                raise GenerationError("Stop sequences must be non-empty strings.")
+            slot = NO_ADAPTER
+            if request.adapter is not None:
+                try:
+                    slot = self.registry.slot_of(request.adapter)
+                except KeyError as exc:
+                    raise GenerationError(str(exc.args[0])) from None
+            rows.append(
+                _Row(
+                    index=index,
+                    request=request,
+                    prompt_ids=prompt_ids,
+                    slot=slot,
+                    max_new_tokens=max_new_tokens,
+                )
+            )
+        return rows
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        given = [
+            part is not None for part in (request.prompt_ids, request.messages, request.prompt)
+        ]
+        if sum(given) != 1:
+            raise GenerationError("Give exactly one of prompt_ids, messages or prompt.")
+        if request.prompt_ids is not None:
+            ids = [int(token) for token in request.prompt_ids]
+        elif request.messages is not None:
+            text = self.tokenizer.apply_chat_template(
+                list(request.messages), tokenize=False, add_generation_prompt=True
+            )
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(request.prompt)["input_ids"]
+        if not ids:
+            raise GenerationError("The prompt is empty.")
+        if self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in ids):
+            raise GenerationError("The prompt has token ids outside the vocabulary.")
+        return ids
+
+
+def _first_stop(text: str, stops: Collection[str], start: int) -> int | None:
+    found = [i for stop in stops if (i := text.find(stop, start)) >= 0]
+    return min(found) if found else None
+
+
+def _stop_prefix_length(text: str, stops: Collection[str]) -> int:
+    """The length of the longest tail of ``text`` that begins some stop sequence."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest
+
+
+def _first_id(*candidates: int | None) -> int:
+    return next(int(c) for c in candidates if c is not None)
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
