@@ -739,8 +739,9 @@ def general_suite(seed: int) -> str:
                 "title": "General ability",
                 "description": (
                     "What the base model already does well: capital cities; colours, "
-                    "opposites and categories scored by log-likelihood; and the likelihood of "
-                    "plain English sentences. A drop here means an adapter harms the model."
+                    "opposites and categories scored by log-likelihood; and whether plain "
+                    "English sentences are likelier than the same words scrambled. A drop "
+                    "here means an adapter harms the model."
                 ),
                 "purpose": "general",
             }
@@ -867,18 +868,21 @@ def general_suite(seed: int) -> str:
             )
         )
 
-    # Plain sentences: mean log-likelihood per token of a reference answer.
+    # Plain sentences: is a fluent reference sentence likelier than the same words
+    # scrambled? Log-likelihood of reference sentences, as a 0/1 score: a raw mean
+    # log-likelihood (in nats) would not share a scale with the other tasks' accuracies,
+    # which the admission policy averages.
     lines.append(
         _line(
             {
                 "task": "plain-sentences",
-                "title": "Likelihood of plain English",
+                "title": "Plain English over word salad",
                 "description": (
-                    "Mean log-likelihood per token of a simple reference sentence, as the "
-                    "answer to a request for one (higher is better; it is negative)."
+                    "Asked for a simple sentence, the model must find a fluent reference "
+                    "sentence likelier than the same words in scrambled order."
                 ),
                 "tags": ["general", "fluency"],
-                "metric": "mean_loglik",
+                "metric": "multiple_choice",
                 "prompt_template": "Write one simple sentence about {topic}.",
                 "max_new_tokens": 24,
             }
@@ -888,13 +892,22 @@ def general_suite(seed: int) -> str:
     rng.shuffle(sentences)
     for index, (subject, action, topic) in enumerate(sentences[:150]):
         split = "hidden" if index < 120 else "public"
+        fluent = f"{subject} {action}."
+        words = fluent.rstrip(".").split()
+        scrambled = words[:]
+        while scrambled == words:
+            rng.shuffle(scrambled)
+        salad = " ".join(scrambled).capitalize() + "."
+        choices = [fluent, salad]
+        rng.shuffle(choices)
         lines.append(
             _line(
                 {
                     "task": "plain-sentences",
                     "split": split,
                     "fields": {"topic": topic},
-                    "target": f"{subject} {action}.",
+                    "target": fluent,
+                    "choices": choices,
                 }
             )
         )
