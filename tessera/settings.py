@@ -273,7 +273,30 @@ if TESSERA_ROUTER not in {"embedding", "arrow", "explicit"}:
 
 CELERY_BEAT_SCHEDULE = {
     "reap-evaluation-runs": {"task": "evaluation.reap_runs", "schedule": 30.0},
+    "flush-api-usage": {"task": "routing.flush_usage", "schedule": 30.0},
 }
+
+# --- Public API: keys, limits and usage ------------------------------------------------------
+# Rate limits and usage counters live in Redis (one round trip per request, no DB write);
+# the default is the broker when it is Redis, else the cache's Redis, else a local Redis.
+TESSERA_API_REDIS_URL = env.str(
+    "TESSERA_API_REDIS_URL",
+    default=CELERY_BROKER_URL
+    if CELERY_BROKER_URL.startswith(("redis://", "rediss://"))
+    else (REDIS_URL or "redis://localhost:6379/0"),
+)
+# Per-key defaults; an ApiToken may set lower values. 0 tokens per day means no quota.
+TESSERA_API_REQUESTS_PER_MINUTE = env.int("TESSERA_API_REQUESTS_PER_MINUTE", default=60)
+TESSERA_API_TOKENS_PER_DAY = env.int("TESSERA_API_TOKENS_PER_DAY", default=200_000)
+# How often Celery beat moves the Redis usage counters into the database.
+TESSERA_USAGE_FLUSH_SECONDS = env.float("TESSERA_USAGE_FLUSH_SECONDS", default=30.0)
+CELERY_BEAT_SCHEDULE["flush-api-usage"]["schedule"] = TESSERA_USAGE_FLUSH_SECONDS
+if TESSERA_API_REQUESTS_PER_MINUTE <= 0:
+    raise ImproperlyConfigured("TESSERA_API_REQUESTS_PER_MINUTE must be a positive integer.")
+if TESSERA_API_TOKENS_PER_DAY < 0:
+    raise ImproperlyConfigured("TESSERA_API_TOKENS_PER_DAY must be 0 (no quota) or positive.")
+if TESSERA_USAGE_FLUSH_SECONDS <= 0:
+    raise ImproperlyConfigured("TESSERA_USAGE_FLUSH_SECONDS must be positive.")
 
 # --- E-mail -------------------------------------------------------------------------------
 EMAIL_BACKEND = env.str(
