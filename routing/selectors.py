@@ -18,6 +18,12 @@ def mixture_active_number() -> int:
     )
 
 
+def mixture_active_key() -> tuple[int, int] | None:
+    """(pk, number) of the active mixture: what the serving process polls. The pk tells a
+    rebuilt database (numbers start again) from the one the server last read."""
+    return MixtureVersion.objects.filter(is_active=True).values_list("pk", "number").first()
+
+
 @dataclass(frozen=True)
 class MixtureDiff:
     added: frozenset[int]  # AdapterVersion ids to load

@@ -291,12 +291,45 @@ TESSERA_API_TOKENS_PER_DAY = env.int("TESSERA_API_TOKENS_PER_DAY", default=200_0
 # How often Celery beat moves the Redis usage counters into the database.
 TESSERA_USAGE_FLUSH_SECONDS = env.float("TESSERA_USAGE_FLUSH_SECONDS", default=30.0)
 CELERY_BEAT_SCHEDULE["flush-api-usage"]["schedule"] = TESSERA_USAGE_FLUSH_SECONDS
-if TESSERA_API_REQUESTS_PER_MINUTE <= 0:
-    raise ImproperlyConfigured("TESSERA_API_REQUESTS_PER_MINUTE must be a positive integer.")
+if not 1 <= TESSERA_API_REQUESTS_PER_MINUTE <= 10_000:
+    # The ceiling is contributions.models.MAX_REQUESTS_PER_MINUTE (a per-key log bound).
+    raise ImproperlyConfigured("TESSERA_API_REQUESTS_PER_MINUTE must be between 1 and 10000.")
 if TESSERA_API_TOKENS_PER_DAY < 0:
     raise ImproperlyConfigured("TESSERA_API_TOKENS_PER_DAY must be 0 (no quota) or positive.")
 if TESSERA_USAGE_FLUSH_SECONDS <= 0:
     raise ImproperlyConfigured("TESSERA_USAGE_FLUSH_SECONDS must be positive.")
+
+# --- Inference server ------------------------------------------------------------------------
+# The OpenAI-compatible API runs in its own ASGI process (uvicorn tessera.serving:application)
+# with the engine in it; see routing/serving/scheduler.py for how requests are batched.
+TESSERA_SERVING_DEVICE = env.str("TESSERA_SERVING_DEVICE", default="auto")  # auto, cpu, cuda
+TESSERA_SERVING_DTYPE = env.str("TESSERA_SERVING_DTYPE", default="float32")
+TESSERA_SERVING_TORCH_THREADS = env.int("TESSERA_SERVING_TORCH_THREADS", default=0)  # 0: torch's
+# Rows decoded together, and requests allowed to wait beyond them (then 503 + Retry-After).
+TESSERA_SERVING_MAX_BATCH = env.int("TESSERA_SERVING_MAX_BATCH", default=16)
+TESSERA_SERVING_MAX_QUEUE = env.int("TESSERA_SERVING_MAX_QUEUE", default=64)
+# max_tokens when a request gives none, and the most a request may ask for: a batch lasts as
+# long as its longest row, so this cap also bounds how long a new request waits.
+TESSERA_SERVING_DEFAULT_MAX_TOKENS = env.int("TESSERA_SERVING_DEFAULT_MAX_TOKENS", default=256)
+TESSERA_SERVING_MAX_TOKENS = env.int("TESSERA_SERVING_MAX_TOKENS", default=512)
+TESSERA_SERVING_MAX_BODY_BYTES = env.int("TESSERA_SERVING_MAX_BODY_BYTES", default=256 * 1024)
+# How often the server checks which mixture version is active (one indexed row).
+TESSERA_MIXTURE_POLL_SECONDS = env.float("TESSERA_MIXTURE_POLL_SECONDS", default=0.25)
+if TESSERA_SERVING_DEVICE not in {"auto", "cpu", "cuda"}:
+    raise ImproperlyConfigured("TESSERA_SERVING_DEVICE must be one of auto, cpu, cuda.")
+if TESSERA_SERVING_DTYPE not in {"float32", "bfloat16", "float16"}:
+    raise ImproperlyConfigured("TESSERA_SERVING_DTYPE must be one of float32, bfloat16, float16.")
+for _name in (
+    "TESSERA_SERVING_MAX_BATCH",
+    "TESSERA_SERVING_MAX_QUEUE",
+    "TESSERA_SERVING_DEFAULT_MAX_TOKENS",
+    "TESSERA_SERVING_MAX_TOKENS",
+    "TESSERA_SERVING_MAX_BODY_BYTES",
+):
+    if globals()[_name] < 1:
+        raise ImproperlyConfigured(f"{_name} must be a positive integer.")
+if not 0 < TESSERA_MIXTURE_POLL_SECONDS <= 1:
+    raise ImproperlyConfigured("TESSERA_MIXTURE_POLL_SECONDS must be in (0, 1].")
 
 # --- E-mail -------------------------------------------------------------------------------
 EMAIL_BACKEND = env.str(

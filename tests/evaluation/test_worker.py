@@ -76,8 +76,8 @@ def start_worker(redis_proc, pg_server, settings):
             TESSERA_EVAL_BOOTSTRAP_SAMPLES="200",
             TESSERA_EVAL_HEARTBEAT_SECONDS="0.5",
             OMP_NUM_THREADS="1",  # see test_runs.fast_eval
-            **env_changes,
         )
+        env.update(env_changes)
         process = subprocess.Popen(
             [
                 sys.executable,

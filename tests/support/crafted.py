@@ -66,10 +66,12 @@ def real_adapter(
     rank: int = 4,
     lora_alpha: int = 8,
     target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    seed: int = 0,
 ) -> AdapterFiles:
     """A real PEFT LoRA adapter for tests.support.tiny_model's base, saved in ``dtype``
-    ("float32", "float16" or "bfloat16"). Deterministic; about a second the first time."""
-    torch.manual_seed(0)
+    ("float32", "float16" or "bfloat16"). Deterministic for a ``seed``; about a second the
+    first time."""
+    torch.manual_seed(seed)
     with warnings.catch_warnings():  # transformers' deprecation chatter, not ours to fix
         warnings.simplefilter("ignore")
         base = AutoModelForCausalLM.from_config(tiny_llama_config())

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible inference API served by the serving process (tessera.serving)."""

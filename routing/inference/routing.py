@@ -1,0 +1,75 @@
+"""From a validated request to a routing decision, off the event loop.
+
+The embedding router embeds the request (a few milliseconds of CPU), so it runs in a worker
+thread; the Arrow router needs the base model's activations for the prompt, so its scoring
+runs on the scheduler thread between two batches (see routing.serving.arrow).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from routing.catalog import Catalog, ServedAdapter
+from routing.inference.errors import ApiError
+from routing.router import RoutingDecision, RoutingError, RoutingPolicy, route
+from routing.serving import arrow
+from routing.serving.runtime import Runtime
+
+ERROR_STATUS = {"model_not_found": 404}
+
+
+@dataclass(frozen=True)
+class RoutedRequest:
+    catalog: Catalog  # the snapshot the decision was made on
+    decision: RoutingDecision
+    routing_seconds: float
+
+    @property
+    def adapter(self) -> ServedAdapter | None:
+        return self.decision.adapter
+
+
+def policy_of(body) -> RoutingPolicy:
+    policy = body.tessera.policy
+
+    def optional(values: list[str] | None) -> frozenset[str] | None:
+        return None if values is None else frozenset(values)
+
+    return RoutingPolicy(
+        licenses=optional(policy.licenses),
+        include_contributors=optional(policy.include_contributors),
+        exclude_contributors=frozenset(policy.exclude_contributors),
+        include_adapters=optional(policy.include_adapters),
+        exclude_adapters=frozenset(policy.exclude_adapters),
+        base_only=policy.base_only,
+    )
+
+
+async def route_request(rt: Runtime, *, body, user_id: int, prompt_ids: list[int]) -> RoutedRequest:
+    catalog = rt.catalog
+    started = time.monotonic()
+
+    def decide() -> RoutingDecision:
+        return route(
+            catalog=catalog,
+            model=body.model,
+            text=body.routing_text(),
+            user_id=user_id,
+            policy=policy_of(body),
+            router=body.tessera.router,
+            threshold=body.tessera.threshold,
+            arrow_scores=arrow.scorer(rt, prompt_ids),
+        )
+
+    try:
+        decision = await asyncio.to_thread(decide)
+    except RoutingError as error:
+        status = ERROR_STATUS.get(error.code, 400)
+        raise ApiError(
+            status, str(error), code=error.code, param="model" if status == 404 else "tessera"
+        ) from None
+    return RoutedRequest(
+        catalog=catalog, decision=decision, routing_seconds=time.monotonic() - started
+    )

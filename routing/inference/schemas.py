@@ -1,0 +1,171 @@
+"""The request bodies of the OpenAI-compatible API, validated with pydantic.
+
+pydantic rather than DRF serializers here: the API runs in async views and must report the
+first bad field as OpenAI does (one message, the parameter's name, a code), which pydantic's
+error locations give directly. Fields OpenAI clients commonly send and that do not change
+what a small model does (penalties, user, logit_bias) are accepted and ignored; fields that
+would change the answer's shape and that Tessera cannot honour (n > 1, tools, logprobs) are
+refused with ``unsupported_parameter`` rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_LENGTH = 64
+
+
+class Unsupported(ValueError):
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class Policy(BaseModel):
+    """Per-request routing filters, in the ``tessera`` extension object."""
+
+    model_config = ConfigDict(extra="forbid")
+    licenses: list[str] | None = None
+    include_contributors: list[str] | None = None
+    exclude_contributors: list[str] = []
+    include_adapters: list[str] | None = None
+    exclude_adapters: list[str] = []
+    base_only: bool = False
+
+
+class Extension(BaseModel):
+    """``{"tessera": {...}}``: Tessera's own request options (the openai client sends them
+    with ``extra_body``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    router: Literal["embedding", "arrow", "explicit"] | None = None
+    threshold: Annotated[float, Field(ge=-1, le=1)] | None = None
+    policy: Policy = Policy()
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Annotated[str, Field(min_length=1, max_length=200)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    logprobs: bool | int | None = None
+    tessera: Extension = Extension()
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        for stop in stops:
+            if not stop or len(stop) > MAX_STOP_LENGTH:
+                raise ValueError(f"stop sequences must have 1 to {MAX_STOP_LENGTH} characters")
+        return stops
+
+    @model_validator(mode="after")
+    def _supported(self) -> _Common:
+        if self.n != 1:
+            raise Unsupported("n", "Only n=1 is supported.")
+        if self.logprobs:
+            raise Unsupported("logprobs", "logprobs are not supported.")
+        return self
+
+    def stops(self) -> list[str]:
+        return list(self.stop or [])
+
+
+class ChatCompletionRequest(_Common):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _chat_supported(self) -> ChatCompletionRequest:
+        if self.tools:
+            raise Unsupported("tools", "Tool calling is not supported.")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise Unsupported("response_format", "Only the text response format is supported.")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def routing_text(self) -> str:
+        """What the router reads: the last user turn (the question being asked)."""
+        for message in reversed(self.messages):
+            if message.role == "user":
+                return message.text()
+        return self.messages[-1].text()
+
+    def chat(self) -> list[dict[str, str]]:
+        # "developer" is OpenAI's newer name for the system role.
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages
+        ]
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str:
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise Unsupported("prompt", "Give one prompt per request.")
+            value = value[0]
+        if not value:
+            raise ValueError("the prompt is empty")
+        return value
+
+    @model_validator(mode="after")
+    def _completion_supported(self) -> CompletionRequest:
+        if self.echo:
+            raise Unsupported("echo", "echo is not supported.")
+        if self.suffix:
+            raise Unsupported("suffix", "suffix is not supported.")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def routing_text(self) -> str:
+        assert isinstance(self.prompt, str)
+        return self.prompt

@@ -1,0 +1,260 @@
+"""The one thread that owns the engine: it takes waiting requests in batches and hands each
+row's tokens back to the asyncio side as they are made.
+
+Batching policy: requests that arrive while a batch is decoding wait for the NEXT BATCH
+(they do not join the running one at its next step). Joining mid-batch would mean prefilling
+the newcomers, then re-padding and concatenating every layer's key/value cache of the running
+batch at each arrival; on CPU, where one prefill of a 16-row batch costs about as much as ten
+decoding steps, that stalls the running rows more than the newcomers gain. A batch ends when
+its slowest row ends, so the wait is bounded by the per-request max_tokens cap; the server
+keeps batches short by capping max_tokens (TESSERA_SERVING_MAX_TOKENS) and the queue
+(TESSERA_SERVING_MAX_QUEUE, 503 with Retry-After beyond it).
+
+Work that must not run while a batch decodes (anything that uses the model without the
+batch's LoRA binding, such as Arrow routing's base-model pass) is submitted with ``call``
+and runs between two batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from routing.engine import Engine, GenerationError, GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound; the caller should answer 503 + Retry-After."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"queue full; retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Delivered instead of events when the job could not run at all."""
+
+    code: str  # "adapter_unavailable", "invalid_request", "engine_error"
+    message: str
+
+
+@dataclass(eq=False)
+class Job:
+    """One request on its way through the scheduler. Events arrive on ``events`` (an asyncio
+    queue of the submitting loop): StreamEvents, then None at the end; or one Failure."""
+
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    submitted_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    cancelled: bool = False
+
+    def _deliver(self, item: Any) -> None:
+        # A closed loop raises RuntimeError: nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    waiting: int
+    running: int
+    batches: int
+    completed: int
+    mean_batch_seconds: float
+
+
+class Scheduler:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 64,
+        gather_seconds: float = 0.002,
+    ) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        # A short pause before taking a batch from an idle state, so that requests arriving
+        # together (a client's burst) share one batch instead of the first going alone.
+        self.gather_seconds = gather_seconds
+        self._waiting: deque[Job] = deque()
+        self._calls: deque[tuple[Callable[[Engine], Any], Future]] = deque()
+        self._running: list[Job] = []
+        self._condition = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._batches = 0
+        self._completed = 0
+        self._batch_seconds = 0.0  # exponential moving average, for Retry-After
+
+    # --- Life ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="tessera-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._condition:
+            self._stopping = True
+            for job in self._running:
+                self.engine.cancel(job.request.request_id)
+            self._condition.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        while self._waiting:
+            self._waiting.popleft()._deliver(Failure("engine_error", "The server is stopping."))
+
+    # --- Submitting ---------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, *, loop: asyncio.AbstractEventLoop) -> Job:
+        """Queue a request; raises QueueFull when the bound is reached. Safe from any thread."""
+        job = Job(request=request, loop=loop)
+        with self._condition:
+            if self._stopping:
+                raise QueueFull(self.retry_after())
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(self.retry_after())
+            self._waiting.append(job)
+            self._condition.notify_all()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: drop the job if it waits, stop its row if it runs."""
+        with self._condition:
+            job.cancelled = True
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                pass
+            else:
+                job._deliver(None)
+                return
+        self.engine.cancel(job.request.request_id)
+
+    def call(self, function: Callable[[Engine], Any]) -> Future:
+        """Run ``function(engine)`` on the scheduler thread between two batches."""
+        future: Future = Future()
+        with self._condition:
+            if self._stopping:
+                future.set_exception(RuntimeError("The server is stopping."))
+                return future
+            self._calls.append((function, future))
+            self._condition.notify_all()
+        return future
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: about one batch's time, at least 1."""
+        return max(1, round(self._batch_seconds or 1.0))
+
+    def stats(self) -> SchedulerStats:
+        with self._condition:
+            return SchedulerStats(
+                waiting=len(self._waiting),
+                running=len(self._running),
+                batches=self._batches,
+                completed=self._completed,
+                mean_batch_seconds=self._batch_seconds,
+            )
+
+    # --- The thread ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._condition:
+                while not self._stopping and not self._waiting and not self._calls:
+                    self._condition.wait()
+                if self._stopping:
+                    return
+                calls = list(self._calls)
+                self._calls.clear()
+            for function, future in calls:
+                self._run_call(function, future)
+            if not calls:
+                time.sleep(self.gather_seconds)
+            with self._condition:
+                batch = [
+                    self._waiting.popleft()
+                    for _ in range(min(self.max_batch_size, len(self._waiting)))
+                ]
+                self._running = batch
+            if batch:
+                try:
+                    self._run_batch(batch)
+                finally:
+                    with self._condition:
+                        self._running = []
+
+    def _run_call(self, function: Callable[[Engine], Any], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(function(self.engine))
+        except BaseException as error:  # handed to the caller, who decides
+            future.set_exception(error)
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        # An adapter can leave the mixture between a request's routing and its batch (the
+        # sync retires it a little later, but not never): fail that request alone.
+        runnable = []
+        for job in batch:
+            adapter = job.request.adapter
+            if adapter is not None and adapter not in self.engine.registry:
+                job._deliver(Failure("adapter_unavailable", f"Adapter {adapter} is not loaded."))
+            else:
+                runnable.append(job)
+        if not runnable:
+            return
+        started = time.monotonic()
+        for job in runnable:
+            job.started_at = started
+        try:
+            stream = self.engine.generate_stream([job.request for job in runnable])
+        except GenerationError:
+            # One bad request must not fail its neighbours: check each alone, run the rest.
+            runnable = [job for job in runnable if self._check_alone(job)]
+            if not runnable:
+                return
+            stream = self.engine.generate_stream([job.request for job in runnable])
+        try:
+            for event in stream:
+                job = runnable[event.index]
+                job._deliver(event)
+                if event.result is not None:
+                    job._deliver(None)
+        except Exception as error:
+            logger.exception("A batch of %d requests failed", len(runnable))
+            for job in runnable:
+                job._deliver(Failure("engine_error", f"The engine failed: {error}"))
+        finally:
+            elapsed = time.monotonic() - started
+            with self._condition:
+                self._batches += 1
+                self._completed += len(runnable)
+                self._batch_seconds = (
+                    elapsed if self._batches == 1 else 0.8 * self._batch_seconds + 0.2 * elapsed
+                )
+
+    def _check_alone(self, job: Job) -> bool:
+        try:
+            self.engine.generate_stream([job.request]).close()
+        except GenerationError as error:
+            job._deliver(Failure("invalid_request", str(error)))
+            return False
+        return True

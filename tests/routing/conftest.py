@@ -1,0 +1,114 @@
+"""A real inference server for the API tests: uvicorn serving tessera.serving's application
+on a free port, in a thread of the test process, over the suite's PostgreSQL and Redis, with
+the tiny random Llama as the base model."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import uvicorn
+
+from contributions import services
+from contributions.models import AdapterVersion
+from evaluation.models import RoutingSignature
+from evaluation.signatures import EMBEDDING_MODEL, centroid, embed
+from evaluation.tasks import evaluate_run
+from routing.serving import runtime
+from tests.conftest import redis_url
+from tests.evaluation.test_runs import (  # noqa: F401 (fixtures used by name)
+    model_cache,
+    tiny_base_model,
+    tiny_model_source,
+)
+from tests.factories import AdapterFactory
+from tests.support import crafted
+
+Status = AdapterVersion.Status
+
+
+@dataclass
+class Server:
+    url: str
+    uvicorn: uvicorn.Server
+
+    @property
+    def runtime(self) -> runtime.Runtime:
+        return runtime.current()
+
+
+@pytest.fixture
+def no_evaluation(monkeypatch) -> None:
+    """Uploads made by these tests are admitted by hand; their evaluation is not sent."""
+    monkeypatch.setattr(evaluate_run, "apply_async", lambda *args, **kwargs: None)
+
+
+@pytest.fixture
+def api_redis(settings, redis_proc) -> None:
+    settings.TESSERA_API_REDIS_URL = redis_url(redis_proc, 2)
+    from routing.limits import redis_sync
+
+    redis_sync().flushdb()
+
+
+@pytest.fixture
+def server(tiny_base_model, api_redis, no_evaluation, settings) -> Iterator[Server]:  # noqa: F811
+    settings.TESSERA_MIXTURE_POLL_SECONDS = 0.05
+    from tessera.serving import application
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(application, lifespan="on", log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the inference server did not start")
+        time.sleep(0.02)
+    yield Server(url=f"http://127.0.0.1:{port}", uvicorn=server)
+    server.should_exit = True
+    thread.join(30)
+    sock.close()
+
+
+def admitted_version(
+    owner, *, slug: str, prompts: list[str], private: bool = False, seed: int = 1
+) -> AdapterVersion:
+    """A real tiny PEFT adapter uploaded, given a routing signature from ``prompts`` and
+    admitted (publishing a new mixture, as the review queue does)."""
+    adapter = AdapterFactory(
+        owner=owner,
+        slug=slug,
+        example_prompts=prompts,
+        visibility="private" if private else "public",
+    )
+    version = services.adapter_version_create(
+        adapter=adapter, actor=owner, parts=crafted.real_adapter(seed=seed).parts()
+    )
+    RoutingSignature.objects.create(
+        version=version,
+        embedding_model=EMBEDDING_MODEL,
+        vector=[float(x) for x in centroid(embed(prompts))],
+        prompt_count=len(prompts),
+    )
+    return walk_to_admitted(version)
+
+
+PATH = [Status.QUEUED, Status.EVALUATING, Status.PASSED, Status.ADMITTED]
+
+
+def walk_to_admitted(version: AdapterVersion) -> AdapterVersion:
+    """Walk a version along the life cycle, as evaluation and review would."""
+    version.refresh_from_db()
+    start = PATH.index(version.status) + 1 if version.status in PATH else 0
+    for status in PATH[start:]:
+        version = services.adapter_version_transition(version=version, to_status=status, actor=None)
+    return version
