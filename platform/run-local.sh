@@ -1,17 +1,32 @@
 #!/bin/sh
-# Development processes for `make run`: the web server and one Celery worker on every queue,
-# with the beat scheduler embedded (it runs the reaper of stuck evaluations). Ctrl-C stops both.
+# Development processes for `make run`: the web server (portal, REST API), the inference
+# server (OpenAI-compatible API, uvicorn, with the engine in it) and one Celery worker on
+# every queue with the beat scheduler embedded (the reaper of stuck evaluations and the
+# usage flush). API rate limits and usage counters need Redis: when none is configured and
+# redis-server is installed, a private one is started under var/. Ctrl-C stops everything.
 set -e
 PY=${PY:-.venv/bin/python}
 HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-8000}
+API_PORT=${API_PORT:-8001}
 mkdir -p var/log
+PIDS=""
+trap 'kill $PIDS 2>/dev/null; wait 2>/dev/null' EXIT INT TERM
+if [ -z "$TESSERA_API_REDIS_URL" ] && [ -z "$REDIS_URL" ] && command -v redis-server >/dev/null; then
+    redis-server --port 6391 --bind 127.0.0.1 --save "" --appendonly no --dir var \
+        --logfile log/redis.log &
+    PIDS="$PIDS $!"
+    export TESSERA_API_REDIS_URL=redis://127.0.0.1:6391/0
+fi
 $PY -m celery -A tessera worker --queues default,eval-cpu,eval-gpu --concurrency 1 \
     --beat --schedule var/celerybeat-schedule --loglevel INFO --logfile var/log/worker.log &
-WORKER=$!
-trap 'kill $WORKER 2>/dev/null; wait $WORKER 2>/dev/null' EXIT INT TERM
+PIDS="$PIDS $!"
+$PY -m uvicorn tessera.serving:application --host "$HOST" --port "$API_PORT" \
+    --no-access-log --log-level info >var/log/inference.log 2>&1 &
+PIDS="$PIDS $!"
 echo
 echo "  Tessera is running at http://$HOST:$PORT/   (API docs: http://$HOST:$PORT/api/docs/)"
-echo "  Celery worker log: var/log/worker.log. Ctrl-C stops both."
+echo "  OpenAI-compatible API: http://$HOST:$API_PORT/v1   (health: http://$HOST:$API_PORT/healthz)"
+echo "  Logs: var/log/worker.log, var/log/inference.log. Ctrl-C stops everything."
 echo
 $PY manage.py runserver "$HOST:$PORT"

@@ -29,6 +29,12 @@ from tests.factories import AdapterFactory
 from tests.support import crafted
 
 Status = AdapterVersion.Status
+UNITS_PROMPTS = [
+    "Convert 5 km to metres.",
+    "How many grams are in 3 kg?",
+    "Convert 2 hours to minutes.",
+]
+DATES_PROMPTS = ["Rewrite 2024-03-05 as 5 March 2024.", "Format the date 1999-12-31 as a sentence."]
 
 
 @dataclass

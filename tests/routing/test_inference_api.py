@@ -15,12 +15,12 @@ from contributions import services
 from contributions.models import AdapterVersion, ApiToken
 from routing import usage
 from routing.models import AdapterUsageDaily, KeyUsageDaily
+from tests.routing.conftest import DATES_PROMPTS as DATES
+from tests.routing.conftest import UNITS_PROMPTS as UNITS
 from tests.routing.conftest import admitted_version
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-UNITS = ["Convert 5 km to metres.", "How many grams are in 3 kg?", "Convert 2 hours to minutes."]
-DATES = ["Rewrite 2024-03-05 as 5 March 2024.", "Format the date 1999-12-31 as a sentence."]
 Status = AdapterVersion.Status
 
 

@@ -1,0 +1,168 @@
+"""The scheduler thread: requests waiting during a batch form the next batch, a full queue
+refuses, a waiting request can be cancelled, one bad request fails alone, and work handed in
+with ``call`` runs between two batches. On the tiny random Llama."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from routing.engine import Engine, GenerationRequest
+from routing.serving.scheduler import Failure, QueueFull, Scheduler
+from tests.support.tiny_model import tiny_llama_config, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config())
+    return Engine(model, tiny_tokenizer())
+
+
+@pytest.fixture
+def scheduler(engine):
+    scheduler = Scheduler(engine, max_batch_size=4, max_queue=8)
+    yield scheduler
+    scheduler.stop()
+
+
+def request(n: int = 8, **kwargs) -> GenerationRequest:
+    return GenerationRequest(prompt="The capital of France is", max_new_tokens=n, **kwargs)
+
+
+async def drain(job) -> list:
+    items = []
+    while True:
+        item = await asyncio.wait_for(job.events.get(), timeout=30)
+        if item is None or isinstance(item, Failure):
+            items.append(item)
+            return items
+        items.append(item)
+
+
+def settled(scheduler: Scheduler, *, completed: int):
+    """The stats once ``completed`` requests are counted: the counters move just after a
+    batch's last event is handed out."""
+    deadline = time.monotonic() + 5
+    while scheduler.stats().completed < completed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return scheduler.stats()
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_requests_waiting_together_share_one_batch_and_get_their_own_results(scheduler):
+    async def main():
+        loop = asyncio.get_running_loop()
+        # Queued before the thread starts: they are all waiting when it looks.
+        jobs = [scheduler.submit(request(4 + i, seed=i), loop=loop) for i in range(4)]
+        scheduler.start()
+        return [await drain(job) for job in jobs]
+
+    results = run(main())
+    assert settled(scheduler, completed=4).batches == 1
+    for i, items in enumerate(results):
+        assert items[-1] is None
+        final = items[-2].result
+        assert final.completion_tokens <= 4 + i
+        assert final.finish_reason in ("stop", "length")
+
+
+def test_requests_beyond_the_batch_size_run_in_the_next_batch(scheduler):
+    async def main():
+        loop = asyncio.get_running_loop()
+        jobs = [scheduler.submit(request(3), loop=loop) for _ in range(6)]
+        scheduler.start()
+        for job in jobs:
+            await drain(job)
+
+    run(main())
+    stats = settled(scheduler, completed=6)
+    assert (stats.batches, stats.completed) == (2, 6)
+
+
+def test_a_full_queue_refuses_with_a_retry_after(scheduler):
+    async def main():
+        loop = asyncio.get_running_loop()
+        for _ in range(8):
+            scheduler.submit(request(), loop=loop)
+        with pytest.raises(QueueFull) as raised:
+            scheduler.submit(request(), loop=loop)
+        assert raised.value.retry_after >= 1
+
+    run(main())
+    assert scheduler.stats().waiting == 8
+
+
+def test_a_waiting_request_that_is_cancelled_never_runs(scheduler):
+    async def main():
+        loop = asyncio.get_running_loop()
+        kept = scheduler.submit(request(2), loop=loop)
+        dropped = scheduler.submit(request(2), loop=loop)
+        scheduler.cancel(dropped)
+        assert await drain(dropped) == [None]
+        scheduler.start()
+        await drain(kept)
+
+    run(main())
+    assert settled(scheduler, completed=1).completed == 1
+
+
+def test_a_request_for_an_adapter_that_left_fails_alone(scheduler):
+    async def main():
+        loop = asyncio.get_running_loop()
+        gone = scheduler.submit(request(2, adapter="v999"), loop=loop)
+        fine = scheduler.submit(request(2), loop=loop)
+        scheduler.start()
+        return await drain(gone), await drain(fine)
+
+    gone, fine = run(main())
+    assert isinstance(gone[-1], Failure) and gone[-1].code == "adapter_unavailable"
+    assert fine[-1] is None and fine[-2].result is not None
+
+
+def test_an_invalid_request_fails_alone_and_its_neighbours_run(scheduler):
+    async def main():
+        loop = asyncio.get_running_loop()
+        bad = scheduler.submit(GenerationRequest(prompt="x", max_new_tokens=10_000), loop=loop)
+        good = scheduler.submit(request(2), loop=loop)
+        scheduler.start()
+        return await drain(bad), await drain(good)
+
+    bad, good = run(main())
+    assert isinstance(bad[-1], Failure) and bad[-1].code == "invalid_request"
+    assert "context" in bad[-1].message
+    assert good[-2].result.completion_tokens >= 1
+
+
+def test_a_call_runs_on_the_scheduler_thread_between_batches(scheduler):
+    seen: list[str] = []
+    future = scheduler.call(lambda engine: seen.append(threading.current_thread().name) or 42)
+    scheduler.start()
+    assert future.result(timeout=30) == 42
+    assert seen == ["tessera-scheduler"]
+
+
+def test_a_running_request_is_stopped_by_cancel(scheduler, engine):
+    async def main():
+        loop = asyncio.get_running_loop()
+        job = scheduler.submit(request(200, ignore_eos=True), loop=loop)
+        scheduler.start()
+        first = await asyncio.wait_for(job.events.get(), timeout=30)
+        assert first.token_id is not None
+        scheduler.cancel(job)
+        items = await drain(job)
+        return items
+
+    items = run(main())
+    final = items[-2].result
+    assert final.finish_reason == "cancelled"
+    assert final.completion_tokens < 200

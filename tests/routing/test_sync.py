@@ -1,0 +1,100 @@
+"""The mixture sync: the serving process follows the active mixture, loading only the
+versions that joined and retiring those that left, with a catalog the router can read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from contributions import services
+from contributions.models import AdapterVersion
+from routing.engine import Engine
+from routing.serving import sync as sync_module
+from routing.serving.sync import MixtureSync, engine_key
+from tests.routing.conftest import UNITS_PROMPTS, admitted_version
+from tests.support.tiny_model import tiny_llama_config, tiny_tokenizer
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("no_evaluation")]
+Status = AdapterVersion.Status
+
+
+@pytest.fixture
+def engine() -> Engine:
+    torch.manual_seed(0)
+    return Engine(AutoModelForCausalLM.from_config(tiny_llama_config()), tiny_tokenizer())
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[int]:
+    """The version ids the sync reads from storage."""
+    seen: list[int] = []
+    original = sync_module.add_adapter_version
+
+    def spy(registry, version, *, key):
+        seen.append(version.pk)
+        return original(registry, version, key=key)
+
+    monkeypatch.setattr(sync_module, "add_adapter_version", spy)
+    return seen
+
+
+def test_the_sync_loads_only_what_joined_the_mixture(engine, loads, contributor, base_model):
+    sync = MixtureSync(engine)
+    assert sync.refresh() is False  # nothing published yet
+    first = admitted_version(contributor, slug="one", prompts=UNITS_PROMPTS, seed=11)
+    assert sync.refresh() is True
+    assert loads == [first.pk]
+    second = admitted_version(contributor, slug="two", prompts=UNITS_PROMPTS, seed=12)
+    assert sync.refresh() is True
+    assert loads == [first.pk, second.pk]  # the first one was not read again
+    assert sync.refresh() is False  # no change, no work
+    assert sorted(a.version_id for a in sync.catalog) == [first.pk, second.pk]
+    assert engine_key(first.pk) in engine.registry and engine_key(second.pk) in engine.registry
+
+
+def test_the_catalog_describes_each_adapter_for_the_router(engine, contributor, base_model):
+    contributor.contributor.display_name = "Ada L."
+    contributor.contributor.save()
+    version = admitted_version(
+        contributor, slug="units", prompts=UNITS_PROMPTS, private=True, seed=13
+    )
+    sync = MixtureSync(engine)
+    sync.refresh()
+    (adapter,) = sync.catalog
+    assert adapter.model_id == f"{contributor.username}/units"
+    assert adapter.private is True and adapter.owner_id == contributor.pk
+    assert adapter.contributor_name == "Ada L."
+    assert adapter.signature is not None and adapter.signature.shape == (384,)
+    assert adapter.license == version.adapter.license
+    assert sync.catalog.by_model_id(f"{contributor.username}/units@v1") is adapter
+
+
+def test_a_suspended_adapter_leaves_the_catalog_at_once_and_the_engine_after_a_grace(
+    engine, contributor, maintainer, base_model, monkeypatch
+):
+    version = admitted_version(contributor, slug="units", prompts=UNITS_PROMPTS, seed=14)
+    sync = MixtureSync(engine)
+    sync.refresh()
+    services.adapter_version_transition(
+        version=version, to_status=Status.SUSPENDED, actor=maintainer, reason="Misbehaves."
+    )
+    assert sync.refresh() is True
+    assert len(sync.catalog) == 0  # no new request can be routed to it
+    assert engine_key(version.pk) in engine.registry  # requests already routed still run
+    monkeypatch.setattr(sync_module, "RETIRE_GRACE_SECONDS", 0.0)
+    sync._retiring = [(0.0, key) for _, key in sync._retiring]
+    sync.refresh()
+    assert engine_key(version.pk) not in engine.registry
+
+
+def test_an_unreadable_adapter_is_skipped_and_the_others_are_served(
+    engine, contributor, base_model
+):
+    good = admitted_version(contributor, slug="good", prompts=UNITS_PROMPTS, seed=15)
+    broken = admitted_version(contributor, slug="broken", prompts=UNITS_PROMPTS, seed=16)
+    broken.weights_file.storage.delete(broken.weights_file.name)
+    sync = MixtureSync(engine)
+    sync.refresh()
+    assert [a.version_id for a in sync.catalog] == [good.pk]
+    assert broken.pk in sync.failed
