@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -62,27 +61,39 @@ def api_redis(settings, redis_proc) -> None:
 
 
 @pytest.fixture
-def server(tiny_base_model, api_redis, no_evaluation, settings) -> Iterator[Server]:  # noqa: F811
+def start_server(api_redis, no_evaluation, settings):
+    """Start the inference server on the active base model; stopped after the test."""
     settings.TESSERA_MIXTURE_POLL_SECONDS = 0.05
-    from tessera.serving import application
+    running: list[tuple[uvicorn.Server, threading.Thread, socket.socket]] = []
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(application, lifespan="on", log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the inference server did not start")
-        time.sleep(0.02)
-    yield Server(url=f"http://127.0.0.1:{port}", uvicorn=server)
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
+    def start() -> Server:
+        from tessera.serving import application
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(application, lifespan="on", log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        running.append((server, thread, sock))
+        deadline = time.monotonic() + 120
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                pytest.fail("the inference server did not start")
+            time.sleep(0.02)
+        return Server(url=f"http://127.0.0.1:{port}", uvicorn=server)
+
+    yield start
+    for server, thread, sock in running:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture
+def server(tiny_base_model, start_server) -> Server:  # noqa: F811
+    return start_server()
 
 
 def admitted_version(
