@@ -31,7 +31,7 @@ run: install
 	$(PY) manage.py migrate --no-input
 	$(PY) manage.py prepare_base_model
 	$(PY) manage.py load_suites
-	$(PY) manage.py seed_demo
+	$(PY) manage.py seed_demo $(if $(DEMO_ADAPTERS),--adapters)
 	HOST=$(HOST) PORT=$(PORT) PY=$(PY) sh platform/run-local.sh
 
 services:
