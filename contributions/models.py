@@ -222,6 +222,10 @@ class AuditEvent(models.Model):
         return f"{self.action} {self.from_status}→{self.to_status}"
 
 
+# The most requests per minute any API key may have (the deployment default included).
+MAX_REQUESTS_PER_MINUTE = 10_000
+
+
 class ApiToken(models.Model):
     """A key for the REST API. Only a SHA-256 of the secret is stored.
 
@@ -238,9 +242,29 @@ class ApiToken(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    # Limits on the public inference API. Null follows the deployment's default
+    # (TESSERA_API_REQUESTS_PER_MINUTE, TESSERA_API_TOKENS_PER_DAY), so changing the default
+    # reaches every key that never chose its own; routing.limits.token_limits() resolves them.
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_day = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Prompt plus completion tokens per UTC day."
+    )
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [
+            # Zero would be a key that can never be used: revoke it instead. The ceiling
+            # bounds the rate limiter's per-key log (routing.limits).
+            models.CheckConstraint(
+                condition=Q(requests_per_minute__isnull=True)
+                | Q(requests_per_minute__gte=1, requests_per_minute__lte=MAX_REQUESTS_PER_MINUTE),
+                name="api_token_requests_per_minute_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(tokens_per_day__isnull=True) | Q(tokens_per_day__gte=1),
+                name="api_token_tokens_per_day_positive",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.name} (tsr_{self.prefix}_…)"

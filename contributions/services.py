@@ -20,6 +20,7 @@ from contributions import selectors
 from contributions.intake import IntakeLimits, UploadPart, ValidatedAdapter, validate_upload
 from contributions.licenses import LICENSES
 from contributions.models import (
+    MAX_REQUESTS_PER_MINUTE,
     Adapter,
     AdapterVersion,
     ApiToken,
@@ -129,18 +130,37 @@ def maintainer_grant(*, user: AbstractBaseUser) -> None:
         user.save(update_fields=["is_staff"])
 
 
-def api_token_create(*, user: AbstractBaseUser, name: str) -> tuple[ApiToken, str]:
-    """Create a token; the returned key is the only time the secret exists in clear."""
+def api_token_create(
+    *,
+    user: AbstractBaseUser,
+    name: str,
+    requests_per_minute: int | None = None,
+    tokens_per_day: int | None = None,
+) -> tuple[ApiToken, str]:
+    """Create a token; the returned key is the only time the secret exists in clear.
+
+    ``requests_per_minute`` and ``tokens_per_day`` limit the key on the inference API;
+    None follows the deployment's default. Contributors may only choose lower limits than
+    the default; maintainers may raise them (up to the rate limiter's ceiling).
+    """
     name = name.strip()
     if not name:
         raise DomainError("token_name_required", "Give the token a name.")
+    _check_token_limits(
+        user=user, requests_per_minute=requests_per_minute, tokens_per_day=tokens_per_day
+    )
     for _ in range(5):
         prefix = secrets.token_hex(4)
         secret = secrets.token_urlsafe(32)
         try:
             with transaction.atomic():
                 token = ApiToken.objects.create(
-                    user=user, name=name[:100], prefix=prefix, key_hash=_hash_secret(secret)
+                    user=user,
+                    name=name[:100],
+                    prefix=prefix,
+                    key_hash=_hash_secret(secret),
+                    requests_per_minute=requests_per_minute,
+                    tokens_per_day=tokens_per_day,
                 )
         except IntegrityError:
             continue  # prefix collision: draw again
@@ -154,6 +174,35 @@ def api_token_revoke(*, token: ApiToken, actor: AbstractBaseUser) -> ApiToken:
     ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
     token.refresh_from_db()
     return token
+
+
+def _check_token_limits(
+    *, user: AbstractBaseUser, requests_per_minute: int | None, tokens_per_day: int | None
+) -> None:
+    is_maintainer = selectors.user_is_maintainer(user)
+    if requests_per_minute is not None:
+        default = settings.TESSERA_API_REQUESTS_PER_MINUTE
+        ceiling = MAX_REQUESTS_PER_MINUTE if is_maintainer else default
+        if requests_per_minute < 1:
+            raise DomainError(
+                "requests_per_minute_invalid", "Requests per minute must be at least 1."
+            )
+        if requests_per_minute > ceiling:
+            raise DomainError(
+                "requests_per_minute_too_high",
+                f"Requests per minute can be at most {ceiling}"
+                + ("." if is_maintainer else ", the deployment's default."),
+            )
+    if tokens_per_day is not None:
+        default = settings.TESSERA_API_TOKENS_PER_DAY
+        if tokens_per_day < 1:
+            raise DomainError("tokens_per_day_invalid", "Tokens per day must be at least 1.")
+        # A default of 0 means no quota: any quota a contributor sets is then lower.
+        if default and tokens_per_day > default and not is_maintainer:
+            raise DomainError(
+                "tokens_per_day_too_high",
+                f"Tokens per day can be at most {default}, the deployment's default.",
+            )
 
 
 def _hash_secret(secret: str) -> str:

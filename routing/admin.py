@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 
 from routing import services
-from routing.models import MixtureMember, MixtureVersion
+from routing.models import AdapterUsageDaily, KeyUsageDaily, MixtureMember, MixtureVersion
 from tessera.errors import DomainError
 
 
@@ -45,3 +45,35 @@ class MixtureVersionAdmin(admin.ModelAdmin):
             self.message_user(request, f"{error.message} ({error.code})", messages.ERROR)
             return
         self.message_user(request, f"Mixture v{new.number} is now active: {new.reason}")
+
+
+class UsageAdminMixin:
+    """Usage rows are written only by routing.usage.usage_flush: read-only here."""
+
+    date_hierarchy = "day"
+    list_filter = ["day"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(KeyUsageDaily)
+class KeyUsageDailyAdmin(UsageAdminMixin, admin.ModelAdmin):
+    list_display = ["day", "user", "api_token", "requests", "prompt_tokens", "completion_tokens"]
+    list_select_related = ["user", "api_token"]
+    search_fields = ["user__username", "api_token__name", "api_token__prefix"]
+    readonly_fields = [f.name for f in KeyUsageDaily._meta.fields]
+
+
+@admin.register(AdapterUsageDaily)
+class AdapterUsageDailyAdmin(UsageAdminMixin, admin.ModelAdmin):
+    list_display = ["day", "adapter_version", "requests", "prompt_tokens", "completion_tokens"]
+    list_select_related = ["adapter_version__adapter__owner"]
+    search_fields = ["adapter_version__adapter__slug", "adapter_version__adapter__owner__username"]
+    readonly_fields = [f.name for f in AdapterUsageDaily._meta.fields]

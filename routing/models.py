@@ -52,3 +52,106 @@ class MixtureMember(models.Model):
 
     def __str__(self) -> str:
         return f"{self.version} in {self.mixture}"
+
+
+# --- Usage of the public API ------------------------------------------------------------
+# The API server counts every request in Redis (routing.usage.usage_record); Celery beat
+# moves those counters here every TESSERA_USAGE_FLUSH_SECONDS (routing.usage.usage_flush).
+# Two tables rather than one with two nullable keys: each has one natural unique key, and
+# the per-adapter table is the leaderboard's, the per-key table the key owner's.
+
+
+class UsageCounters(models.Model):
+    day = models.DateField(help_text="UTC day the requests were served.")
+    requests = models.PositiveBigIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        abstract = True
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class KeyUsageDaily(UsageCounters):
+    """One row per UTC day and API key; a user's requests without a key (a portal session)
+    get a row of their own with ``api_token`` null."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    api_token = models.ForeignKey(
+        "contributions.ApiToken",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="usage_days",
+    )
+
+    class Meta:
+        ordering = ["-day"]
+        constraints = [
+            # Token first: usage_selectors.key_usage_totals() reads one user's keys by day.
+            models.UniqueConstraint(fields=["api_token", "day"], name="key_usage_one_row_per_day"),
+            models.UniqueConstraint(
+                fields=["user", "day"],
+                condition=Q(api_token__isnull=True),
+                name="key_usage_one_keyless_row_per_day",
+            ),
+        ]
+        verbose_name = "API key usage (daily)"
+        verbose_name_plural = "API key usage (daily)"
+
+    def __str__(self) -> str:
+        return f"{self.api_token or 'no key'} on {self.day}"
+
+
+class AdapterUsageDaily(UsageCounters):
+    """One row per UTC day and adapter version; ``adapter_version`` null is the base model
+    answering alone. A request served by several versions counts whole for each."""
+
+    adapter_version = models.ForeignKey(
+        AdapterVersion,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="usage_days",
+    )
+
+    class Meta:
+        ordering = ["-day"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["adapter_version", "day"], name="adapter_usage_one_row_per_day"
+            ),
+            # NULLs are distinct in a unique index: the base model needs its own constraint.
+            models.UniqueConstraint(
+                fields=["day"],
+                condition=Q(adapter_version__isnull=True),
+                name="adapter_usage_one_base_row_per_day",
+            ),
+        ]
+        indexes = [
+            # usage_selectors.adapter_usage_totals(): every adapter over the last N days.
+            models.Index(fields=["day"], name="adapter_usage_day_idx"),
+        ]
+        verbose_name = "adapter usage (daily)"
+        verbose_name_plural = "adapter usage (daily)"
+
+    def __str__(self) -> str:
+        return f"{self.adapter_version or 'base model'} on {self.day}"
+
+
+class UsageBatch(models.Model):
+    """A batch of Redis counters already added to the daily tables.
+
+    Written in the same transaction as the increments, so a flush that crashed after its
+    commit, or a second flush racing it over the same batch, finds the batch here and only
+    deletes it from Redis: every counter is applied exactly once.
+    """
+
+    batch_id = models.CharField(max_length=32, unique=True)
+    applied_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"usage batch {self.batch_id}"

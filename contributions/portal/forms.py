@@ -8,6 +8,7 @@ raise anyway is put on the field its code names by ``add_domain_error``.
 from __future__ import annotations
 
 from django import forms
+from django.conf import settings
 from django.contrib.auth import get_user_model, password_validation
 from django.contrib.auth.validators import UnicodeUsernameValidator
 from django.core.exceptions import ValidationError
@@ -232,7 +233,30 @@ class WithdrawForm(PortalForm):
 
 
 class TokenCreateForm(DomainErrorMixin, PortalForm):
+    """The limits are optional: empty follows the deployment's default. Whether a value may
+    exceed the default is the service's rule (maintainers may); its refusal lands on the
+    field."""
+
     name = forms.CharField(
         max_length=100,
         help_text="Where the key will be used, e.g. 'laptop CLI' or 'CI upload job'.",
     )
+    requests_per_minute = forms.IntegerField(
+        required=False, min_value=1, label="Requests per minute (inference API)"
+    )
+    tokens_per_day = forms.IntegerField(
+        required=False, min_value=1, label="Tokens per day (inference API)"
+    )
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        rpm = settings.TESSERA_API_REQUESTS_PER_MINUTE
+        self.fields["requests_per_minute"].help_text = (
+            f"Optional. Empty: the default, {rpm} a minute. You can choose fewer, "
+            "e.g. to cap a script that might loop."
+        )
+        tpd = settings.TESSERA_API_TOKENS_PER_DAY
+        default = f"{tpd:,} prompt and completion tokens a UTC day" if tpd else "no daily quota"
+        self.fields[
+            "tokens_per_day"
+        ].help_text = f"Optional. Empty: the default, {default}. You can choose fewer."

@@ -224,6 +224,9 @@ def version_withdraw(request: HttpRequest, adapter_id: int, number: int) -> Http
 
 # --- API tokens -------------------------------------------------------------------------
 
+# The tokens page shows each key's usage over this many UTC days, today included.
+TOKEN_USAGE_DAYS = 30
+
 
 @login_required
 def tokens(request: HttpRequest) -> HttpResponse:
@@ -232,14 +235,18 @@ def tokens(request: HttpRequest) -> HttpResponse:
     if form.is_bound and form.is_valid():
         try:
             token, key = services.api_token_create(
-                user=request.user, name=form.cleaned_data["name"]
+                user=request.user,
+                name=form.cleaned_data["name"],
+                requests_per_minute=form.cleaned_data["requests_per_minute"],
+                tokens_per_day=form.cleaned_data["tokens_per_day"],
             )
         except DomainError as exc:
             form.add_domain_error(exc)
         else:
             # Shown on this response only: the key is not stored, and not kept in the session.
             context.update(new_key=key, new_token=token, form=TokenCreateForm())
-    context["tokens"] = queries.api_token_list(user=request.user)
+    context["tokens"] = queries.api_token_rows(user=request.user, usage_days=TOKEN_USAGE_DAYS)
+    context["usage_days"] = TOKEN_USAGE_DAYS
     context["api_me_url"] = request.build_absolute_uri(reverse("api:me"))
     response = render(request, "portal/tokens.html", context, status=_form_status(form))
     response["Cache-Control"] = "no-store"

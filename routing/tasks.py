@@ -1,0 +1,16 @@
+"""Celery tasks for routing: thin wrappers around services."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from routing.usage import usage_flush
+
+
+@shared_task(name="routing.flush_usage", ignore_result=True)
+def flush_usage() -> int:
+    """Move the public API's usage counters from Redis into the daily tables (beat, every
+    TESSERA_USAGE_FLUSH_SECONDS, on the default queue). Idempotent: overlapping or
+    repeated runs count nothing twice, so a late or duplicated beat message is harmless.
+    A Redis outage makes it fail loudly; the counters wait in Redis for the next run."""
+    return usage_flush()
