@@ -199,15 +199,41 @@ class AuditEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    """Shows which keys exist and who holds them; the key hash is never displayed."""
+class ApiTokenAdmin(admin.ModelAdmin):
+    """Shows which keys exist and who holds them (the key hash is never displayed); a
+    maintainer may change a key's limits, nothing else. Keys are made and revoked by their
+    owners on the portal."""
 
-    list_display = ["name", "user", "key_prefix", "created_at", "last_used_at", "revoked_at"]
+    list_display = [
+        "name",
+        "user",
+        "key_prefix",
+        "requests_per_minute",
+        "tokens_per_day",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+    ]
     list_filter = ["created_at", "revoked_at"]
     search_fields = ["name", "prefix", "user__username"]
     list_select_related = ["user"]
-    fields = ["name", "user", "key_prefix", "created_at", "last_used_at", "revoked_at"]
-    readonly_fields = fields
+    fields = [
+        "name",
+        "user",
+        "key_prefix",
+        "requests_per_minute",
+        "tokens_per_day",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+    ]
+    readonly_fields = ["name", "user", "key_prefix", "created_at", "last_used_at", "revoked_at"]
+
+    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
 
     @admin.display(description="Key", ordering="prefix")
     def key_prefix(self, token: ApiToken) -> str:

@@ -108,6 +108,7 @@ MAINTAINER_PERMISSIONS = {
         "view_auditevent",
         "view_basemodel",
         "view_apitoken",
+        "change_apitoken",  # per-key limits only (the admin makes every other field read-only)
     ),
     "evaluation": ("view_", "add_suite", "add_suiteversion"),
     "routing": ("view_",),

@@ -19,6 +19,7 @@ django.setup()
 
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402 (after django.setup)
 
+from routing import limits  # noqa: E402
 from routing.serving import runtime  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class InferenceApplication:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await asyncio.to_thread(runtime.stop)
+                await limits.redis_async_close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

@@ -723,6 +723,26 @@ def test_admin_token_list_shows_the_prefix_never_the_hash(admin_client_, contrib
         assert token.key_hash not in page
 
 
+def test_a_maintainer_changes_a_keys_limits_in_the_admin_and_nothing_else(contributor):
+    maintainer = UserFactory()
+    services.maintainer_grant(user=maintainer)
+    token, _ = services.api_token_create(user=contributor, name="ci")
+    url = f"/admin/contributions/apitoken/{token.pk}/change/"
+    client = client_for(maintainer)
+    response = client.post(
+        url, {"requests_per_minute": "5", "tokens_per_day": "1000", "name": "renamed"}
+    )
+    assert response.status_code == 302, text(response)
+    token.refresh_from_db()
+    assert (token.requests_per_minute, token.tokens_per_day) == (5, 1000)
+    assert token.name == "ci"  # read-only fields ignore what is posted
+    refused = client.post(url, {"requests_per_minute": "0", "tokens_per_day": ""})
+    assert refused.status_code == 200  # the form again, with the error
+    token.refresh_from_db()
+    assert token.requests_per_minute == 5
+    assert client.get("/admin/contributions/apitoken/add/").status_code == 403
+
+
 def test_admin_filters_audit_events(admin_client_, version):
     response = admin_client_.get("/admin/contributions/auditevent/?to_status=validated")
     assert response.status_code == 200
