@@ -17,7 +17,8 @@ from routing.router import RoutingDecision, RoutingError, RoutingPolicy, route
 from routing.serving import arrow
 from routing.serving.runtime import Runtime
 
-ERROR_STATUS = {"model_not_found": 404}
+# Routing errors are the request's fault (400) except these.
+ERROR_STATUS = {"model_not_found": 404, "arrow_failed": 500}
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,11 @@ async def route_request(rt: Runtime, *, body, user_id: int, prompt_ids: list[int
     except RoutingError as error:
         status = ERROR_STATUS.get(error.code, 400)
         raise ApiError(
-            status, str(error), code=error.code, param="model" if status == 404 else "tessera"
+            status,
+            str(error),
+            code=error.code,
+            type="server_error" if status >= 500 else "invalid_request_error",
+            param="model" if status == 404 else None if status >= 500 else "tessera",
         ) from None
     return RoutedRequest(
         catalog=catalog, decision=decision, routing_seconds=time.monotonic() - started

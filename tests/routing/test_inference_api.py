@@ -197,6 +197,28 @@ def test_policy_filters_send_a_skill_prompt_elsewhere(http, skills):
     assert base_only.json()["tessera"]["reason"] == "base_only"
 
 
+def test_the_arrow_router_scores_every_adapter_from_its_weights(http, skills):
+    response = chat(
+        http,
+        messages=[{"role": "user", "content": "Convert 7 km to metres."}],
+        max_tokens=2,
+        tessera={"router": "arrow"},
+    )
+    assert response.status_code == 200, response.text
+    attribution = response.json()["tessera"]
+    assert attribution["router"] == "arrow"
+    assert len(attribution["scores"]) == 2  # both adapters were scored
+    assert attribution["adapters"][0]["id"] == attribution["scores"][0]["id"]
+    # The same prompt, again: prototypes are cached, the decision is the same.
+    again = chat(
+        http,
+        messages=[{"role": "user", "content": "Convert 7 km to metres."}],
+        max_tokens=2,
+        tessera={"router": "arrow"},
+    )
+    assert again.json()["tessera"]["adapters"] == attribution["adapters"]
+
+
 # --- The live mixture -------------------------------------------------------------------------
 
 
