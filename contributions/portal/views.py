@@ -7,6 +7,7 @@ look at every adapter but only its owner may change it (403 for anyone else).
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
@@ -248,6 +249,7 @@ def tokens(request: HttpRequest) -> HttpResponse:
     context["tokens"] = queries.api_token_rows(user=request.user, usage_days=TOKEN_USAGE_DAYS)
     context["usage_days"] = TOKEN_USAGE_DAYS
     context["api_me_url"] = request.build_absolute_uri(reverse("api:me"))
+    context["inference_url"] = settings.TESSERA_INFERENCE_URL
     response = render(request, "portal/tokens.html", context, status=_form_status(form))
     response["Cache-Control"] = "no-store"
     return response

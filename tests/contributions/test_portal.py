@@ -609,6 +609,8 @@ def test_a_new_token_key_is_shown_once_and_only_its_hash_is_stored(owner_client,
     key = re.search(r'value="(tsr_[0-9a-f]+_[A-Za-z0-9_-]+)"', page).group(1)
     assert "shown this once" in page
     assert f'curl -H "Authorization: Bearer {key}" http://testserver/api/v1/me/' in page
+    # ...and how to reach the inference API with it.
+    assert f'OpenAI(base_url="http://localhost:8001/v1", api_key="{key}")' in page
 
     token = ApiToken.objects.get(user=contributor)
     _, prefix, secret = key.split("_", 2)
