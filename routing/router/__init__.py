@@ -1,0 +1,60 @@
+"""The request router: which adapter of the live mixture answers a request, or the base model.
+
+Why it is shaped like this:
+
+- It reads an immutable ``routing.catalog.Catalog`` and nothing else, so a decision needs no
+  database and no lock, and a request that started on one mixture finishes on it even if
+  the mixture changes meanwhile.
+- Visibility comes before everything: another contributor's private adapter is invisible,
+  and naming it fails exactly like naming nothing (``model_not_found``).
+- The default router embeds the request (all-MiniLM-L6-v2, offline) and compares it by
+  cosine with each adapter's signature, the centroid of its example and benchmark prompts;
+  the best adapter answers if it clears a threshold, else the base model does. An adapter is
+  only admitted because it beats the base on its tasks, so sending off-topic requests to the
+  base is the safe default. The signatures are stacked once per catalog, so a thousand
+  adapters cost one matrix-vector product.
+- ``arrow`` is PEFT's data-free Arrow routing reduced to one adapter per request (see
+  ``routing.router.arrow``): it needs a base-model forward, which the serving process runs
+  in its engine thread and hands in as a callback.
+- Every decision carries its best scores and a machine-readable reason, so the API can say
+  how sure the router was and why the base model answered when it did.
+
+    decision = route(catalog=catalog, model="tessera", text=prompt, user_id=user.pk,
+                     policy=RoutingPolicy(licenses=frozenset({"apache-2.0"})))
+"""
+
+from routing.router.arrow import (
+    ArrowPrototypeBank,
+    arrow_prototypes,
+    arrow_request_scores,
+    capture_module_inputs,
+    top_right_singular_vector,
+)
+from routing.router.decision import ArrowScores, candidates, route
+from routing.router.embedding import signature_matrix
+from routing.router.types import (
+    MAX_SCORES,
+    ROUTERS,
+    RouteScore,
+    RoutingDecision,
+    RoutingError,
+    RoutingPolicy,
+)
+
+__all__ = [
+    "MAX_SCORES",
+    "ROUTERS",
+    "ArrowPrototypeBank",
+    "ArrowScores",
+    "RouteScore",
+    "RoutingDecision",
+    "RoutingError",
+    "RoutingPolicy",
+    "arrow_prototypes",
+    "arrow_request_scores",
+    "candidates",
+    "capture_module_inputs",
+    "route",
+    "signature_matrix",
+    "top_right_singular_vector",
+]
