@@ -197,6 +197,23 @@ def test_policy_filters_send_a_skill_prompt_elsewhere(http, skills):
     assert base_only.json()["tessera"]["reason"] == "base_only"
 
 
+def test_seed_makes_sampling_repeatable_and_stop_cuts_the_answer(http):
+    def text(**body) -> tuple[str, str]:
+        response = chat(http, model="base", max_tokens=12, **body)
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        return choice["message"]["content"], choice["finish_reason"]
+
+    sampled = text(temperature=0.9, top_p=0.95, seed=7)
+    assert text(temperature=0.9, top_p=0.95, seed=7) == sampled
+    greedy, _ = text(temperature=0)
+    assert len(greedy) >= 4, greedy
+    stop = greedy[2:4]
+    cut, finish = text(temperature=0, stop=[stop])
+    assert cut == greedy[: greedy.index(stop)]
+    assert finish == "stop"
+
+
 def test_the_arrow_router_scores_every_adapter_from_its_weights(http, skills):
     response = chat(
         http,
