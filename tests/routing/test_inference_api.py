@@ -441,7 +441,7 @@ def test_a_full_queue_answers_503_with_retry_after(http, server):
 # --- Cancellation and usage -------------------------------------------------------------------
 
 
-def test_a_client_that_goes_away_mid_stream_stops_its_row(server, key):
+def test_a_client_that_goes_away_mid_stream_stops_its_row(server, key, monkeypatch):
     engine = server.runtime.engine
     cancelled: list[bool] = []
     original = engine.cancel
@@ -450,9 +450,18 @@ def test_a_client_that_goes_away_mid_stream_stops_its_row(server, key):
         cancelled.append(original(request_id))
         return cancelled[-1]
 
-    engine.cancel = spy
+    monkeypatch.setattr(engine, "cancel", spy)
+    # 20 ms per forward: the 200 tokens would take 4 s, far longer than the client stays.
+    forward = engine.model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", slow_forward)
     body = {
         "model": "base",
+        "temperature": 0,
         "messages": [{"role": "user", "content": "Tell me a long story."}],
         "max_tokens": 200,
         "stream": True,
@@ -465,9 +474,13 @@ def test_a_client_that_goes_away_mid_stream_stops_its_row(server, key):
         assert response.status_code == 200
         first = next(response.iter_lines())
         assert first.startswith("data: ")
-    # The connection is closed after the first event: the row is cancelled, not run to 200.
-    wait_until(lambda: cancelled, timeout=5)
-    wait_until(lambda: server.runtime.scheduler.stats().running == 0, timeout=5)
+    # The connection is closed after the first event: the row is cancelled while it runs
+    # (True: the engine still had it), and the engine is free long before 4 s.
+    closed = time.monotonic()
+    wait_until(lambda: cancelled, timeout=3)
+    assert cancelled[0] is True
+    wait_until(lambda: server.runtime.scheduler.stats().running == 0, timeout=3)
+    assert time.monotonic() - closed < 3.5
 
 
 def test_usage_is_counted_per_key_and_per_adapter_without_touching_the_database(
