@@ -17,7 +17,12 @@ Signatures are random unit vectors and Arrow prototypes random unit vectors per 
 arithmetic does not depend on their values); ``arrow_prototypes`` is timed on random LoRA
 tensors of the real geometry.
 
-    .venv/bin/python benchmarks/bench_router.py --model smollm2
+    .venv/bin/python benchmarks/bench_router.py --model smollm2 --threads 1
+
+``--threads 1`` on a shared 2-core machine: with 2 torch threads, any other busy process
+makes every step several times slower (measured here while another benchmark ran: 32
+greedy tokens took 10.1 s with 2 threads, 2.4 s with 1). Steps are timed round-robin, so
+load hits them all alike; the ratio column is the figure to compare.
 
 See benchmarks/README.md.
 """
