@@ -10,6 +10,7 @@ it runs on the scheduler thread between two batches; the rest runs in the routin
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -17,14 +18,18 @@ import torch
 from django.db import close_old_connections
 
 from contributions.models import AdapterVersion
-from routing.catalog import ServedAdapter
+from routing.catalog import Catalog, ServedAdapter
 from routing.engine import tensors_from_safetensors
-from routing.router import arrow_prototypes, arrow_request_scores, capture_module_inputs
+from routing.router import ArrowPrototypeBank, arrow_prototypes, capture_module_inputs
 
 # A routing thread waits at most this long for the engine thread to take its base pass.
 ENGINE_WAIT_SECONDS = 120.0
 
 _prototypes: dict[int, dict[str, torch.Tensor]] = {}
+# One stacked bank per catalog (a catalog is immutable and replaced whole when the mixture
+# changes): stacking 1,000 adapters' prototypes per request cost 3-4x the scoring itself.
+_banks: weakref.WeakKeyDictionary[Catalog, tuple[ArrowPrototypeBank, dict[int, int]]]
+_banks = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
@@ -46,16 +51,32 @@ def prototypes_for(adapter: ServedAdapter) -> dict[str, torch.Tensor]:
     return prototypes
 
 
-def scorer(rt, prompt_ids: list[int]) -> Callable[[list[ServedAdapter]], np.ndarray]:
+def bank_for(catalog: Catalog) -> tuple[ArrowPrototypeBank, dict[int, int]]:
+    """The catalog's stacked prototypes, and each version id's row in them."""
+    with _lock:
+        cached = _banks.get(catalog)
+    if cached is not None:
+        return cached
+    adapters = list(catalog)
+    bank = ArrowPrototypeBank([prototypes_for(adapter) for adapter in adapters])
+    rows = {adapter.version_id: row for row, adapter in enumerate(adapters)}
+    with _lock:
+        _banks[catalog] = (bank, rows)
+    return bank, rows
+
+
+def scorer(
+    rt, catalog: Catalog, prompt_ids: list[int]
+) -> Callable[[list[ServedAdapter]], np.ndarray]:
     """The callback the router calls with the candidates when it routes by Arrow."""
 
     def scores(candidates: list[ServedAdapter]) -> np.ndarray:
-        prototypes = [prototypes_for(adapter) for adapter in candidates]
-        names = sorted({name for protos in prototypes for name in protos})
+        bank, rows = bank_for(catalog)
+        names = bank.module_paths()
         ids = torch.tensor([prompt_ids], device=rt.engine.device)
         inputs = rt.scheduler.call(
             lambda engine: capture_module_inputs(engine.model, ids, names)
         ).result(timeout=ENGINE_WAIT_SECONDS)
-        return arrow_request_scores(hidden_inputs=inputs, prototypes_by_adapter=prototypes)
+        return bank.scores(inputs)[[rows[adapter.version_id] for adapter in candidates]]
 
     return scores
