@@ -314,9 +314,9 @@ TESSERA_SERVING_DEFAULT_MAX_TOKENS = env.int("TESSERA_SERVING_DEFAULT_MAX_TOKENS
 TESSERA_SERVING_MAX_TOKENS = env.int("TESSERA_SERVING_MAX_TOKENS", default=512)
 TESSERA_SERVING_MAX_BODY_BYTES = env.int("TESSERA_SERVING_MAX_BODY_BYTES", default=256 * 1024)
 # Where clients reach the inference API (shown on the portal's API tokens page).
-TESSERA_INFERENCE_URL = env.str(
-    "TESSERA_INFERENCE_URL", default="http://localhost:8001/v1"
-).rstrip("/")
+TESSERA_INFERENCE_URL = env.str("TESSERA_INFERENCE_URL", default="http://localhost:8001/v1").rstrip(
+    "/"
+)
 # How often the server checks which mixture version is active (one indexed row).
 TESSERA_MIXTURE_POLL_SECONDS = env.float("TESSERA_MIXTURE_POLL_SECONDS", default=0.25)
 if TESSERA_SERVING_DEVICE not in {"auto", "cpu", "cuda"}:
