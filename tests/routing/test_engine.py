@@ -416,6 +416,36 @@ def test_a_hundred_adapters_still_match_peft_for_a_sample(tiny_dir: Path, tokeni
     assert_rows_match_peft(engine, tiny_dir, rows, new_tokens=8)
 
 
+def test_a_batch_binds_weights_sized_by_its_own_rows_not_by_the_registry(tiny_dir: Path, tokenizer):
+    # What keeps decoding as fast with a thousand adapters loaded as with five
+    # (benchmarks/bench_adapters_loaded.py): a step touches only weights gathered for the
+    # batch's rows, trimmed to their largest rank, on the modules their adapters target.
+    engine = new_engine(tiny_dir, tokenizer, initial_capacity=2)
+    crowd = [
+        random_adapter(f"crowd-{i}", seed=200 + i, rank=16, targets=ATTENTION + MLP)
+        for i in range(40)
+    ]
+    small = random_adapter("small", seed=250, rank=2, targets=("q_proj",))
+    other = random_adapter("other", seed=251, rank=4, targets=("q_proj", "v_proj"))
+    load_into(engine, *crowd, small, other)
+    q_stack = engine.registry.stacks["model.layers.0.self_attn.q_proj"]
+    assert q_stack.capacity == 64 and q_stack.rank == 16
+
+    slots = [engine.registry.slot_of(key) for key in ("small", "other", "small")] + [NO_ADAPTER]
+    with engine.lora.adapters(slots):
+        q = engine.lora.modules["model.layers.0.self_attn.q_proj"].lora
+        v = engine.lora.modules["model.layers.1.self_attn.v_proj"].lora
+        untargeted = [
+            path
+            for path, module in engine.lora.modules.items()
+            if module.lora is not None and not path.endswith(("q_proj", "v_proj"))
+        ]
+    assert isinstance(q, _GatheredLora) and isinstance(v, _GatheredLora)
+    assert q.A_t.shape == (4, 64, 4) and q.B_t.shape == (4, 4, 64)  # rows × in × batch's rank
+    assert v.A_t.shape[0] == 4 and v.A_t.shape[2] == 4
+    assert untargeted == []  # k, o and the MLP: targeted by loaded adapters, not this batch's
+
+
 def test_a_removed_adapter_frees_its_slot_which_then_runs_as_the_base(
     engine: Engine, tiny_dir: Path, tokenizer
 ):
