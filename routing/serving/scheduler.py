@@ -60,6 +60,7 @@ class Job:
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     cancelled: bool = False
+    cancel_sent: bool = False  # the engine has been told
 
     def _deliver(self, item: Any) -> None:
         # A closed loop raises RuntimeError: nobody is listening any more.
@@ -146,7 +147,9 @@ class Scheduler:
             else:
                 job._deliver(None)
                 return
-        self.engine.cancel(job.request.request_id)
+        # Running, or about to: if the engine does not know the request yet, the batch loop
+        # passes the cancellation on at the request's first event.
+        job.cancel_sent = self.engine.cancel(job.request.request_id)
 
     def call(self, function: Callable[[Engine], Any]) -> Future:
         """Run ``function(engine)`` on the scheduler thread between two batches."""
@@ -235,6 +238,10 @@ class Scheduler:
         try:
             for event in stream:
                 job = runnable[event.index]
+                if job.cancelled and not job.cancel_sent:
+                    # Cancelled between leaving the queue and the engine taking the batch,
+                    # when the engine did not know the request yet: pass it on now.
+                    job.cancel_sent = self.engine.cancel(job.request.request_id)
                 job._deliver(event)
                 if event.result is not None:
                     job._deliver(None)

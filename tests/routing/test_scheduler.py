@@ -11,7 +11,7 @@ import time
 import pytest
 
 from routing.engine import Engine, GenerationRequest
-from routing.serving.scheduler import Failure, QueueFull, Scheduler
+from routing.serving.scheduler import Failure, Job, QueueFull, Scheduler
 from tests.support.tiny_model import tiny_llama_config, tiny_tokenizer
 
 
@@ -166,3 +166,20 @@ def test_a_running_request_is_stopped_by_cancel(scheduler, engine):
     final = items[-2].result
     assert final.finish_reason == "cancelled"
     assert final.completion_tokens < 200
+
+
+def test_a_request_cancelled_as_its_batch_forms_is_still_stopped(scheduler):
+    """Cancelled after leaving the queue but before the engine knew it (the engine then
+    answers False): the batch loop passes the cancellation on at the first event."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        job = Job(request=request(200, ignore_eos=True), loop=loop)
+        job.cancelled = True  # what Scheduler.cancel leaves behind in that window
+        await asyncio.to_thread(scheduler._run_batch, [job])
+        return await drain(job)
+
+    items = run(main())
+    final = items[-2].result
+    assert final.finish_reason == "cancelled"
+    assert final.completion_tokens <= 2
