@@ -93,8 +93,9 @@ def _isolated_media(settings, tmp_path: Path) -> None:
 
 @pytest.fixture(autouse=True)
 def _clean_cache(request) -> None:
-    """Throttle counters live in the shared cache: start every DB test from zero."""
-    if "django_db_setup" in request.fixturenames:
+    """Throttle counters live in the shared cache: start every DB test from zero (whether it
+    asks for the database by fixture or by the django_db marker)."""
+    if "django_db_setup" in request.fixturenames or request.node.get_closest_marker("django_db"):
         from django.core.cache import cache
 
         cache.clear()

@@ -149,7 +149,9 @@ def test_a_contributor_signs_up_creates_an_adapter_and_uploads_it(
     page.get_by_role("button", name="Create token").click()
     key = page.get_by_label("API key").input_value()
     assert re.fullmatch(r"tsr_[0-9a-f]{8}_[A-Za-z0-9_-]{20,}", key)
-    expect(page.locator("pre.code")).to_contain_text(f"Bearer {key}")
+    expect(page.locator("pre.code").first).to_contain_text(f"Bearer {key}")
+    # The page also shows how to call the inference API with the new key.
+    expect(page.locator("pre.code", has_text="from openai import OpenAI")).to_contain_text(key)
     page.screenshot(path=str(SCREENSHOTS / "portal-tokens.png"), full_page=True)
     page.get_by_role("link", name="API tokens").click()  # a fresh GET: the key is gone
     expect(page.get_by_label("API key")).to_have_count(0)
