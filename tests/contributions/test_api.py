@@ -389,13 +389,16 @@ def test_uploads_are_throttled_per_user(adapter, contributor, settings):
     settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": rates}
     from rest_framework.throttling import ScopedRateThrottle
 
+    # The class reads its rates once, at import: swap them in, and put the very same
+    # object back after (api_settings still holds the overridden rates at that point).
+    original = ScopedRateThrottle.THROTTLE_RATES
     ScopedRateThrottle.THROTTLE_RATES = rates
     try:
         client = client_for(contributor)
         upload(client, adapter, {"adapter_model.bin": b"x"})
         assert_error(upload(client, adapter, {"adapter_model.bin": b"x"}), 429, "throttled")
     finally:
-        ScopedRateThrottle.THROTTLE_RATES = api_settings.DEFAULT_THROTTLE_RATES
+        ScopedRateThrottle.THROTTLE_RATES = original
 
 
 # --- versions, withdrawal, files ------------------------------------------------------------
