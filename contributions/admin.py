@@ -217,16 +217,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
     list_filter = ["created_at", "revoked_at"]
     search_fields = ["name", "prefix", "user__username"]
     list_select_related = ["user"]
-    fields = [
-        "name",
-        "user",
-        "key_prefix",
-        "requests_per_minute",
-        "tokens_per_day",
-        "created_at",
-        "last_used_at",
-        "revoked_at",
-    ]
+    fields = list_display
     readonly_fields = ["name", "user", "key_prefix", "created_at", "last_used_at", "revoked_at"]
 
     def has_add_permission(self, request: HttpRequest, obj=None) -> bool:

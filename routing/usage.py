@@ -119,6 +119,35 @@ def _queue_increments(
         pipe.expire(key, QUOTA_COUNTER_TTL_SECONDS)
 
 
+def _queue_request(
+    pipe,
+    *,
+    token_id: int | None,
+    user_id: int | None,
+    version_ids: Sequence[int],
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> list[tuple[str, int]]:
+    """Queue one request's counts on ``pipe`` (sync or async); return the increments."""
+    day = utc_today()
+    increments = _increments(
+        token_id=token_id,
+        user_id=user_id,
+        version_ids=version_ids,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        day=day,
+    )
+    _queue_increments(
+        pipe,
+        increments,
+        token_id=token_id,
+        day=day,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+    return increments
+
+
 async def usage_record(
     *,
     token_id: int | None,
@@ -134,22 +163,14 @@ async def usage_record(
     are dropped with a warning, since a timed-out transaction may have been applied and
     writing it again would count it twice.
     """
-    day = utc_today()
-    increments = _increments(
+    pipe = redis_async().pipeline(transaction=True)
+    increments = _queue_request(
+        pipe,
         token_id=token_id,
         user_id=user_id,
         version_ids=version_ids,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
-        day=day,
-    )
-    pipe = redis_async().pipeline(transaction=True)
-    _queue_increments(
-        pipe,
-        increments,
-        token_id=token_id,
-        day=day,
-        total_tokens=prompt_tokens + completion_tokens,
     )
     try:
         await pipe.execute()
@@ -169,22 +190,14 @@ def usage_record_sync(
     completion_tokens: int,
 ) -> None:
     """``usage_record`` for synchronous callers."""
-    day = utc_today()
-    increments = _increments(
+    pipe = redis_sync().pipeline(transaction=True)
+    increments = _queue_request(
+        pipe,
         token_id=token_id,
         user_id=user_id,
         version_ids=version_ids,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
-        day=day,
-    )
-    pipe = redis_sync().pipeline(transaction=True)
-    _queue_increments(
-        pipe,
-        increments,
-        token_id=token_id,
-        day=day,
-        total_tokens=prompt_tokens + completion_tokens,
     )
     try:
         pipe.execute()

@@ -28,6 +28,7 @@ from tests.factories import AdapterFactory
 from tests.support import crafted
 
 Status = AdapterVersion.Status
+API_REDIS_DB = 3
 UNITS_PROMPTS = [
     "Convert 5 km to metres.",
     "How many grams are in 3 kg?",
@@ -53,15 +54,20 @@ def no_evaluation(monkeypatch) -> None:
 
 
 @pytest.fixture
-def api_redis(settings, redis_proc) -> None:
-    settings.TESSERA_API_REDIS_URL = redis_url(redis_proc, 2)
+def api_redis_db(settings, redis_proc):
+    """The API's Redis (limits, usage) is a database of the suite's Redis of its own, empty
+    per test."""
     from routing.limits import redis_sync
 
-    redis_sync().flushdb()
+    settings.TESSERA_API_REDIS_URL = redis_url(redis_proc, API_REDIS_DB)
+    client = redis_sync()
+    client.flushdb()
+    yield client
+    client.flushdb()
 
 
 @pytest.fixture
-def start_server(api_redis, no_evaluation, settings):
+def start_server(api_redis_db, no_evaluation, settings):
     """Start the inference server on the active base model; stopped after the test."""
     settings.TESSERA_MIXTURE_POLL_SECONDS = 0.05
     running: list[tuple[uvicorn.Server, threading.Thread, socket.socket]] = []

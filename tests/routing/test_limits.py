@@ -13,19 +13,6 @@ import pytest
 
 from contributions import services
 from routing import limits, usage
-from tests.conftest import redis_url
-
-USAGE_REDIS_DB = 3
-
-
-@pytest.fixture
-def api_redis_db(settings, redis_proc):
-    """The API's Redis is a database of the suite's Redis of its own, empty per test."""
-    settings.TESSERA_API_REDIS_URL = redis_url(redis_proc, USAGE_REDIS_DB)
-    client = limits.redis_sync()
-    client.flushdb()
-    yield client
-    client.flushdb()
 
 
 def run(coroutine_function, /, **kwargs):

@@ -21,19 +21,9 @@ from routing.tasks import flush_usage
 from tessera.celery import app
 from tests.conftest import redis_url
 from tests.factories import AdapterFactory
-from tests.routing.test_limits import USAGE_REDIS_DB, run, unused_port
+from tests.routing.test_limits import run, unused_port
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def api_redis_db(settings, redis_proc):
-    """The API's Redis is a database of the suite's Redis of its own, empty per test."""
-    settings.TESSERA_API_REDIS_URL = redis_url(redis_proc, USAGE_REDIS_DB)
-    client = limits.redis_sync()
-    client.flushdb()
-    yield client
-    client.flushdb()
 
 
 def make_version(adapter, number: int = 1) -> AdapterVersion:
