@@ -18,6 +18,7 @@ from django.template import engines
 from django.urls import path, reverse
 from django.utils.html import format_html
 
+from contributions.admin import ReadOnlyAdminMixin
 from contributions.selectors import user_is_maintainer
 from evaluation.models import (
     Appeal,
@@ -38,19 +39,6 @@ from evaluation.models import (
 from evaluation.services.suites import suite_version_import
 from evaluation.suite_io import MAX_SUITE_BYTES
 from tessera.errors import DomainError
-
-
-class ReadOnlyAdminMixin:
-    """View-only: no add, change or delete, whatever the user's permissions."""
-
-    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
 
 
 def _all_fields(model) -> list[str]:

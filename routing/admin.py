@@ -1,5 +1,6 @@
 from django.contrib import admin, messages
 
+from contributions.admin import ReadOnlyAdminMixin
 from routing import services
 from routing.models import AdapterUsageDaily, KeyUsageDaily, MixtureMember, MixtureVersion
 from tessera.errors import DomainError
@@ -16,7 +17,7 @@ class MixtureMemberInline(admin.TabularInline):
 
 
 @admin.register(MixtureVersion)
-class MixtureVersionAdmin(admin.ModelAdmin):
+class MixtureVersionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     """Snapshots are immutable; the one thing a maintainer does here is roll back."""
 
     list_display = ["number", "is_active", "router", "reason", "created_by", "created_at"]
@@ -24,15 +25,6 @@ class MixtureVersionAdmin(admin.ModelAdmin):
     readonly_fields = [f.name for f in MixtureVersion._meta.fields]
     inlines = [MixtureMemberInline]
     actions = ["roll_back"]
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
 
     @admin.action(description="Roll back to the selected mixture version", permissions=["view"])
     def roll_back(self, request, queryset):
@@ -47,20 +39,11 @@ class MixtureVersionAdmin(admin.ModelAdmin):
         self.message_user(request, f"Mixture v{new.number} is now active: {new.reason}")
 
 
-class UsageAdminMixin:
+class UsageAdminMixin(ReadOnlyAdminMixin):
     """Usage rows are written only by routing.usage.usage_flush: read-only here."""
 
     date_hierarchy = "day"
     list_filter = ["day"]
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
 
 @admin.register(KeyUsageDaily)

@@ -11,13 +11,6 @@ def mixture_active() -> MixtureVersion | None:
     return MixtureVersion.objects.filter(is_active=True).first()
 
 
-def mixture_active_number() -> int:
-    """The one cheap read the serving process polls: 0 when nothing was ever published."""
-    return (
-        MixtureVersion.objects.filter(is_active=True).values_list("number", flat=True).first() or 0
-    )
-
-
 def mixture_active_key() -> tuple[int, int] | None:
     """(pk, number) of the active mixture: what the serving process polls. The pk tells a
     rebuilt database (numbers start again) from the one the server last read."""

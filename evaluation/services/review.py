@@ -67,33 +67,45 @@ def review_reject(
     *, version: AdapterVersion, actor: AbstractBaseUser, reason: str
 ) -> AdapterVersion:
     """passed → rejected. The contributor may appeal once."""
-    reason = _checked(version=version, actor=actor, reason=reason, decision=Decision.REJECT)
-    with transaction.atomic():
-        version = adapter_version_transition(
-            version=version,
-            to_status=Status.REJECTED,
-            actor=actor,
-            reason=reason,
-            action="review.rejected",
-        )
-        _decision_record(version=version, actor=actor, decision=Decision.REJECT, reason=reason)
-    return version
+    return _decide_by_transition(
+        version=version,
+        actor=actor,
+        reason=reason,
+        decision=Decision.REJECT,
+        to_status=Status.REJECTED,
+        action="review.rejected",
+    )
 
 
 def review_suspend(
     *, version: AdapterVersion, actor: AbstractBaseUser, reason: str
 ) -> AdapterVersion:
     """passed or admitted → suspended: taken out of review, or out of the mixture."""
-    reason = _checked(version=version, actor=actor, reason=reason, decision=Decision.SUSPEND)
+    return _decide_by_transition(
+        version=version,
+        actor=actor,
+        reason=reason,
+        decision=Decision.SUSPEND,
+        to_status=Status.SUSPENDED,
+        action="review.suspended",
+    )
+
+
+def _decide_by_transition(
+    *,
+    version: AdapterVersion,
+    actor: AbstractBaseUser,
+    reason: str,
+    decision: str,
+    to_status: str,
+    action: str,
+) -> AdapterVersion:
+    reason = _checked(version=version, actor=actor, reason=reason, decision=decision)
     with transaction.atomic():
         version = adapter_version_transition(
-            version=version,
-            to_status=Status.SUSPENDED,
-            actor=actor,
-            reason=reason,
-            action="review.suspended",
+            version=version, to_status=to_status, actor=actor, reason=reason, action=action
         )
-        _decision_record(version=version, actor=actor, decision=Decision.SUSPEND, reason=reason)
+        _decision_record(version=version, actor=actor, decision=decision, reason=reason)
     return version
 
 

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from pydantic import ValidationError
@@ -178,7 +179,13 @@ def _allow(request: HttpRequest, method: str) -> None:
 def _parse(request: HttpRequest, schema: type[ChatCompletionRequest | CompletionRequest]):
     limit = settings.TESSERA_SERVING_MAX_BODY_BYTES
     declared = request.headers.get("Content-Length")
-    if (declared and declared.isdigit() and int(declared) > limit) or len(request.body) > limit:
+    too_large = bool(declared and declared.isdigit() and int(declared) > limit)
+    if not too_large:
+        try:
+            too_large = len(request.body) > limit
+        except RequestDataTooBig:  # a body without Content-Length, past Django's own cap
+            too_large = True
+    if too_large:
         raise ApiError(
             413, f"The request body is larger than {limit} bytes.", code="request_too_large"
         )

@@ -388,6 +388,10 @@ def test_a_body_that_is_not_json_or_too_large_is_refused(http, settings):
     settings.TESSERA_SERVING_MAX_BODY_BYTES = 1000
     response = chat(http, messages=[{"role": "user", "content": "x" * 2000}])
     assert response.status_code == 413 and error_of(response)["code"] == "request_too_large"
+    # Sent in chunks, with no Content-Length, and past Django's own in-memory cap.
+    chunks = (b"x" * 65536 for _ in range(48))
+    response = http.post("/v1/chat/completions", content=chunks)
+    assert response.status_code == 413 and error_of(response)["code"] == "request_too_large"
 
 
 def test_missing_wrong_and_revoked_keys_are_refused(server, contributor):
