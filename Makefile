@@ -16,6 +16,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.stamp-run: pyproject.toml | $(PY)
+	@echo "Installing Tessera and its dependencies into $(VENV)…"
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e .
 	touch $@
@@ -28,10 +29,15 @@ install: $(VENV)/.stamp-run
 install-dev: $(VENV)/.stamp-dev
 
 run: install
+	@echo "Migrating the database…"
 	$(PY) manage.py migrate --no-input
+	@echo "Preparing the base model (converted once, then kept in var/models)…"
 	$(PY) manage.py prepare_base_model
+	@echo "Loading the benchmark suites…"
 	$(PY) manage.py load_suites
+	@echo "Creating the demo accounts$(if $(DEMO_ADAPTERS), and uploading the demo adapters)…"
 	$(PY) manage.py seed_demo $(if $(DEMO_ADAPTERS),--adapters)
+	@echo "Starting the web server, the inference server and a Celery worker…"
 	HOST=$(HOST) PORT=$(PORT) PY=$(PY) sh platform/run-local.sh
 
 services:

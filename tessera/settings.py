@@ -20,7 +20,9 @@ env_file = BASE_DIR / ".env"
 if env_file.is_file():
     env.read_env(str(env_file))
 
-VAR_DIR = Path(env.str("TESSERA_VAR_DIR", default=str(BASE_DIR / "var")))
+# Relative to the project, not to the current directory: the web process and the worker must
+# find the same SQLite file and broker folders wherever each was started from.
+VAR_DIR = BASE_DIR / env.str("TESSERA_VAR_DIR", default="var")
 
 DEBUG = env.bool("DJANGO_DEBUG", default=True)
 
@@ -203,6 +205,9 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "data_folder_out": str(_queue_dir),
         "processed_folder": str(VAR_DIR / "broker" / "processed"),
         "store_processed": False,
+        # kombu's default is "control" in the current directory: the exchange tables that
+        # route each message to its queue belong with the queue, shared by every process.
+        "control_folder": str(VAR_DIR / "broker" / "control"),
     }
 CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default="") or None
 CELERY_TASK_SERIALIZER = "json"
@@ -360,3 +365,29 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": env.str("TESSERA_LOG_LEVEL", default="INFO")},
 }
+
+
+# --- Folders of the embedded defaults ----------------------------------------------------------
+# SQLite does not create its file's folder, and kombu's filesystem transport neither creates its
+# folders nor survives their absence (the worker dies at start; a sent task is lost). Every entry
+# point (manage.py, the worker, beat, the web and inference servers) loads these settings first,
+# so the folders are made here, on a fresh clone's empty var/ too; only for what runs embedded,
+# so a deployment on PostgreSQL and Redis gets none.
+def _embedded_state_dirs() -> list[Path]:
+    dirs: list[Path] = []
+    database = DATABASES["default"]
+    name = str(database.get("NAME", ""))
+    if database["ENGINE"] == "django.db.backends.sqlite3" and name not in ("", ":memory:"):
+        dirs.append(Path(name).parent)
+    if CACHES["default"]["BACKEND"].endswith(".FileBasedCache"):
+        dirs.append(Path(CACHES["default"]["LOCATION"]))
+    if CELERY_BROKER_URL.startswith("filesystem://"):
+        for option in ("data_folder_in", "data_folder_out", "processed_folder", "control_folder"):
+            dirs.append(Path(CELERY_BROKER_TRANSPORT_OPTIONS[option]))
+    if dirs:
+        dirs.append(VAR_DIR / "log")  # the local processes' logs (platform/run-local.sh)
+    return dirs
+
+
+for _dir in _embedded_state_dirs():
+    _dir.mkdir(parents=True, exist_ok=True)

@@ -113,3 +113,68 @@ def test_each_queue_has_its_own_routing_key():
         "eval-gpu": "eval-gpu",
     }
     assert len({q.exchange.name for q in queues.values()}) == 3
+
+
+def _load_settings_on_defaults(var_dir, **env: str) -> None:
+    """Load the settings in a fresh interpreter with none of the suite's configuration."""
+    environment = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DJANGO_", "CELERY_", "TESSERA_"))
+        and k not in ("DATABASE_URL", "REDIS_URL")
+    }
+    environment.update(env, TESSERA_VAR_DIR=str(var_dir))
+    subprocess.run(
+        [sys.executable, "-c", "import tessera.settings"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "made", "not_made"),
+    [
+        ({}, ["broker/queue", "broker/processed", "broker/control", "cache", "log"], []),
+        # The SQLite file's folder does not depend on the file cache happening to make var/.
+        ({"REDIS_URL": "redis://127.0.0.1:1/1"}, ["broker/queue", "log"], ["cache"]),
+        ({"CELERY_BROKER_URL": "redis://127.0.0.1:1/0"}, ["cache", "log"], ["broker"]),
+    ],
+)
+def test_the_embedded_defaults_make_their_folders_on_an_empty_var(tmp_path, env, made, not_made):
+    var = tmp_path / "var"
+    _load_settings_on_defaults(var, **env)
+    assert var.is_dir()  # the SQLite file's
+    assert [name for name in made if not (var / name).is_dir()] == []
+    assert [name for name in not_made if (var / name).exists()] == []
+
+
+def test_real_services_make_no_folders(tmp_path):
+    _load_settings_on_defaults(
+        tmp_path / "var",
+        DATABASE_URL="postgres://tessera@127.0.0.1:1/tessera",
+        CELERY_BROKER_URL="redis://127.0.0.1:1/0",
+        REDIS_URL="redis://127.0.0.1:1/1",
+    )
+    assert not (tmp_path / "var").exists()
+
+
+def test_a_relative_var_dir_is_the_projects_wherever_a_process_starts(tmp_path):
+    environment = dict(
+        os.environ, TESSERA_VAR_DIR="var", CELERY_BROKER_URL="filesystem://", REDIS_URL=""
+    )
+    code = "import tessera.settings as s; print(s.VAR_DIR, s.CELERY_BROKER_TRANSPORT_OPTIONS)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    project_var = str(settings.BASE_DIR / "var")
+    assert out.startswith(project_var + " ")
+    assert f"'control_folder': '{project_var}/broker/control'" in out
+    assert not list(tmp_path.iterdir())
