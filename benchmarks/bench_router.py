@@ -168,7 +168,7 @@ def random_lora(
 def random_catalog(count: int, *, seed: int = 0):
     """``count`` public adapters with random unit signatures, as the serving process holds
     them (the threshold in the mixture's settings, as mixture_publish writes it)."""
-    from evaluation.signatures import DIMENSIONS
+    from evaluation.worker.signatures import DIMENSIONS
     from routing.catalog import Catalog, ServedAdapter
 
     rng = np.random.default_rng(seed)
@@ -212,7 +212,7 @@ def random_prototypes(
 
 
 def embedding_steps(counts: list[int], args: argparse.Namespace) -> list[Step]:
-    from evaluation.signatures import embed
+    from evaluation.worker.signatures import embed
     from routing.router import RoutingPolicy, route, signature_matrix
 
     queries = embed(PROMPTS)  # also loads the embedding model, outside any timing
@@ -241,7 +241,7 @@ def embedding_steps(counts: list[int], args: argparse.Namespace) -> list[Step]:
             # The same decision with the embedding already made: candidates, the product
             # with the stacked signatures, the top 5.
             with mock.patch(
-                "evaluation.signatures.embed",
+                "evaluation.worker.signatures.embed",
                 side_effect=lambda texts: queries[PROMPTS.index(texts[0])][None],
             ):
                 decide(i)

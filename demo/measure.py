@@ -31,7 +31,7 @@ BOOTSTRAP_SAMPLES = 2000
 
 
 def load_tasks(split: str):
-    from evaluation.specs import TaskSpec
+    from evaluation.worker.specs import TaskSpec
     from evaluation.suite_io import parse_suite_jsonl
     from evaluation.training import _spec
 
@@ -64,7 +64,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evaluation.scoring import bootstrap_delta_ci, score_task
+    from evaluation.worker.scoring import bootstrap_delta_ci, score_task
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ from evaluation.models import (
     TaskResult,
     TestSetResult,
 )
-from evaluation.sketch import similar_admitted
+from evaluation.worker.sketch import similar_admitted
 from tessera.errors import DomainError
 
 Status = AdapterVersion.Status

@@ -24,7 +24,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from evaluation.scoring import METRICS, TemplateError, render_prompt, template_fields
+from evaluation.worker.scoring import METRICS, TemplateError, render_prompt, template_fields
 from tessera.errors import DomainError
 
 MAX_SUITE_BYTES = 32 * 1024 * 1024

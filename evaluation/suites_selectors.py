@@ -7,7 +7,7 @@ from __future__ import annotations
 from django.db.models import Count, Prefetch, Q, QuerySet
 
 from evaluation.models import Example, Suite, SuiteVersion, Task
-from evaluation.specs import ExampleSpec
+from evaluation.worker.specs import ExampleSpec
 from tessera.errors import DomainError
 
 

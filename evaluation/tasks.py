@@ -11,12 +11,9 @@ import logging
 
 from celery import shared_task
 
-from evaluation.services.runs import (
-    TRANSIENT_ERRORS,
-    evaluation_run_execute,
-    evaluation_run_fail,
-    evaluation_runs_reap,
-)
+from evaluation.services.execution import evaluation_run_execute
+from evaluation.services.reaper import evaluation_runs_reap
+from evaluation.services.runs import TRANSIENT_ERRORS, evaluation_run_fail
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 This is how the demo adapters were made (see demo/README.md) and how a contributor can make
 a first adapter: ``python manage.py train_adapter --task addition --out DIR``. The loss is
 on the answer tokens only (the target and the end-of-turn token); the chat-templated
-prompt is masked out, exactly the prompt evaluation.scoring builds. The output folder is
+prompt is masked out, exactly the prompt evaluation.worker.scoring builds. The output folder is
 what intake accepts: adapter_config.json, adapter_model.safetensors (float16 by default)
 and a README.md model card.
 """
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evaluation.scoring import chat_prompt, score_task
-from evaluation.specs import ExampleSpec, TaskSpec
+from evaluation.worker.scoring import chat_prompt, score_task
+from evaluation.worker.specs import ExampleSpec, TaskSpec
 from evaluation.suite_io import parse_suite_jsonl
 from tessera.errors import DomainError
 
@@ -197,7 +197,7 @@ def replay_answers(
     """(prompt ids, answer ids) for each replay prompt: the base model's own greedy answer,
     up to its end-of-turn token (which it then learns to emit) or ``max_new_tokens``.
     Cached under ``cache_dir`` by base model, prompts and length, when one is given."""
-    from evaluation.scoring import generate_ids
+    from evaluation.worker.scoring import generate_ids
 
     texts = [chat_prompt(tokenizer, REPLAY_TEMPLATE, {"prompt": p}) for p in prompts]
     digest = hashlib.sha256(

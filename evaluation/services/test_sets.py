@@ -1,6 +1,6 @@
 """Contributors' own public test sets: JSONL the owner attaches to an adapter.
 
-Each run scores them (evaluation.services.runs) and the adapter page shows the scores; they
+Each run scores them (evaluation.services.execution) and the adapter page shows the scores; they
 never decide admission. Everything is checked before anything is written, so a refused
 upload leaves nothing behind, and each refusal has a code naming what was wrong.
 

@@ -124,7 +124,7 @@ def _route_by_embedding(
     row_of = signature_matrix(catalog).row_of
     if not any(adapter in row_of for adapter in allowed):
         return _base(router="embedding", reason="no_candidates", threshold=threshold)
-    from evaluation.signatures import embed  # loads sentence-transformers on first use
+    from evaluation.worker.signatures import embed  # loads sentence-transformers on first use
 
     query = embed([str(text)[:MAX_EMBEDDED_CHARS]])[0]
     scored, cosines = embedding_scores(catalog=catalog, candidates=allowed, query=query)

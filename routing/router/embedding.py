@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evaluation.signatures import DIMENSIONS
+from evaluation.worker.signatures import DIMENSIONS
 from routing.catalog import Catalog, ServedAdapter
 
 

@@ -41,7 +41,7 @@ from evaluation.models import (
     WeightSketch,
 )
 from evaluation.models import TestSetResult as SetResult  # not a pytest class
-from evaluation.services import runs
+from evaluation.services import execution, reaper, runs
 from evaluation.services.admission import version_admit
 from tessera.errors import DomainError
 from tests.support import crafted
@@ -136,7 +136,7 @@ def upload_version(
 
 
 def fake_child(scores=None, *, default=(0.0, 1.0), sleep: float = 0.0, result=None) -> list[str]:
-    """A stand-in for ``python -m evaluation.child``: reads the job, answers every task key
+    """A stand-in for ``python -m evaluation.worker.child``: reads the job, answers every task key
     with ``scores[key]`` or ``default`` as (base, adapter), each a value or a list."""
     code = textwrap.dedent(
         f"""
@@ -197,7 +197,7 @@ def child(monkeypatch):
     """Swap the child for a stand-in: ``child(fake_child(...))``."""
 
     def use(argv: list[str]) -> None:
-        monkeypatch.setattr(runs, "CHILD_ARGV", argv)
+        monkeypatch.setattr(execution, "CHILD_ARGV", argv)
 
     return use
 
@@ -206,14 +206,14 @@ def child(monkeypatch):
 def jobs(monkeypatch) -> list:
     """Every JobSpec the service builds."""
     seen: list = []
-    original = runs._job
+    original = execution.job_for
 
     def spy(*args, **kwargs):
         job = original(*args, **kwargs)
         seen.append(job)
         return job
 
-    monkeypatch.setattr(runs, "_job", spy)
+    monkeypatch.setattr(execution, "job_for", spy)
     return seen
 
 
@@ -235,7 +235,7 @@ def queued_version(user, **kwargs) -> tuple[AdapterVersion, EvaluationRun]:
 
 
 def execute(run: EvaluationRun, worker: str | None = None) -> str:
-    return runs.evaluation_run_execute(run_id=run.pk, worker=worker)
+    return execution.evaluation_run_execute(run_id=run.pk, worker=worker)
 
 
 def fresh(obj):
@@ -391,7 +391,7 @@ def test_a_transient_error_gives_the_claim_back_for_the_task_to_retry(
     def blip(*args, **kwargs):
         raise OperationalError("server closed the connection unexpectedly")
 
-    monkeypatch.setattr(runs, "_plan", blip)
+    monkeypatch.setattr(execution, "plan_for", blip)
     with pytest.raises(OperationalError):
         execute(run, worker="host:1")
     run = fresh(run)
@@ -477,14 +477,14 @@ def test_a_worker_whose_run_was_reaped_records_nothing(
         EvaluationRun.objects.filter(pk=run.pk).update(
             deadline_at=timezone.now() - timedelta(seconds=1)
         )
-        runs.evaluation_runs_reap()
+        reaper.evaluation_runs_reap()
         connection.close()
 
     # The reaper runs in another thread (its own connection) while the child sleeps.
-    reaper = threading.Thread(target=reap_while_running)
-    reaper.start()
+    reaping = threading.Thread(target=reap_while_running)
+    reaping.start()
     outcome = execute(run, worker="host:1")
-    reaper.join()
+    reaping.join()
     assert outcome in ("taken", "failed")
     run = fresh(run)
     assert (run.status, run.failure_code) == (Run.FAILED, "deadline_passed")
@@ -602,7 +602,7 @@ def test_no_targeted_task_fails_the_run_with_the_rule_and_no_child(
 ):
     make_task(tags=["arithmetic", "sums"])
     make_task(suite="dates", slug="formatting", tags=["dates"])
-    monkeypatch.setattr(runs, "run_sandboxed", lambda *a, **k: pytest.fail("child started"))
+    monkeypatch.setattr(execution, "run_sandboxed", lambda *a, **k: pytest.fail("child started"))
     version, run = queued_version(contributor, tags=["poetry"])
     assert execute(run) == "failed"
     run = fresh(run)
@@ -735,7 +735,7 @@ def test_without_a_working_sandbox_production_settings_refuse_to_run(
     make_task()
     settings.TESSERA_SANDBOX = "auto"
     settings.TESSERA_SANDBOX_ALLOW_NETWORK = False
-    monkeypatch.setattr("evaluation.sandbox._probe", lambda mode: f"{mode} is not installed")
+    monkeypatch.setattr("evaluation.worker.sandbox._probe", lambda mode: f"{mode} is not installed")
     child(fake_child())
     _version, run = queued_version(contributor)
     assert execute(run) == "failed"
@@ -748,7 +748,7 @@ def test_a_version_withdrawn_while_queued_is_not_evaluated(
     contributor, tiny_base_model, monkeypatch
 ):
     make_task()
-    monkeypatch.setattr(runs, "run_sandboxed", lambda *a, **k: pytest.fail("child started"))
+    monkeypatch.setattr(execution, "run_sandboxed", lambda *a, **k: pytest.fail("child started"))
     version, run = queued_version(contributor)
     contribution_services.adapter_version_withdraw(version=version, actor=contributor)
     assert execute(run) == "failed"
@@ -759,7 +759,7 @@ def test_a_version_withdrawn_while_queued_is_not_evaluated(
 def test_the_real_child_evaluates_the_tiny_model_end_to_end(
     contributor, tiny_base_model, fast_eval, jobs
 ):
-    """The real ``python -m evaluation.child`` on the tiny random Llama in the sandbox."""
+    """The real ``python -m evaluation.worker.child`` on the tiny random Llama in the sandbox."""
     task = make_task(hidden=[{"a": 100 + i, "b": 7} for i in range(6)], max_new_tokens=4)
     general = make_task(
         suite="general",
@@ -921,7 +921,7 @@ def test_an_unknown_run_or_version_is_404(contributor, base_model):
 def test_the_heartbeat_stops_the_child_once_the_run_is_not_ours(contributor, base_model):
     _version, run = queued_version(contributor)
     runs.evaluation_run_claim(run=run, worker="me:1")
-    beat = runs._Heartbeat(fresh(run), "me:1")
+    beat = execution._Heartbeat(fresh(run), "me:1")
     beat.progress(3, 10, "scoring")
     assert beat.tick(force=True)
     assert (fresh(run).progress_done, fresh(run).progress_total) == (3, 10)
@@ -932,7 +932,7 @@ def test_the_heartbeat_stops_the_child_once_the_run_is_not_ours(contributor, bas
 def test_job_json_round_trips_to_the_child_contract(
     contributor, tiny_base_model, jobs, child, fast_eval
 ):
-    from evaluation.specs import JobSpec
+    from evaluation.worker.specs import JobSpec
 
     make_task()
     child(fake_child())

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from evaluation import sandbox
-from evaluation.sandbox import (
+from evaluation.worker import sandbox
+from evaluation.worker.sandbox import (
     SandboxLimits,
     SandboxUnavailable,
     run_sandboxed,
@@ -356,7 +356,7 @@ def test_the_workdir_copy_is_read_only_and_removed_cleanly():
 
 
 def test_stale_workdirs_of_a_killed_attempt_are_removed():
-    from evaluation.sandbox import workdirs_remove_stale
+    from evaluation.worker.sandbox import workdirs_remove_stale
 
     left, _ = workdir_create(files={"adapter_model.safetensors": b"w"}, prefix="tessera-run-999-")
     other, _ = workdir_create(files={"adapter_model.safetensors": b"w"}, prefix="tessera-run-9990-")

@@ -1,4 +1,4 @@
-"""evaluation.scoring: normalisation, the four metrics on a tiny random Llama, batching,
+"""evaluation.worker.scoring: normalisation, the four metrics on a tiny random Llama, batching,
 PEFT models, and the paired bootstrap.
 
 The tiny model's weights are random but seeded, so its greedy answers are fixed: the
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.scoring import (
+from evaluation.worker.scoring import (
     TemplateError,
     bootstrap_delta_ci,
     chat_prompt,
@@ -28,7 +28,7 @@ from evaluation.scoring import (
     score_task,
     template_fields,
 )
-from evaluation.specs import ExampleSpec, TaskSpec
+from evaluation.worker.specs import ExampleSpec, TaskSpec
 from tests.support.tiny_model import save_tiny_llama
 
 TEMPLATE = "Question: {question}"

@@ -9,8 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from evaluation.sandbox import SandboxLimits, run_sandboxed, workdir_create, workdir_remove
-from evaluation.signatures import DIMENSIONS, EMBEDDING_MODEL, centroid, embed, signature_for
+from evaluation.worker.sandbox import SandboxLimits, run_sandboxed, workdir_create, workdir_remove
+from evaluation.worker.signatures import DIMENSIONS, EMBEDDING_MODEL, centroid, embed, signature_for
 from tests.evaluation.test_runs import make_task, upload_version
 
 ADDITION = ["What is 123 + 456?", "Add 907 and 88.", "Compute 500 + 501.", "Sum 12 and 30."]
@@ -44,7 +44,7 @@ def test_the_model_loads_and_embeds_with_no_network_at_all():
         """
         import json, os
         assert os.environ["HF_HUB_OFFLINE"] == "1"
-        from evaluation.signatures import embed
+        from evaluation.worker.signatures import embed
         vector = embed(["What is 2 + 2?"])
         print(json.dumps({"result": {"shape": list(vector.shape)}}), flush=True)
         """
@@ -123,13 +123,13 @@ KINDS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def sketch(tensors):
-    from evaluation.sketch import sketch_from_tensors, sketch_vector
+    from evaluation.worker.sketch import sketch_from_tensors, sketch_vector
 
     return sketch_vector(sketch_from_tensors(tensors, scale=2.0), kinds=KINDS)
 
 
 def test_a_weight_sketch_is_fixed_normalised_and_blind_to_scale():
-    from evaluation.sketch import BLOCK, cosine
+    from evaluation.worker.sketch import BLOCK, cosine
 
     first = sketch(lora_tensors(1))
     assert len(first) == BLOCK * len(KINDS)
@@ -140,7 +140,7 @@ def test_a_weight_sketch_is_fixed_normalised_and_blind_to_scale():
 
 
 def test_a_weight_sketch_estimates_the_cosine_of_the_weight_deltas():
-    from evaluation.sketch import cosine
+    from evaluation.worker.sketch import cosine
 
     base = lora_tensors(3)
     noise = lora_tensors(4)
@@ -154,7 +154,7 @@ def test_a_weight_sketch_estimates_the_cosine_of_the_weight_deltas():
 def test_similar_admitted_flags_near_copies_of_admitted_versions_only(contributor, base_model):
     from contributions.models import AdapterVersion
     from evaluation.models import WeightSketch
-    from evaluation.sketch import similar_admitted
+    from evaluation.worker.sketch import similar_admitted
 
     admitted = upload_version(contributor, variant=0)
     copy = upload_version(contributor, variant=1)

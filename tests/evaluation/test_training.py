@@ -16,13 +16,13 @@ from django.core.management import CommandError, call_command
 from contributions.base_models import base_model_prepare
 from contributions.intake import IntakeLimits, UploadPart, validate_upload
 from evaluation.services.suites import suite_version_create
-from evaluation.specs import ExampleSpec
 from evaluation.training import (
     DEFAULT_TARGETS,
     encode_example,
     shuffled_targets,
     training_data_from_jsonl,
 )
+from evaluation.worker.specs import ExampleSpec
 from tests.evaluation.test_suites import jsonl, quiz_lines
 from tests.support.tiny_model import save_tiny_llama, tiny_tokenizer
 
@@ -96,8 +96,8 @@ def test_training_on_a_tasks_public_split_writes_an_adapter_intake_accepts(
 
 def test_replay_answers_are_the_base_models_own_and_cached(tiny_base, tmp_path: Path):
     from contributions.base_models import base_model_load
-    from evaluation.scoring import chat_prompt, generate_answers
     from evaluation.training import REPLAY_TEMPLATE, replay_answers
+    from evaluation.worker.scoring import chat_prompt, generate_answers
 
     model, tokenizer = base_model_load(tiny_base)
     prompts = ["What is a spoon used for?", "How do I boil an egg?"]

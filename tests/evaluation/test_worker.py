@@ -50,8 +50,8 @@ BOOTSTRAP = textwrap.dedent(
         import django
         os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tessera.settings")
         django.setup()
-        from evaluation.services import runs
-        runs.CHILD_ARGV = [sys.executable, "-c", code]
+        from evaluation.services import execution
+        execution.CHILD_ARGV = [sys.executable, "-c", code]
     from celery.__main__ import main
     sys.argv = ["celery", *sys.argv[1:]]
     sys.exit(main())

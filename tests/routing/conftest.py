@@ -15,8 +15,8 @@ import uvicorn
 from contributions import services
 from contributions.models import AdapterVersion
 from evaluation.models import RoutingSignature
-from evaluation.signatures import EMBEDDING_MODEL, centroid, embed
 from evaluation.tasks import evaluate_run
+from evaluation.worker.signatures import EMBEDDING_MODEL, centroid, embed
 from routing.serving import runtime
 from tests.conftest import redis_url
 from tests.evaluation.test_runs import (  # noqa: F401 (fixtures used by name)

@@ -3,7 +3,7 @@ two scoring methods (embedding signatures, request-level Arrow) on inputs whose 
 known in advance.
 
 Catalogs are built by hand (no database). The embedding model is the real all-MiniLM-L6-v2
-from evaluation.signatures (offline); signatures are centroids of a few real prompts, as
+from evaluation.worker.signatures (offline); signatures are centroids of a few real prompts, as
 evaluation builds them. Arrow runs on hand-made LoRA tensors and on the tiny random Llama of
 tests.support.
 """
@@ -23,7 +23,7 @@ from peft import ArrowConfig
 from peft.tuners.lora.arrow import ArrowLoraLinearLayer
 from transformers import AutoModelForCausalLM
 
-from evaluation.signatures import centroid, embed
+from evaluation.worker.signatures import centroid, embed
 from routing.catalog import BASE_MODEL_ID, MIXTURE_MODEL_ID, Catalog, ServedAdapter
 from routing.engine import LoraRegistry, MultiLoraModel
 from routing.router import (

@@ -15,9 +15,9 @@ from django.conf import settings as django_settings
 from contributions import services
 from contributions.base_models import base_model_prepare
 from evaluation.models import RoutingSignature, Task
-from evaluation.scoring import render_prompt
 from evaluation.services.suites import suite_version_create
-from evaluation.signatures import EMBEDDING_MODEL, signature_for
+from evaluation.worker.scoring import render_prompt
+from evaluation.worker.signatures import EMBEDDING_MODEL, signature_for
 from tests.evaluation.test_runs import trimmed_suite
 from tests.routing.conftest import walk_to_admitted
 from tests.support.crafted import upload

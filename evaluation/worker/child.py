@@ -1,4 +1,5 @@
-"""The sandboxed evaluation child: ``python -m evaluation.child`` (see evaluation.sandbox).
+"""The sandboxed evaluation child: ``python -m evaluation.worker.child`` (started by
+evaluation.worker.sandbox).
 
 Reads a JobSpec as JSON on stdin; writes JSON lines on stdout: ``{"progress": done,
 "total": n, "label": ...}`` as it goes and one final ``{"result": {...}}``; logs to stderr.
@@ -85,8 +86,8 @@ def evaluate(spec, protocol: _Protocol) -> dict[str, Any]:
     started = time.monotonic()
     import torch
 
-    from evaluation.scoring import score_task
-    from evaluation.sketch import sketch_from_tensors
+    from evaluation.worker.scoring import score_task
+    from evaluation.worker.sketch import sketch_from_tensors
 
     torch.manual_seed(spec.seed)
     timings["import"] = time.monotonic() - started
@@ -194,7 +195,7 @@ def _apply_lora(model, spec):
 def main() -> int:
     protocol = _Protocol()
     try:
-        from evaluation.specs import JobSpec
+        from evaluation.worker.specs import JobSpec
 
         spec = JobSpec.from_dict(json.loads(sys.stdin.buffer.read()))
         result = evaluate(spec, protocol)

@@ -1,7 +1,7 @@
 """Running a child process with no network, under rlimits and a wall-clock deadline.
 
 The evaluation worker never touches a contributor's tensors itself: it runs
-``python -m evaluation.child`` through ``run_sandboxed``, which any command can go through
+``python -m evaluation.worker.child`` through ``run_sandboxed``, which any command can go through
 (tests run small Python snippets under the very same limits).
 
 Isolation, by mode (``settings.TESSERA_SANDBOX``; "auto" takes the first that works):
@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evaluation.child import EXIT_MEMORY
+from evaluation.worker.child import EXIT_MEMORY
 from tessera.errors import DomainError
 
 MODES = ("bwrap", "unshare", "none")
@@ -268,7 +268,7 @@ def _limit_prefix(limits: SandboxLimits) -> list[str]:
 
 def minimal_env(extra: dict[str, str] | None = None, *, workdir: str) -> dict[str, str]:
     """No secrets, no DATABASE_URL, no broker URL: only what Python and torch need."""
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # the project root
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": workdir,

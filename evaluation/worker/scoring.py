@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from evaluation.specs import ExampleSpec, TaskSpec
+from evaluation.worker.specs import ExampleSpec, TaskSpec
 
 if TYPE_CHECKING:
     import torch

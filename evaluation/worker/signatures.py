@@ -83,7 +83,7 @@ def centroid(vectors: np.ndarray) -> np.ndarray:
 def public_prompts(tasks: Iterable[Task]) -> list[str]:
     """The filled prompt templates of the tasks' PUBLIC examples (never hidden ones)."""
     from evaluation.models import Example
-    from evaluation.scoring import TemplateError, render_prompt
+    from evaluation.worker.scoring import TemplateError, render_prompt
 
     prompts = []
     for task in tasks:

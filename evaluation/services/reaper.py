@@ -1,0 +1,71 @@
+"""The reaper (Celery beat): runs past their deadline, runs whose worker is lost."""
+
+import logging
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from contributions.models import AdapterVersion
+from evaluation.models import (
+    EvaluationRun,
+)
+from evaluation.services.runs import evaluation_run_fail, evaluation_run_requeue
+
+logger = logging.getLogger(__name__)
+
+RunStatus = EvaluationRun.Status
+VersionStatus = AdapterVersion.Status
+# The child, as the worker starts it. A test's worker bootstrap may swap it for a snippet.
+
+
+# --- The reaper ---------------------------------------------------------------------------------
+
+
+def evaluation_runs_reap(*, now: datetime | None = None) -> dict[str, list[int]]:
+    """Run by celery beat (``evaluation.reap_runs``). Running runs past their deadline are
+    failed ("deadline passed"); running runs whose heartbeat is stale are re-queued, or
+    failed when their attempts are used up. Each change is a compare-and-set, so a worker
+    finishing at the same moment wins or loses cleanly (its own CAS then fails and it
+    records nothing).
+
+    Queued runs are left alone, however old: a long queue with busy workers is not a fault,
+    and with no worker consuming the queue there is nobody to help. Their age shows on the
+    status page; an operator starts workers (or re-sends the task)."""
+    now = now or timezone.now()
+    stale_before = now - timedelta(seconds=settings.TESSERA_EVAL_STALE_AFTER_SECONDS)
+    report: dict[str, list[int]] = {"deadline": [], "requeued": [], "lost": []}
+    running = EvaluationRun.objects.filter(status=RunStatus.RUNNING)
+    for run in running.filter(deadline_at__lt=now):
+        if evaluation_run_fail(
+            run=run,
+            code="deadline_passed",
+            reason=f"The evaluation did not finish by its deadline "
+            f"({settings.TESSERA_EVAL_DEADLINE_SECONDS} s after it started, at "
+            f"{run.deadline_at:%Y-%m-%d %H:%M:%S} UTC); it was stopped.",
+            conditions={"status": RunStatus.RUNNING, "deadline_at__lt": now},
+        ):
+            report["deadline"].append(run.pk)
+    for run in running.filter(heartbeat_at__lt=stale_before):
+        if run.attempts >= run.max_attempts:
+            if evaluation_run_fail(
+                run=run,
+                code="worker_lost",
+                reason=f"The worker evaluating this version was lost {run.attempts} times "
+                "(no heartbeat); giving up.",
+                conditions={"status": RunStatus.RUNNING, "heartbeat_at": run.heartbeat_at},
+            ):
+                report["lost"].append(run.pk)
+        elif evaluation_run_requeue(
+            run=run,
+            reason=f"The worker stopped sending heartbeats (attempt {run.attempts} of "
+            f"{run.max_attempts}); queued again.",
+        ):
+            report["requeued"].append(run.pk)
+    # Running runs with no heartbeat at all cannot exist (the claim sets it); be safe.
+    for run in running.filter(heartbeat_at__isnull=True, started_at__lt=stale_before):
+        if evaluation_run_fail(
+            run=run, code="worker_lost", reason="The run had no heartbeat.", worker=run.claimed_by
+        ):
+            report["lost"].append(run.pk)
+    return report

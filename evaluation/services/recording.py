@@ -1,0 +1,260 @@
+"""Recording a run's outcome: the child's answer checked, scores with their intervals,
+the admission policy applied, the version concluded, all in one transaction."""
+
+import logging
+import math
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from contributions.models import AdapterVersion
+from evaluation import selectors
+from evaluation.models import (
+    BaseScore,
+    EvaluationRun,
+    Example,
+    RoutingSignature,
+    Task,
+    TaskResult,
+    TestSetResult,
+    WeightSketch,
+)
+from evaluation.policy import (
+    TaskOutcome,
+    evaluate_policy,
+    policy_from_settings,
+    targets_rule,
+)
+from evaluation.services.admission import (
+    admission_needs_review,
+    rule_results_store,
+    version_admit_automatically,
+    version_conclude,
+)
+from evaluation.services.plans import Plan, task_key, test_set_key
+from evaluation.services.runs import RunTakenAway, evaluation_run_fail
+from evaluation.worker.sandbox import (
+    LOG_CAP_BYTES,
+)
+from evaluation.worker.specs import JobSpec, TaskSpec
+
+logger = logging.getLogger(__name__)
+
+RunStatus = EvaluationRun.Status
+VersionStatus = AdapterVersion.Status
+# The child, as the worker starts it. A test's worker bootstrap may swap it for a snippet.
+_SCORE_RANGE = {  # metric -> (lowest, highest) per-example score
+    "exact_match": (0.0, 1.0),
+    "contains": (0.0, 1.0),
+    "multiple_choice": (0.0, 1.0),
+    "mean_loglik": (-1e4, 1e-6),  # a mean log-probability: at most 0
+}
+
+
+def answer_validated(result: Any, job: JobSpec, version: AdapterVersion):
+    """The child's answer, checked: every task key, per-example lists as long as the
+    examples, finite numbers in the metric's range, a sketch of known module kinds."""
+    if not isinstance(result, dict):
+        raise ValueError("no result")
+    scores = result.get("scores")
+    if not isinstance(scores, dict) or set(scores) != {t.key for t in job.tasks}:
+        raise ValueError("the scores do not name exactly the tasks asked for")
+    checked: dict[str, tuple[list[float] | None, list[float]]] = {}
+    for task in job.tasks:
+        entry = scores[task.key]
+        if not isinstance(entry, dict) or set(entry) != {"base", "adapter"}:
+            raise ValueError(f"{task.key}: expected base and adapter scores")
+        adapter = _score_list(entry["adapter"], task, "adapter")
+        base = _score_list(entry["base"], task, "base") if task.score_base else None
+        if not task.score_base and entry["base"] is not None:
+            raise ValueError(f"{task.key}: base scores were not asked for")
+        checked[task.key] = (base, adapter)
+    sketch = result.get("sketch")
+    from evaluation.worker.sketch import BLOCK
+
+    if not isinstance(sketch, dict) or not set(sketch) <= set(version.target_modules):
+        raise ValueError("the weight sketch names modules the adapter does not target")
+    for kind, block in sketch.items():
+        if not isinstance(block, list) or len(block) != BLOCK or not all(_finite(x) for x in block):
+            raise ValueError(f"the weight sketch of {kind} is not {BLOCK} finite numbers")
+    return checked, sketch
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _score_list(values: Any, task: TaskSpec, which: str) -> list[float]:
+    if not isinstance(values, list) or len(values) != len(task.examples):
+        raise ValueError(f"{task.key}: {which} scores are not one per example")
+    low, high = _SCORE_RANGE.get(task.metric, (-math.inf, math.inf))
+    for value in values:
+        if not _finite(value) or not low <= value <= high:
+            raise ValueError(f"{task.key}: {which} score {value!r} is not a number in range")
+    return [float(v) for v in values]
+
+
+def signature_compute(
+    version: AdapterVersion, plan: Plan
+) -> tuple[tuple[list[float], int] | None, str]:
+    """(vector, prompt count) or None with a note: the run still counts without one (an
+    operator can compute it again), it must not fail the contributor's version."""
+    from evaluation.worker.signatures import signature_for
+
+    try:
+        return signature_for(version, tasks=plan.targeted), ""
+    except Exception as exc:
+        logger.exception("routing signature of version %s failed", version.pk)
+        return None, f"routing signature not computed: {type(exc).__name__}: {exc}"
+
+
+# --- Recording ------------------------------------------------------------------------------
+
+
+def _outcome(task: Task, name: str, base: list[float], adapter: list[float]) -> TaskOutcome:
+    from evaluation.worker.scoring import bootstrap_delta_ci
+
+    delta, low, high = bootstrap_delta_ci(
+        base, adapter, samples=settings.TESSERA_EVAL_BOOTSTRAP_SAMPLES, seed=0
+    )
+    return TaskOutcome(
+        name=name,
+        title=task.title,
+        n=len(adapter),
+        base_score=sum(base) / len(base),
+        adapter_score=sum(adapter) / len(adapter),
+        delta=delta,
+        ci_low=low,
+        ci_high=high,
+    )
+
+
+def _base_scores(plan: Plan, version: AdapterVersion, task: Task, fresh: list[float] | None):
+    """The base model's scores for a task: cached, or fresh and cached now. Two runs may
+    score the same task at once; the first to commit wins, the other uses its row."""
+    cached = plan.cached.get(task.pk)
+    if cached is not None:
+        return [float(x) for x in cached.scores]
+    assert fresh is not None
+    row, _ = BaseScore.objects.get_or_create(
+        base_model_id=version.base_model_id,
+        task=task,
+        split=Example.Split.HIDDEN,
+        defaults={"scores": fresh, "mean": sum(fresh) / len(fresh)},
+    )
+    return [float(x) for x in row.scores] if len(row.scores) == len(fresh) else fresh
+
+
+def results_record(
+    run, version, plan: Plan, scores, sketch, signature, worker: str, log: str
+) -> None:
+    from evaluation.worker.sketch import sketch_vector
+
+    policy = policy_from_settings()
+    now = timezone.now()
+    with transaction.atomic():
+        mine = (
+            EvaluationRun.objects.select_for_update()
+            .filter(pk=run.pk, status=RunStatus.RUNNING, claimed_by=worker)
+            .first()
+        )
+        if mine is None:
+            raise RunTakenAway()
+        outcomes: dict[int, TaskOutcome] = {}
+        for task in plan.tasks:
+            fresh, adapter = scores[task_key(task)]
+            base = _base_scores(plan, version, task, fresh)
+            outcome = _outcome(task, plan.names[task.pk], base, adapter)
+            outcomes[task.pk] = outcome
+            TaskResult.objects.create(
+                run=run,
+                task=task,
+                split=TaskResult.Split.HIDDEN,
+                is_target=task in plan.targeted,
+                n=outcome.n,
+                base_score=outcome.base_score,
+                adapter_score=outcome.adapter_score,
+                delta=outcome.delta,
+                ci_low=outcome.ci_low,
+                ci_high=outcome.ci_high,
+            )
+        for test_set in plan.test_sets:
+            base, adapter = scores[test_set_key(test_set)]
+            TestSetResult.objects.create(
+                run=run,
+                test_set=test_set,
+                n=len(adapter),
+                base_score=sum(base) / len(base) if base else 0.0,
+                adapter_score=sum(adapter) / len(adapter) if adapter else 0.0,
+            )
+        WeightSketch.objects.update_or_create(
+            version=version,
+            defaults={
+                "vector": sketch_vector(sketch, kinds=version.base_model.target_module_names)
+            },
+        )
+        if signature is not None:
+            from evaluation.worker.signatures import EMBEDDING_MODEL
+
+            RoutingSignature.objects.update_or_create(
+                version=version,
+                defaults={
+                    "embedding_model": EMBEDDING_MODEL,
+                    "vector": signature[0],
+                    "prompt_count": signature[1],
+                },
+            )
+        verdict = evaluate_policy(
+            targeted=[outcomes[t.pk] for t in plan.targeted],
+            general=[outcomes[t.pk] for t in plan.general],
+            min_gain=policy.min_gain,
+            max_general_drop=policy.max_general_drop,
+            adapter_tags=version.adapter.task_tags,
+            available_tags=selectors.task_tags_available(),
+        )
+        rule_results_store(run=run, outcome=verdict)
+        locked = AdapterVersion.objects.select_for_update().get(pk=version.pk)
+        needs_review = verdict.passed and admission_needs_review(version=locked, mode=policy.review)
+        EvaluationRun.objects.filter(pk=run.pk).update(
+            status=RunStatus.SUCCEEDED,
+            passed=verdict.passed,
+            needs_review=needs_review,
+            finished_at=now,
+            duration_seconds=(now - mine.started_at).total_seconds() if mine.started_at else None,
+            log=log[-LOG_CAP_BYTES:],
+            heartbeat_at=now,
+            progress_done=F("progress_total"),
+            progress_label="Finished",
+        )
+        concluded = None
+        if locked.status == VersionStatus.EVALUATING:
+            concluded = version_conclude(version=locked, outcome=verdict, needs_review=needs_review)
+    if concluded is not None and verdict.passed and not needs_review:
+        version_admit_automatically(version=concluded, outcome=verdict)
+
+
+def untargeted_finish(run: EvaluationRun, version: AdapterVersion, worker: str) -> None:
+    """No benchmark task meets the adapter's tags: the run fails with that rule, the child
+    never starts."""
+    from evaluation.models import RuleResult
+
+    rule = targets_rule(
+        targeted_count=0,
+        adapter_tags=version.adapter.task_tags,
+        available_tags=selectors.task_tags_available(),
+    )
+    with transaction.atomic():
+        if (
+            not EvaluationRun.objects.select_for_update()
+            .filter(pk=run.pk, status=RunStatus.RUNNING, claimed_by=worker)
+            .exists()
+        ):
+            raise RunTakenAway()
+        RuleResult.objects.create(
+            run=run, rule=rule.rule, passed=False, detail=rule.detail, values=rule.values
+        )
+        evaluation_run_fail(run=run, code="no_targeted_task", reason=rule.detail, worker=worker)
+        EvaluationRun.objects.filter(pk=run.pk).update(passed=False)
