@@ -261,7 +261,7 @@ def iter_random_adapters(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """The same adapters as ``random_adapters``, one at a time: loading a thousand of them
     must not hold a second copy of them all besides the registry's."""
-    from routing.engine.lora import linear_module_shapes
+    from multilora.lora import linear_module_shapes
 
     generator = torch.Generator().manual_seed(seed)
     shapes = {
@@ -300,7 +300,7 @@ def build_engine(
     tokenizer: Any,
     adapters: Iterable[dict[str, torch.Tensor]],
 ) -> Any:
-    from routing.engine import Engine
+    from multilora import Engine
 
     engine = Engine(load_model(base_model, device, dtype), tokenizer)
     for i, tensors in enumerate(adapters):
@@ -374,7 +374,7 @@ def hf_generate(
 def engine_generate(
     engine: Any, prompts: list[list[int]], adapters: Sequence[str | None], new_tokens: int
 ) -> None:
-    from routing.engine import GenerationRequest
+    from multilora import GenerationRequest
 
     requests = [
         GenerationRequest(

@@ -269,7 +269,7 @@ def embedding_steps(counts: list[int], args: argparse.Namespace) -> list[Step]:
 def arrow_steps(
     model, prompts: list[list[int]], counts: list[int], targets: tuple[str, ...], args
 ) -> list[Step]:
-    from routing.engine.lora import linear_module_shapes
+    from multilora.lora import linear_module_shapes
     from routing.router import (
         ArrowPrototypeBank,
         RoutingPolicy,
@@ -360,7 +360,7 @@ def arrow_steps(
 
 
 def whole_request_step(model, tokenizer, prompts: list[list[int]], args) -> Step:
-    from routing.engine import Engine, GenerationRequest
+    from multilora import Engine, GenerationRequest
 
     engine = Engine(model, tokenizer)  # wraps the model's linears: capture sees the wrappers
 

@@ -26,9 +26,9 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.views.decorators.csrf import csrf_exempt
 from pydantic import ValidationError
 
+from multilora import GenerationRequest, GenerationResult, StreamEvent
 from routing import limits, usage
 from routing.catalog import BASE_MODEL_ID, MIXTURE_MODEL_ID, Catalog, ServedAdapter
-from routing.engine import GenerationRequest, GenerationResult, StreamEvent
 from routing.inference import auth
 from routing.inference.errors import ApiError, from_validation, invalid_json
 from routing.inference.routing import RoutedRequest, route_request

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from routing.engine.lora import AdapterLoadError, parse_adapter
-from routing.engine.model import LoraLinear
+from multilora.lora import AdapterLoadError, parse_adapter
+from multilora.model import LoraLinear
 
 _TENSOR_NAME = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<half>[AB])\.weight$")
 

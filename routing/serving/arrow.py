@@ -18,8 +18,8 @@ import torch
 from django.db import close_old_connections
 
 from contributions.models import AdapterVersion
+from multilora import tensors_from_safetensors
 from routing.catalog import Catalog, ServedAdapter
-from routing.engine import tensors_from_safetensors
 from routing.router import ArrowPrototypeBank, arrow_prototypes, capture_module_inputs
 
 # A routing thread waits at most this long for the engine thread to take its base pass.

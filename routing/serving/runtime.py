@@ -17,8 +17,8 @@ from django.db import connections
 
 from contributions.base_models import base_model_load
 from contributions.selectors import base_model_active
+from multilora import Engine
 from routing.catalog import Catalog
-from routing.engine import Engine
 from routing.serving.scheduler import Scheduler
 from routing.serving.sync import MixtureSync
 

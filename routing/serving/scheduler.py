@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from routing.engine import Engine, GenerationError, GenerationRequest
+from multilora import Engine, GenerationError, GenerationRequest
 
 logger = logging.getLogger(__name__)
 

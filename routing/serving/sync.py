@@ -17,14 +17,26 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from django.db import close_old_connections, connection
 
 from contributions.models import AdapterVersion
+from multilora import AdapterLoadError, Engine, LoraRegistry, tensors_from_safetensors
 from routing import selectors
 from routing.catalog import Catalog, ServedAdapter
-from routing.engine import AdapterLoadError, Engine, add_adapter_version
+
+
+def add_adapter_version(registry: LoraRegistry, version: Any, *, key: str) -> int:
+    """Load a stored AdapterVersion under ``key`` from our validated config
+    (``adapter_config``) and its weights file's tensors; return its slot."""
+    with version.weights_file.open("rb") as weights:
+        data = weights.read()
+    return registry.add(
+        key, lora_config=version.adapter_config, tensors=tensors_from_safetensors(data)
+    )
+
 
 logger = logging.getLogger(__name__)
 

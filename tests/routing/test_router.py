@@ -24,8 +24,8 @@ from peft.tuners.lora.arrow import ArrowLoraLinearLayer
 from transformers import AutoModelForCausalLM
 
 from evaluation.worker.signatures import centroid, embed
+from multilora import LoraRegistry, MultiLoraModel
 from routing.catalog import BASE_MODEL_ID, MIXTURE_MODEL_ID, Catalog, ServedAdapter
-from routing.engine import LoraRegistry, MultiLoraModel
 from routing.router import (
     MAX_SCORES,
     ArrowPrototypeBank,

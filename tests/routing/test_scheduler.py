@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from routing.engine import Engine, GenerationRequest
+from multilora import Engine, GenerationRequest
 from routing.serving.scheduler import Failure, Job, QueueFull, Scheduler
 from tests.support.tiny_model import tiny_llama_config, tiny_tokenizer
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from contributions import services
 from contributions.models import AdapterVersion
-from routing.engine import Engine
+from multilora import Engine
 from routing.serving import sync as sync_module
 from routing.serving.sync import MixtureSync, engine_key
 from tests.routing.conftest import UNITS_PROMPTS, admitted_version

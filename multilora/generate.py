@@ -2,7 +2,7 @@
 batch, each row with its own adapter, sampling settings, stop sequences and limits.
 
 The loop is ours rather than ``model.generate`` because every row needs its own adapter (a
-binding, see routing.engine.model), its own temperature/top-p/seed, its own stop strings and
+binding, see multilora.model), its own temperature/top-p/seed, its own stop strings and
 its own cancellation, and because the streaming form must hand out text as it is made.
 
 One generation runs at a time per engine (the LoRA binding lives on the shared modules); a
@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from routing.engine.lora import NO_ADAPTER, LoraRegistry
-from routing.engine.model import DEFAULT_MAX_BOUND_BYTES, Binding, MultiLoraModel
-from routing.engine.sampling import Sampler
+from multilora.lora import NO_ADAPTER, LoraRegistry
+from multilora.model import DEFAULT_MAX_BOUND_BYTES, Binding, MultiLoraModel
+from multilora.sampling import Sampler
 
 FinishReason = Literal["stop", "length", "cancelled"]
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -126,14 +126,6 @@ class Engine:
         self._cancel_lock = threading.Lock()
         self._running: set[str] = set()
         self._cancelled: set[str] = set()
-
-    @classmethod
-    def load(cls, base_model: Any, *, dtype: torch.dtype = torch.float32, **kwargs: Any) -> Engine:
-        """An engine over the prepared copy of a contributions BaseModel."""
-        from contributions.base_models import base_model_load
-
-        model, tokenizer = base_model_load(base_model, dtype=dtype)
-        return cls(model, tokenizer, **kwargs)
 
     # --- Adapters ---------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from routing.engine.lora import NO_ADAPTER, LoraRegistry, ModuleStack
+from multilora.lora import NO_ADAPTER, LoraRegistry, ModuleStack
 
 DEFAULT_MAX_BOUND_BYTES = 512 * 1024 * 1024
 

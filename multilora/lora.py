@@ -158,7 +158,7 @@ class LoraRegistry:
         The weights' dtype defaults to the model's, except under a half-precision base on
         the CPU: float32 there, as PEFT keeps them, because CPU half-precision batched
         matmuls of LoRA's tiny shapes are several times slower than float32 ones (see
-        routing.engine.model).
+        multilora.model).
         """
         parameter = next(model.parameters())
         kwargs.setdefault("device", parameter.device)

@@ -26,16 +26,16 @@ from safetensors.torch import load, save
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from contributions.intake.config import parse_config
-from routing.engine import (
+from multilora import (
     NO_ADAPTER,
     AdapterLoadError,
     Engine,
     GenerationError,
     GenerationRequest,
     LoraRegistry,
-    add_adapter_version,
 )
-from routing.engine.model import _GatheredLora, _LazyLora, _SharedLora
+from multilora.model import _GatheredLora, _LazyLora, _SharedLora
+from routing.serving.sync import add_adapter_version
 from tests.support.crafted import real_adapter
 from tests.support.tiny_model import save_tiny_llama, tiny_architecture
 
