@@ -5,11 +5,13 @@ Reads a JobSpec as JSON on stdin; writes JSON lines on stdout: ``{"progress": do
 "total": n, "label": ...}`` as it goes and one final ``{"result": {...}}``; logs to stderr.
 
 It imports no Django and sees no database: only the base model's folder (read-only), a
-read-only copy of the adapter's safetensors file and the job. The LoRA is built from our
-validated config only (``JobSpec.lora_config``, never the contributor's adapter_config.json,
-which is not even copied), with ``peft.LoraConfig(**config)`` + ``get_peft_model`` +
-``set_peft_model_state_dict`` on tensors read by ``safetensors.torch.load_file``. No
-``from_pretrained`` on anything the contributor sent, no pickle, no remote code.
+read-only copy of the adapter's safetensors file and the job. It scores with the serving
+engine (multilora), so what was measured is what is served: the LoRA is loaded into the
+engine's registry from our validated config only (``JobSpec.lora_config``, never the
+contributor's adapter_config.json, which is not even copied) and the tensors read by
+``safetensors.torch.load_file``, and the base model's rows and the adapter's rows share
+batches (one forward per step for both). No ``from_pretrained`` on anything the
+contributor sent, no pickle, no remote code.
 
 Result::
 
@@ -86,8 +88,9 @@ def evaluate(spec, protocol: _Protocol) -> dict[str, Any]:
     started = time.monotonic()
     import torch
 
-    from evaluation.worker.scoring import score_task
+    from evaluation.worker.scoring import score_task_variants
     from evaluation.worker.sketch import sketch_from_tensors
+    from multilora import NO_ADAPTER
 
     torch.manual_seed(spec.seed)
     timings["import"] = time.monotonic() - started
@@ -99,21 +102,8 @@ def evaluate(spec, protocol: _Protocol) -> dict[str, Any]:
     baseline = _memory()
     _log(f"base model loaded from {spec.base_model_path}; memory {baseline}")
 
-    total = sum(len(t.examples) * (2 if t.score_base else 1) for t in spec.tasks)
-    progress = _Progress(protocol, total)
-    scores: dict[str, dict[str, Any]] = {t.key: {"base": None, "adapter": None} for t in spec.tasks}
-
     mark = time.monotonic()
-    for task in spec.tasks:
-        if task.score_base:
-            progress.start(f"base model: {task.key}")
-            scores[task.key]["base"] = score_task(
-                model, tokenizer, task, batch_size=spec.batch_size, progress=progress.advance
-            )
-    timings["score_base"] = time.monotonic() - mark
-
-    mark = time.monotonic()
-    model, tensors = _apply_lora(model, spec)
+    lora, slot, tensors = _load_lora(model, spec)
     timings["load_adapter"] = time.monotonic() - mark
     scale = float(spec.lora_config["lora_alpha"]) / float(spec.lora_config["r"])
     sketch = sketch_from_tensors(
@@ -121,13 +111,26 @@ def evaluate(spec, protocol: _Protocol) -> dict[str, Any]:
     )
     del tensors
 
+    total = sum(len(t.examples) * (2 if t.score_base else 1) for t in spec.tasks)
+    progress = _Progress(protocol, total)
+    scores: dict[str, dict[str, Any]] = {t.key: {"base": None, "adapter": None} for t in spec.tasks}
     mark = time.monotonic()
     for task in spec.tasks:
-        progress.start(f"with the adapter: {task.key}")
-        scores[task.key]["adapter"] = score_task(
-            model, tokenizer, task, batch_size=spec.batch_size, progress=progress.advance
+        variants = [NO_ADAPTER, slot] if task.score_base else [slot]
+        progress.start(f"base model and adapter: {task.key}" if task.score_base else task.key)
+        measured = score_task_variants(
+            model,
+            tokenizer,
+            task,
+            variants=variants,
+            bind=lora.adapters,
+            batch_size=spec.batch_size,
+            progress=progress.advance,
         )
-    timings["score_adapter"] = time.monotonic() - mark
+        scores[task.key]["adapter"] = measured[-1]
+        if task.score_base:
+            scores[task.key]["base"] = measured[0]
+    timings["score"] = time.monotonic() - mark
     timings["total"] = time.monotonic() - started
     peak = _memory()
     return {
@@ -168,28 +171,21 @@ def _load_base(path: str, device: str):
     return model, tokenizer
 
 
-def _apply_lora(model, spec):
-    """LoRA from our validated config and the safetensors tensors; every tensor must land."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+def _load_lora(model, spec):
+    """The engine's LoRA wrapping of ``model``, with the adapter loaded into its registry from
+    our validated config and the safetensors tensors (the engine refuses tensors that do not
+    fit the config, or a config it cannot serve)."""
     from safetensors.torch import load_file
 
-    config = LoraConfig(**spec.lora_config)
-    model = get_peft_model(model, config)
+    from multilora import LoraRegistry, MultiLoraModel
+
+    registry = LoraRegistry.for_model(model)
+    lora = MultiLoraModel(model, registry)
     tensors = load_file(str(Path(spec.adapter_dir) / WEIGHTS_NAME), device="cpu")
-    dtype = next(model.parameters()).dtype
-    state = {name: t.to(dtype) for name, t in tensors.items()}
-    loaded = set_peft_model_state_dict(model, state)
-    unexpected = list(getattr(loaded, "unexpected_keys", []) or [])
-    missing = [k for k in (getattr(loaded, "missing_keys", []) or []) if "lora_" in k]
-    if unexpected or missing:
-        raise RuntimeError(
-            f"the adapter's tensors do not fit its config: unexpected {unexpected[:5]}, "
-            f"missing {missing[:5]}"
-        )
-    model.to(spec.device)
-    model.eval()
-    _log(f"LoRA applied: {len(tensors)} tensors, r={config.r}, alpha={config.lora_alpha}")
-    return model, tensors
+    slot = registry.add("adapter", lora_config=spec.lora_config, tensors=tensors)
+    config = spec.lora_config
+    _log(f"LoRA loaded: {len(tensors)} tensors, r={config['r']}, alpha={config['lora_alpha']}")
+    return lora, slot, tensors
 
 
 def main() -> int:

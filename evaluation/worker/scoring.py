@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -121,33 +121,92 @@ def score_task(
     per token (negative; higher is better). ``progress``, when given, is called after each
     batch with the number of examples just finished (so the calls sum to len(examples)).
     """
+    return score_task_variants(
+        model, tokenizer, task, variants=[0], batch_size=batch_size, progress=progress
+    )[0]
+
+
+# Binds a batch's rows to model variants (one slot per row) for the forwards inside it;
+# multilora.MultiLoraModel.adapters is one.
+Bind = Callable[[list[int]], AbstractContextManager[Any]]
+
+
+def score_task_variants(
+    model: Any,
+    tokenizer: Any,
+    task: TaskSpec,
+    *,
+    variants: Sequence[int],
+    batch_size: int,
+    bind: Bind | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[float]]:
+    """``score_task`` for several variants of one model at once: the scores of each
+    variant (e.g. the base model and every adapter, by engine slot) in ``variants``' order.
+
+    Every (variant, example) is one row, and rows of different variants share batches: a
+    batch's forwards run inside ``bind(slots)`` with each row's slot, so the base model and
+    any number of adapters are scored in the same forwards. Rows are ordered by length with
+    ties kept together, so one prompt's variants usually share a batch. ``progress`` counts
+    rows (variants × examples). Without ``bind`` only one variant makes sense.
+    """
     if task.metric not in METRICS:
         raise ValueError(f"unknown metric {task.metric!r}")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    if bind is None and len(variants) != 1:
+        raise ValueError("several variants need a bind")
     examples = task.examples
-    if not examples:
-        return []
+    if not examples or not variants:
+        return [[] for _ in variants]
     prompts = [chat_prompt(tokenizer, task.prompt_template, ex.fields) for ex in examples]
+    rows = [(v, i) for v in range(len(variants)) for i in range(len(examples))]
+    row_prompts = [prompts[i] for _, i in rows]
+    row_slots = [int(variants[v]) for v, _ in rows]
+    row_examples = [examples[i] for _, i in rows]
+    scores: list[float]
     with _eval_mode(model):
         if task.metric in GENERATIVE_METRICS:
             answers = generate_answers(
                 model,
                 tokenizer,
-                prompts,
+                row_prompts,
                 max_new_tokens=task.max_new_tokens,
                 batch_size=batch_size,
                 progress=progress,
+                slots=row_slots,
+                bind=bind,
             )
             metric = exact_match if task.metric == "exact_match" else contains
-            return [metric(answer, ex.target) for answer, ex in zip(answers, examples, strict=True)]
-        if task.metric == "multiple_choice":
-            return _score_multiple_choice(model, tokenizer, prompts, examples, batch_size, progress)
-        pairs = [(prompt, ex.target) for prompt, ex in zip(prompts, examples, strict=True)]
-        sums, counts = continuation_logliks(
-            model, tokenizer, pairs, batch_size=batch_size, progress=progress
-        )
-        return [s / c if c else 0.0 for s, c in zip(sums, counts, strict=True)]
+            scores = [
+                metric(answer, ex.target) for answer, ex in zip(answers, row_examples, strict=True)
+            ]
+        elif task.metric == "multiple_choice":
+            scores = _score_multiple_choice(
+                model, tokenizer, row_prompts, row_examples, batch_size, progress, row_slots, bind
+            )
+        else:
+            pairs = [
+                (prompt, ex.target) for prompt, ex in zip(row_prompts, row_examples, strict=True)
+            ]
+            sums, counts = continuation_logliks(
+                model,
+                tokenizer,
+                pairs,
+                batch_size=batch_size,
+                progress=progress,
+                slots=row_slots,
+                bind=bind,
+            )
+            scores = [s / c if c else 0.0 for s, c in zip(sums, counts, strict=True)]
+    n = len(examples)
+    return [scores[v * n : (v + 1) * n] for v in range(len(variants))]
+
+
+def _bound(bind: Bind | None, slots: Sequence[int] | None, batch: Sequence[int]):
+    if bind is None or slots is None:
+        return nullcontext()
+    return bind([slots[i] for i in batch])
 
 
 def generate_answers(
@@ -158,6 +217,8 @@ def generate_answers(
     max_new_tokens: int,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    slots: Sequence[int] | None = None,
+    bind: Bind | None = None,
 ) -> list[str]:
     """Greedy answers to chat-templated ``prompts`` (text after the prompt, special tokens
     dropped), batched with left padding. Prompts are batched in order of length, to waste
@@ -169,6 +230,8 @@ def generate_answers(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         progress=progress,
+        slots=slots,
+        bind=bind,
     )
     return [tokenizer.decode(answer, skip_special_tokens=True) for answer in ids]
 
@@ -181,6 +244,8 @@ def generate_ids(
     max_new_tokens: int,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    slots: Sequence[int] | None = None,
+    bind: Bind | None = None,
 ) -> list[list[int]]:
     """The greedy answers' token ids: up to and including the first end-of-sequence token
     when the model emitted one within ``max_new_tokens``, never any padding."""
@@ -208,7 +273,7 @@ def generate_ids(
             ids = encoded[i]
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
-        with torch.inference_mode():
+        with torch.inference_mode(), _bound(bind, slots, batch):
             output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
@@ -231,6 +296,8 @@ def continuation_logliks(
     *,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    slots: Sequence[int] | None = None,
+    bind: Bind | None = None,
 ) -> tuple[list[float], list[int]]:
     """For each (chat-templated prompt, continuation): the summed log-likelihood of the
     continuation's tokens after the prompt, and their number. Batched with right padding
@@ -256,7 +323,7 @@ def continuation_logliks(
             ids = items[i][0] + items[i][1]
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
-        with torch.inference_mode():
+        with torch.inference_mode(), _bound(bind, slots, batch):
             logits = model(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
             ).logits.float()
@@ -284,13 +351,17 @@ def _score_multiple_choice(
     examples: Sequence[ExampleSpec],
     batch_size: int,
     progress: Callable[[int], None] | None,
+    slots: Sequence[int] | None = None,
+    bind: Bind | None = None,
 ) -> list[float]:
     pairs: list[tuple[str, str]] = []
+    pair_slots: list[int] = []
     for index, (prompt, example) in enumerate(zip(prompts, examples, strict=True)):
         if not example.choices:
             raise ValueError(f"example {index} of a multiple_choice task has no choices")
         for choice in example.choices:
             pairs.append((prompt, choice))
+            pair_slots.append(slots[index] if slots is not None else 0)
     # Choices are batched across examples (in order of length), so progress is reported in
     # examples in proportion to the choices scored, the remainder at the end.
     state = {"pairs": 0, "reported": 0}
@@ -305,7 +376,13 @@ def _score_multiple_choice(
                 state["reported"] = whole
 
     sums, _counts = continuation_logliks(
-        model, tokenizer, pairs, batch_size=batch_size, progress=reporter
+        model,
+        tokenizer,
+        pairs,
+        batch_size=batch_size,
+        progress=reporter,
+        slots=pair_slots if slots is not None else None,
+        bind=bind,
     )
     scores: list[float] = []
     cursor = 0
