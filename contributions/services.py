@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -56,6 +57,36 @@ TRANSITIONS: dict[str, frozenset[str]] = {
         }
     ),
 }
+
+
+@dataclass(frozen=True)
+class VersionTransition:
+    """What a transition listener is told. ``batched``: the caller makes several changes
+    and acts once for all of them afterwards (a rollback publishes one mixture)."""
+
+    version: AdapterVersion
+    from_status: str
+    to_status: str
+    actor: AbstractBaseUser | None
+    reason: str
+    batched: bool = False
+
+
+TransitionListener = Callable[[VersionTransition], None]
+
+# Who acts on a status change, in order: evaluation queues a validated version's run,
+# routing publishes a mixture when a version enters or leaves ``admitted``. The apps above
+# contributions append themselves here in their AppConfig.ready(), so contributions imports
+# neither of them. Each listener runs inside the transition's transaction: if it raises,
+# the transition is rolled back with it.
+on_version_transition: list[TransitionListener] = []
+
+
+def version_transition_listen(listener: TransitionListener) -> None:
+    """Register ``listener`` once (ready() may run more than once, e.g. in tests)."""
+    if listener not in on_version_transition:
+        on_version_transition.append(listener)
+
 
 MIN_EXAMPLE_PROMPTS = 3
 MAX_EXAMPLE_PROMPTS = 50
@@ -341,8 +372,8 @@ def adapter_update(*, adapter: Adapter, actor: AbstractBaseUser, **changes) -> A
 def adapter_version_create(
     *, adapter: Adapter, actor: AbstractBaseUser, parts: Sequence[UploadPart]
 ) -> AdapterVersion:
-    """Validate an upload and store it as the adapter's next version, then queue its
-    evaluation: status ``queued``, with an EvaluationRun whose task is sent after commit.
+    """Validate an upload and store it as the adapter's next version, ``validated``; the
+    transition's listeners queue its evaluation in the same transaction.
 
     Validation runs before anything is written; if anything after it fails, the files
     already written are removed again, so a refused upload leaves nothing behind.
@@ -387,11 +418,6 @@ def adapter_version_create(
                 actor=None,
                 reason="Intake checks passed: format, safety, config and every tensor shape.",
             )
-            # Lazy import: evaluation's models import contributions (a top-level import
-            # would be circular).
-            from evaluation.services.runs import evaluation_run_create
-
-            evaluation_run_create(version=version)
     except BaseException as exc:
         for name in written:
             default_storage.delete(name)
@@ -452,14 +478,14 @@ def adapter_version_transition(
     actor: AbstractBaseUser | None,
     reason: str = "",
     action: str = "",
-    publish_mixture: bool = True,
+    batched: bool = False,
 ) -> AdapterVersion:
     """Move a version to ``to_status`` if, and only if, it is still where the caller saw it.
 
     The update is a compare-and-set on (pk, status): of two workers or maintainers acting
     on the same version at once, exactly one wins; the other gets a ``status_conflict``.
-    Entering or leaving ``admitted`` publishes a new mixture snapshot in the same
-    transaction (``publish_mixture=False`` lets a caller publish once for many changes).
+    Then every listener in ``on_version_transition`` is called, in the same transaction
+    (``batched=True`` tells them the caller acts once for many changes).
     """
     allowed_from = TRANSITIONS.get(to_status)
     if allowed_from is None:
@@ -473,6 +499,7 @@ def adapter_version_transition(
             details={"from": from_status, "to": to_status},
         )
     now = timezone.now()
+    previous_changed_at = version.status_changed_at
     with transaction.atomic():
         updated = AdapterVersion.objects.filter(pk=version.pk, status=from_status).update(
             status=to_status, status_changed_at=now
@@ -492,16 +519,22 @@ def adapter_version_transition(
             to_status=to_status,
             reason=reason,
         )
-        if publish_mixture and Status.ADMITTED in (from_status, to_status):
-            # Lazy import: routing's models import contributions.
-            from routing.services import mixture_publish
-
-            mixture_publish(
-                reason=f"{version.adapter} v{version.number}: {from_status} → {to_status}",
-                actor=actor,
-            )
-    version.status = to_status
-    version.status_changed_at = now
+        version.status = to_status
+        version.status_changed_at = now
+        event = VersionTransition(
+            version=version,
+            from_status=from_status,
+            to_status=to_status,
+            actor=actor,
+            reason=reason,
+            batched=batched,
+        )
+        try:
+            for listener in list(on_version_transition):
+                listener(event)
+        except BaseException:
+            version.status, version.status_changed_at = from_status, previous_changed_at
+            raise
     return version
 
 

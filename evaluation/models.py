@@ -93,16 +93,30 @@ class Task(models.Model):
 
 
 class Example(models.Model):
-    """One example. Hidden ones are never shown or returned by any page or API."""
+    """One example. Hidden and paraphrase ones are never shown or returned by any page or
+    API.
+
+    The paraphrase split asks the task's question in wordings that no public example,
+    training file or adapter's example prompt uses, so that routing and scores are not
+    judged only on the templates adapters were trained on. Its examples carry their own
+    ``prompt_template`` (the task's template appends an answer-format line that these
+    prompts must not have); public and hidden examples leave it blank and use the task's.
+    """
 
     class Split(models.TextChoices):
         PUBLIC = "public", "Public"
         HIDDEN = "hidden", "Hidden"
+        PARAPHRASE = "paraphrase", "Paraphrase (hidden)"
 
     task = models.ForeignKey(Task, on_delete=models.PROTECT, related_name="examples")
-    split = models.CharField(max_length=6, choices=Split.choices)
+    split = models.CharField(max_length=10, choices=Split.choices)
     position = models.PositiveIntegerField()
     fields = models.JSONField(help_text="Values for the task's prompt template.")
+    prompt_template = models.TextField(
+        blank=True,
+        default="",
+        help_text="This example's own template (paraphrase examples); blank: the task's.",
+    )
     target = models.TextField()
     choices = models.JSONField(default=list, blank=True)
 
@@ -116,6 +130,11 @@ class Example(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task} {self.split} #{self.position}"
+
+    @property
+    def template(self) -> str:
+        """The template this example's prompt is rendered with."""
+        return self.prompt_template or self.task.prompt_template
 
 
 class EvaluationRun(models.Model):
@@ -136,6 +155,9 @@ class EvaluationRun(models.Model):
     max_attempts = models.PositiveSmallIntegerField(default=2)
     claimed_by = models.CharField(max_length=200, blank=True, help_text="host:pid of the worker.")
     created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the run's task message was last sent."
+    )
     started_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     deadline_at = models.DateTimeField(null=True, blank=True)
@@ -169,6 +191,8 @@ class EvaluationRun(models.Model):
             models.Index(
                 fields=["deadline_at"], condition=Q(status="running"), name="run_running_idx"
             ),
+            # The reaper: queued runs whose message was sent long ago (it may be lost).
+            models.Index(fields=["sent_at"], condition=Q(status="queued"), name="run_queued_idx"),
         ]
 
     def __str__(self) -> str:
@@ -182,10 +206,11 @@ class TaskResult(models.Model):
     class Split(models.TextChoices):
         HIDDEN = "hidden", "Hidden (decides admission)"
         PUBLIC = "public", "Public"
+        PARAPHRASE = "paraphrase", "Paraphrase (hidden)"
 
     run = models.ForeignKey(EvaluationRun, on_delete=models.CASCADE, related_name="task_results")
     task = models.ForeignKey(Task, on_delete=models.PROTECT, related_name="+")
-    split = models.CharField(max_length=6, choices=Split.choices, default=Split.HIDDEN)
+    split = models.CharField(max_length=10, choices=Split.choices, default=Split.HIDDEN)
     is_target = models.BooleanField(help_text="False for the general suite's tasks.")
     n = models.PositiveIntegerField()
     base_score = models.FloatField()
@@ -210,7 +235,7 @@ class BaseScore(models.Model):
 
     base_model = models.ForeignKey(BaseModel, on_delete=models.CASCADE, related_name="+")
     task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="+")
-    split = models.CharField(max_length=6, choices=Example.Split.choices)
+    split = models.CharField(max_length=10, choices=Example.Split.choices)
     scores = models.JSONField(help_text="Per-example scores in example order.")
     mean = models.FloatField()
     created_at = models.DateTimeField(auto_now_add=True)

@@ -10,6 +10,7 @@ from django.db.models import Max
 from django.utils import timezone
 
 from contributions.models import AdapterVersion, BaseModel
+from contributions.services import VersionTransition, adapter_version_transition
 from routing.models import MixtureMember, MixtureVersion
 
 
@@ -58,6 +59,19 @@ def mixture_publish(*, reason: str, actor: AbstractBaseUser | None = None) -> Mi
     return mixture
 
 
+def mixture_follow_transition(event: VersionTransition) -> None:
+    """Transition listener (registered in RoutingConfig.ready): a version entering or
+    leaving ``admitted`` publishes a new snapshot in the same transaction, unless the
+    caller batches several changes and publishes once itself."""
+    if event.batched or AdapterVersion.Status.ADMITTED not in (event.from_status, event.to_status):
+        return
+    version = event.version
+    mixture_publish(
+        reason=f"{version.adapter} v{version.number}: {event.from_status} → {event.to_status}",
+        actor=event.actor,
+    )
+
+
 def mixture_rollback(*, mixture: MixtureVersion, actor: AbstractBaseUser) -> MixtureVersion:
     """Serve an earlier snapshot again, as a new mixture version.
 
@@ -65,8 +79,6 @@ def mixture_rollback(*, mixture: MixtureVersion, actor: AbstractBaseUser) -> Mix
     versions admitted since that snapshot (with the reason, in the audit trail). Versions
     of the snapshot withdrawn or suspended since stay out: a rollback never resurrects them.
     """
-    from contributions.services import adapter_version_transition
-
     Status = AdapterVersion.Status
     with transaction.atomic():
         _lock_mixture()
@@ -79,6 +91,6 @@ def mixture_rollback(*, mixture: MixtureVersion, actor: AbstractBaseUser) -> Mix
                 to_status=Status.SUSPENDED,
                 actor=actor,
                 reason=reason,
-                publish_mixture=False,
+                batched=True,
             )
         return mixture_publish(reason=reason, actor=actor)

@@ -237,6 +237,9 @@ TESSERA_EVAL_MAX_ATTEMPTS = env.int("TESSERA_EVAL_MAX_ATTEMPTS", default=2)
 TESSERA_EVAL_DEADLINE_SECONDS = env.int("TESSERA_EVAL_DEADLINE_SECONDS", default=25 * 60)
 TESSERA_EVAL_HEARTBEAT_SECONDS = env.float("TESSERA_EVAL_HEARTBEAT_SECONDS", default=3.0)
 TESSERA_EVAL_STALE_AFTER_SECONDS = env.int("TESSERA_EVAL_STALE_AFTER_SECONDS", default=90)
+# A run still queued this long after its message was sent gets a fresh message from the
+# reaper (a broker that lost it, a send that failed); the claim makes a duplicate harmless.
+TESSERA_EVAL_RESEND_QUEUED_SECONDS = env.int("TESSERA_EVAL_RESEND_QUEUED_SECONDS", default=600)
 TESSERA_EVAL_BATCH_SIZE = env.int("TESSERA_EVAL_BATCH_SIZE", default=16)
 TESSERA_EVAL_BOOTSTRAP_SAMPLES = env.int("TESSERA_EVAL_BOOTSTRAP_SAMPLES", default=2000)
 # The sandbox: "auto" picks bubblewrap, else unshare (root), for a child with no network.

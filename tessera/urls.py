@@ -13,4 +13,5 @@ urlpatterns = [
     path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="api-redoc"),
     path("", include("contributions.portal.urls")),
     path("", include("evaluation.portal.urls")),
+    path("", include("routing.portal.urls")),
 ]

@@ -14,8 +14,6 @@ from contributions import selectors
 from contributions.intake import IntakeLimits
 from contributions.licenses import LICENSE_CHOICES
 from contributions.models import Adapter, AdapterVersion, ApiToken, AuditEvent, BaseModel
-from routing.limits import TokenLimits, token_limits
-from routing.usage_selectors import UsageTotals, key_usage_totals
 from tessera.errors import DomainError
 
 
@@ -63,28 +61,6 @@ def adapter_events(*, adapter: Adapter) -> list[AuditEvent]:
 
 def api_token_list(*, user: AbstractBaseUser) -> QuerySet[ApiToken]:
     return ApiToken.objects.filter(user=user).order_by("-created_at", "-id")
-
-
-@dataclass(frozen=True)
-class ApiTokenRow:
-    token: ApiToken
-    limits: TokenLimits
-    usage: UsageTotals
-
-
-def api_token_rows(*, user: AbstractBaseUser, usage_days: int) -> list[ApiTokenRow]:
-    """The user's tokens with their effective limits and their usage over the last
-    ``usage_days`` UTC days (as of the last usage flush)."""
-    tokens = list(api_token_list(user=user))
-    usage = key_usage_totals(token_ids=[token.pk for token in tokens], days=usage_days)
-    return [
-        ApiTokenRow(
-            token=token,
-            limits=token_limits(token=token),
-            usage=usage.get(token.pk, UsageTotals()),
-        )
-        for token in tokens
-    ]
 
 
 def api_token_get_owned(*, user: AbstractBaseUser, token_id: int) -> ApiToken:

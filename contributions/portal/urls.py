@@ -27,6 +27,4 @@ urlpatterns = [
         views.version_withdraw,
         name="version-withdraw",
     ),
-    path("tokens/", views.tokens, name="tokens"),
-    path("tokens/<int:token_id>/revoke/", views.token_revoke, name="token-revoke"),
 ]

@@ -1,16 +1,22 @@
-"""The reaper (Celery beat): runs past their deadline, runs whose worker is lost."""
+"""The reaper (Celery beat): runs past their deadline, runs whose worker is lost, and runs
+queued so long since their message was sent that it may be lost."""
 
 import logging
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.db.models import Q
 from django.utils import timezone
 
 from contributions.models import AdapterVersion
 from evaluation.models import (
     EvaluationRun,
 )
-from evaluation.services.runs import evaluation_run_fail, evaluation_run_requeue
+from evaluation.services.runs import (
+    evaluation_run_fail,
+    evaluation_run_requeue,
+    evaluation_run_resend,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +35,13 @@ def evaluation_runs_reap(*, now: datetime | None = None) -> dict[str, list[int]]
     finishing at the same moment wins or loses cleanly (its own CAS then fails and it
     records nothing).
 
-    Queued runs are left alone, however old: a long queue with busy workers is not a fault,
-    and with no worker consuming the queue there is nobody to help. Their age shows on the
-    status page; an operator starts workers (or re-sends the task)."""
+    A queued run whose message was sent more than TESSERA_EVAL_RESEND_QUEUED_SECONDS ago
+    gets a fresh one: the broker may have lost it (a filesystem broker without its folders,
+    a flushed Redis) or the send failed. In a long queue that makes a duplicate message,
+    which costs one indexed read: the claim admits one worker, the others see it taken."""
     now = now or timezone.now()
     stale_before = now - timedelta(seconds=settings.TESSERA_EVAL_STALE_AFTER_SECONDS)
-    report: dict[str, list[int]] = {"deadline": [], "requeued": [], "lost": []}
+    report: dict[str, list[int]] = {"deadline": [], "requeued": [], "lost": [], "resent": []}
     running = EvaluationRun.objects.filter(status=RunStatus.RUNNING)
     for run in running.filter(deadline_at__lt=now):
         if evaluation_run_fail(
@@ -68,4 +75,11 @@ def evaluation_runs_reap(*, now: datetime | None = None) -> dict[str, list[int]]
             run=run, code="worker_lost", reason="The run had no heartbeat.", worker=run.claimed_by
         ):
             report["lost"].append(run.pk)
+    resend_before = now - timedelta(seconds=settings.TESSERA_EVAL_RESEND_QUEUED_SECONDS)
+    waiting = EvaluationRun.objects.filter(status=RunStatus.QUEUED).filter(
+        Q(sent_at__lt=resend_before) | Q(sent_at__isnull=True, created_at__lt=resend_before)
+    )
+    for run in waiting.order_by("pk"):
+        if evaluation_run_resend(run=run, now=now):
+            report["resent"].append(run.pk)
     return report

@@ -41,7 +41,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from contributions.models import AdapterVersion
-from contributions.services import adapter_version_transition
+from contributions.services import VersionTransition, adapter_version_transition
 from evaluation.models import (
     EvaluationRun,
 )
@@ -88,18 +88,28 @@ def evaluation_run_create(*, version: AdapterVersion) -> EvaluationRun:
             reason=f"Queued for evaluation ({queue}).",
         )
         run = EvaluationRun.objects.create(
-            version=version, queue=queue, max_attempts=settings.TESSERA_EVAL_MAX_ATTEMPTS
+            version=version,
+            queue=queue,
+            max_attempts=settings.TESSERA_EVAL_MAX_ATTEMPTS,
+            sent_at=timezone.now(),
         )
         run_id = run.pk
         transaction.on_commit(lambda: run_enqueue(run_id=run_id, queue=queue))
     return run
 
 
+def version_validated_queue(event: VersionTransition) -> None:
+    """Transition listener (registered in EvaluationConfig.ready): a version that passed
+    intake is queued for evaluation in the same transaction."""
+    if event.to_status == VersionStatus.VALIDATED:
+        evaluation_run_create(version=event.version)
+
+
 def run_enqueue(*, run_id: int, queue: str) -> None:
     """Send ``evaluation.evaluate_run``. Called after commit. A broker that is down here is
     logged, not raised: the upload (or the reaper's work) has committed and must not look
-    failed. Such a run stays queued with no message; the reaper leaves queued runs alone
-    (a long queue is not a fault), so an operator re-sends it (``evaluate_run.delay``)."""
+    failed. Such a run stays queued with no message until the reaper sends it again
+    (``evaluation_run_resend``)."""
     from evaluation.tasks import evaluate_run
 
     try:
@@ -267,6 +277,7 @@ def evaluation_run_requeue(*, run: EvaluationRun, reason: str) -> bool:
             claimed_by="",
             heartbeat_at=None,
             deadline_at=None,
+            sent_at=timezone.now(),
             progress_label=reason[:200],
         )
         if moved != 1:
@@ -276,6 +287,22 @@ def evaluation_run_requeue(*, run: EvaluationRun, reason: str) -> bool:
             adapter_version_transition(
                 version=version, to_status=VersionStatus.QUEUED, actor=None, reason=reason
             )
+        run_id, queue = run.pk, run.queue
+        transaction.on_commit(lambda: run_enqueue(run_id=run_id, queue=queue))
+    return True
+
+
+def evaluation_run_resend(*, run: EvaluationRun, now: datetime | None = None) -> bool:
+    """A queued run's message is sent again (the reaper, for a run queued too long since
+    its last message). CAS on the ``sent_at`` we saw, so two reapers send one message; a
+    message that was not lost after all makes a duplicate, which the claim makes harmless."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        moved = EvaluationRun.objects.filter(
+            pk=run.pk, status=RunStatus.QUEUED, sent_at=run.sent_at
+        ).update(sent_at=now)
+        if moved != 1:
+            return False
         run_id, queue = run.pk, run.queue
         transaction.on_commit(lambda: run_enqueue(run_id=run_id, queue=queue))
     return True

@@ -102,7 +102,7 @@ def text(response) -> str:
 # --- who may see which page ---------------------------------------------------------------
 
 PUBLIC_PAGES = ["portal:home", "portal:rules", "portal:signup", "portal:login"]
-LOGIN_PAGES = ["portal:dashboard", "portal:adapter-new", "portal:tokens"]
+LOGIN_PAGES = ["portal:dashboard", "portal:adapter-new", "routing:tokens"]
 ADAPTER_PAGES = ["portal:adapter-detail", "portal:adapter-edit", "portal:version-upload"]
 
 
@@ -145,7 +145,7 @@ def test_post_only_endpoints_send_anonymous_visitors_to_login(client, version, c
     token, _ = services.api_token_create(user=contributor, name="ci")
     for url in (
         reverse("portal:version-withdraw", args=[version.adapter_id, 1]),
-        reverse("portal:token-revoke", args=[token.pk]),
+        reverse("routing:token-revoke", args=[token.pk]),
     ):
         response = client.post(url)
         assert response.status_code == 302
@@ -321,7 +321,7 @@ def test_every_post_form_requires_a_csrf_token(contributor, adapter):
         reverse("portal:adapter-new"),
         reverse("portal:adapter-edit", args=[adapter.pk]),
         reverse("portal:version-upload", args=[adapter.pk]),
-        reverse("portal:tokens"),
+        reverse("routing:tokens"),
         reverse("portal:logout"),
     ):
         assert client.post(url, {}).status_code == 403, url
@@ -602,7 +602,7 @@ def test_withdraw_is_post_only_and_a_missing_version_is_a_404(owner_client, vers
 
 
 def test_a_new_token_key_is_shown_once_and_only_its_hash_is_stored(owner_client, contributor):
-    response = owner_client.post(reverse("portal:tokens"), {"name": "laptop CLI"})
+    response = owner_client.post(reverse("routing:tokens"), {"name": "laptop CLI"})
     assert response.status_code == 200
     assert response["Cache-Control"] == "no-store"
     page = text(response)
@@ -618,7 +618,7 @@ def test_a_new_token_key_is_shown_once_and_only_its_hash_is_stored(owner_client,
     assert token.key_hash == hashlib.sha256(secret.encode()).hexdigest()
     assert secret not in token.key_hash and secret not in token.name
 
-    again = text(owner_client.get(reverse("portal:tokens")))
+    again = text(owner_client.get(reverse("routing:tokens")))
     assert "laptop CLI" in again
     assert f"tsr_{prefix}_…" in again
     assert secret not in again
@@ -629,32 +629,32 @@ def test_a_new_token_key_is_shown_once_and_only_its_hash_is_stored(owner_client,
 
 
 def test_a_token_needs_a_name(owner_client):
-    response = owner_client.post(reverse("portal:tokens"), {"name": "  "})
+    response = owner_client.post(reverse("routing:tokens"), {"name": "  "})
     assert response.status_code == 400
     assert not ApiToken.objects.exists()
 
 
 def test_revoking_a_token_stops_it_working(owner_client, contributor):
     token, key = services.api_token_create(user=contributor, name="ci")
-    response = owner_client.post(reverse("portal:token-revoke", args=[token.pk]), follow=True)
+    response = owner_client.post(reverse("routing:token-revoke", args=[token.pk]), follow=True)
     token.refresh_from_db()
     assert token.revoked_at is not None
     page = text(response)
     assert "revoked" in page
-    assert reverse("portal:token-revoke", args=[token.pk]) not in page
+    assert reverse("routing:token-revoke", args=[token.pk]) not in page
     assert Client().get("/api/v1/me/", HTTP_AUTHORIZATION=f"Bearer {key}").status_code == 401
 
 
 def test_the_token_page_never_lists_someone_elses_tokens(other_client, contributor):
     services.api_token_create(user=contributor, name="owner's secret job")
-    page = text(other_client.get(reverse("portal:tokens")))
+    page = text(other_client.get(reverse("routing:tokens")))
     assert "owner&#x27;s secret job" not in page
     assert "You have no tokens yet" in page
 
 
 def test_someone_elses_token_cannot_be_revoked(other_client, maintainer_client, contributor):
     token, _ = services.api_token_create(user=contributor, name="ci")
-    url = reverse("portal:token-revoke", args=[token.pk])
+    url = reverse("routing:token-revoke", args=[token.pk])
     assert other_client.post(url).status_code == 404
     assert maintainer_client.post(url).status_code == 404
     token.refresh_from_db()

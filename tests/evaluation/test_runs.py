@@ -442,6 +442,7 @@ def test_the_reaper_fails_runs_past_their_deadline_and_never_leaves_them_running
         "deadline": [run_past.pk],
         "requeued": [run_stale.pk],
         "lost": [run_spent.pk],
+        "resent": [],
     }
     run_past = fresh(run_past)
     assert (run_past.status, run_past.failure_code) == (Run.FAILED, "deadline_passed")
@@ -459,7 +460,56 @@ def test_the_reaper_fails_runs_past_their_deadline_and_never_leaves_them_running
     assert fresh(run_healthy).status == Run.RUNNING  # a live run is left to its worker
     assert fresh(healthy).status == "evaluating"
     # A second pass changes nothing.
-    assert evaluation_tasks.reap_runs() == {"deadline": [], "requeued": [], "lost": []}
+    assert evaluation_tasks.reap_runs() == {
+        "deadline": [],
+        "requeued": [],
+        "lost": [],
+        "resent": [],
+    }
+
+
+def test_the_reaper_sends_a_run_queued_too_long_again_once_per_period(
+    contributor, base_model, settings, sent, django_capture_on_commit_callbacks
+):
+    # A message lost by the broker (or a send that failed) must not leave a run queued for
+    # ever; a run whose message is recent is left alone, and so is one already running.
+    lost, run_lost = queued_version(contributor, variant=0)
+    _recent, run_recent = queued_version(contributor, variant=1)
+    _legacy, run_legacy = queued_version(contributor, variant=2)
+    _busy, run_busy = queued_version(contributor, variant=3)
+    runs.evaluation_run_claim(run=run_busy, worker="elsewhere:1")
+    now = timezone.now()
+    long_ago = now - timedelta(seconds=settings.TESSERA_EVAL_RESEND_QUEUED_SECONDS + 1)
+    EvaluationRun.objects.filter(pk=run_lost.pk).update(sent_at=long_ago)
+    # A row from before sent_at was recorded: its age is its creation's.
+    EvaluationRun.objects.filter(pk=run_legacy.pk).update(sent_at=None, created_at=long_ago)
+    EvaluationRun.objects.filter(pk=run_busy.pk).update(sent_at=long_ago)
+    sent.clear()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        report = evaluation_tasks.reap_runs()
+    assert report["resent"] == [run_lost.pk, run_legacy.pk]
+    assert sorted(sent) == sorted([([run_lost.pk], "eval-cpu"), ([run_legacy.pk], "eval-cpu")])
+    assert fresh(run_lost).sent_at > long_ago
+    assert fresh(run_lost).status == Run.QUEUED and fresh(lost).status == "queued"
+    assert fresh(run_recent).sent_at < now  # untouched: its message is recent
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert evaluation_tasks.reap_runs()["resent"] == []  # not again within the period
+    assert len(sent) == 2
+
+
+def test_a_resend_of_a_run_another_worker_claimed_meanwhile_sends_nothing(
+    contributor, base_model, sent, django_capture_on_commit_callbacks
+):
+    _version, run = queued_version(contributor)
+    seen = fresh(run)
+    assert runs.evaluation_run_claim(run=run, worker="elsewhere:1") is not None
+    # The reaper read the run while it was queued; the claim came first.
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        assert runs.evaluation_run_resend(run=seen) is False
+    assert callbacks == [] and sent == []
+    assert fresh(run).status == Run.RUNNING
 
 
 @pytest.mark.django_db(transaction=True)

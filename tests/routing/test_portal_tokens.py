@@ -79,7 +79,7 @@ def test_the_tokens_page_shows_each_keys_limits_and_last_30_days_of_usage(
             completion_tokens=10 * requests,
         )
 
-    page = text(owner_client.get(reverse("portal:tokens")))
+    page = text(owner_client.get(reverse("routing:tokens")))
     busy_row = token_row(page, "busy")
     assert cell(busy_row, "token-requests") == "6"  # the row 30 days ago is outside
     assert cell(busy_row, "token-tokens") == "660"
@@ -95,13 +95,13 @@ def test_the_tokens_page_shows_each_keys_limits_and_last_30_days_of_usage(
 def test_the_tokens_page_says_when_there_is_no_daily_quota(owner_client, contributor, settings):
     settings.TESSERA_API_TOKENS_PER_DAY = 0
     services.api_token_create(user=contributor, name="ci")
-    row = token_row(text(owner_client.get(reverse("portal:tokens"))), "ci")
+    row = token_row(text(owner_client.get(reverse("routing:tokens"))), "ci")
     assert "no daily quota (default)" in cell(row, "token-limits")
 
 
 def test_a_contributor_creates_a_key_with_lower_limits(owner_client, contributor, defaults):
     response = owner_client.post(
-        reverse("portal:tokens"),
+        reverse("routing:tokens"),
         {"name": "cron", "requests_per_minute": "5", "tokens_per_day": "1000"},
     )
     assert response.status_code == 200
@@ -112,7 +112,7 @@ def test_a_contributor_creates_a_key_with_lower_limits(owner_client, contributor
 
 def test_empty_limits_follow_the_default(owner_client, contributor, defaults):
     owner_client.post(
-        reverse("portal:tokens"), {"name": "ci", "requests_per_minute": "", "tokens_per_day": ""}
+        reverse("routing:tokens"), {"name": "ci", "requests_per_minute": "", "tokens_per_day": ""}
     )
     token = ApiToken.objects.get(user=contributor)
     assert (token.requests_per_minute, token.tokens_per_day) == (None, None)
@@ -132,7 +132,7 @@ def test_empty_limits_follow_the_default(owner_client, contributor, defaults):
 def test_an_out_of_range_limit_is_a_form_error_and_creates_nothing(
     owner_client, defaults, field, value, message
 ):
-    response = owner_client.post(reverse("portal:tokens"), {"name": "ci", field: value})
+    response = owner_client.post(reverse("routing:tokens"), {"name": "ci", field: value})
     assert response.status_code == 400
     page = text(response)
     # The error is shown next to its field, not only above the form.
@@ -145,14 +145,14 @@ def test_an_out_of_range_limit_is_a_form_error_and_creates_nothing(
 
 def test_a_maintainer_may_give_a_key_more_than_the_default(maintainer_client, maintainer, defaults):
     response = maintainer_client.post(
-        reverse("portal:tokens"),
+        reverse("routing:tokens"),
         {"name": "load test", "requests_per_minute": "600", "tokens_per_day": "5000000"},
     )
     assert response.status_code == 200
     token = ApiToken.objects.get(user=maintainer)
     assert (token.requests_per_minute, token.tokens_per_day) == (600, 5_000_000)
     refused = maintainer_client.post(
-        reverse("portal:tokens"), {"name": "too much", "requests_per_minute": "10001"}
+        reverse("routing:tokens"), {"name": "too much", "requests_per_minute": "10001"}
     )
     assert refused.status_code == 400
     assert "at most 10000" in text(refused)
@@ -162,7 +162,7 @@ def test_a_maintainer_may_give_a_key_more_than_the_default(maintainer_client, ma
 def test_the_form_explains_the_defaults(owner_client, settings):
     settings.TESSERA_API_REQUESTS_PER_MINUTE = 30
     settings.TESSERA_API_TOKENS_PER_DAY = 1234
-    page = text(owner_client.get(reverse("portal:tokens")))
+    page = text(owner_client.get(reverse("routing:tokens")))
     assert "the default, 30 a minute" in page
     assert "the default, 1,234 prompt and completion tokens a UTC day" in page
 
@@ -187,7 +187,7 @@ def test_a_revoked_key_keeps_its_limits_and_usage_on_the_page(owner_client, cont
     token, _ = services.api_token_create(user=contributor, name="old", requests_per_minute=3)
     KeyUsageDaily.objects.create(day=utc_today(), user=contributor, api_token=token, requests=9)
     services.api_token_revoke(token=token, actor=contributor)
-    row = token_row(text(owner_client.get(reverse("portal:tokens"))), "old")
+    row = token_row(text(owner_client.get(reverse("routing:tokens"))), "old")
     assert "revoked" in row
     assert cell(row, "token-requests") == "9"
     assert ApiToken.objects.get(pk=token.pk).revoked_at is not None

@@ -1,0 +1,10 @@
+from django.urls import path
+
+from routing.portal import views
+
+app_name = "routing"
+
+urlpatterns = [
+    path("tokens/", views.tokens, name="tokens"),
+    path("tokens/<int:token_id>/revoke/", views.token_revoke, name="token-revoke"),
+]
