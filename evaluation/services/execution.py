@@ -20,7 +20,7 @@ from contributions.models import AdapterVersion
 from evaluation.models import (
     EvaluationRun,
 )
-from evaluation.services.plans import adapter_files, job_for, plan_for
+from evaluation.services.plans import adapter_files, adapter_key, job_for, plan_for
 from evaluation.services.recording import (
     answer_validated,
     results_record,
@@ -195,7 +195,8 @@ def _perform(run: EvaluationRun, worker: str) -> None:
     workdir, adapter_dir = workdir_create(files=adapter_files(version), prefix=prefix)
     try:
         device = "cuda" if run.queue == "eval-gpu" else "cpu"
-        job = job_for(plan, version, adapter_dir, device)
+        key = adapter_key(run.pk)
+        job = job_for(plan, version, adapter_dir, device, key=key)
         outcome = _run_child(run, job, workdir, adapter_dir, worker, mode)
     finally:
         workdir_remove(workdir)
@@ -206,7 +207,10 @@ def _perform(run: EvaluationRun, worker: str) -> None:
     if failure is not None:
         raise RunFailure(*failure, log=log)
     try:
-        scores, sketch = answer_validated(outcome.result, job, version)
+        scores, sketch = answer_validated(outcome.result, job, version, key=key)
+    except RunFailure as failure:
+        failure.log = log
+        raise
     except ValueError as exc:
         raise RunFailure(
             "sandbox_bad_output", f"The evaluation's output was invalid: {exc}", log=log

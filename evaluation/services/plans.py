@@ -19,7 +19,7 @@ from evaluation.models import (
 )
 from evaluation.services.runs import RunFailure
 from evaluation.suites_selectors import task_examples, tasks_targeted
-from evaluation.worker.specs import ExampleSpec, JobSpec, TaskSpec
+from evaluation.worker.specs import AdapterSpec, ExampleSpec, JobSpec, TaskSpec
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,14 @@ def test_set_key(test_set: ContributorTestSet) -> str:
     return f"testset:{test_set.pk}"
 
 
-def job_for(plan: Plan, version: AdapterVersion, adapter_dir: Path, device: str) -> JobSpec:
+def adapter_key(run_id: int) -> str:
+    """How a run's adapter is named in the child's job and answer."""
+    return f"run:{run_id}"
+
+
+def job_for(
+    plan: Plan, version: AdapterVersion, adapter_dir: Path, device: str, *, key: str
+) -> JobSpec:
     specs = [
         TaskSpec(
             key=task_key(task),
@@ -119,9 +126,14 @@ def job_for(plan: Plan, version: AdapterVersion, adapter_dir: Path, device: str)
         )
     return JobSpec(
         base_model_path=version.base_model.local_path,
-        adapter_dir=str(adapter_dir),
-        # Our validated, normalised config: never the contributor's file.
-        lora_config=dict(version.adapter_config),
+        adapters=[
+            AdapterSpec(
+                key=key,
+                adapter_dir=str(adapter_dir),
+                # Our validated, normalised config: never the contributor's file.
+                lora_config=dict(version.adapter_config),
+            )
+        ],
         tasks=specs,
         batch_size=settings.TESSERA_EVAL_BATCH_SIZE,
         device=device,

@@ -35,7 +35,7 @@ from evaluation.services.admission import (
     version_conclude,
 )
 from evaluation.services.plans import Plan, task_key, test_set_key
-from evaluation.services.runs import RunTakenAway, evaluation_run_fail
+from evaluation.services.runs import RunFailure, RunTakenAway, evaluation_run_fail
 from evaluation.worker.sandbox import (
     LOG_CAP_BYTES,
 )
@@ -54,25 +54,40 @@ _SCORE_RANGE = {  # metric -> (lowest, highest) per-example score
 }
 
 
-def answer_validated(result: Any, job: JobSpec, version: AdapterVersion):
-    """The child's answer, checked: every task key, per-example lists as long as the
-    examples, finite numbers in the metric's range, a sketch of known module kinds."""
+def answer_validated(result: Any, job: JobSpec, version: AdapterVersion, *, key: str):
+    """Adapter ``key``'s part of the child's answer, checked: every task key, per-example
+    lists as long as the examples, finite numbers in the metric's range, a sketch of known
+    module kinds. An adapter the engine refused raises RunFailure with the engine's reason;
+    anything malformed raises ValueError."""
     if not isinstance(result, dict):
         raise ValueError("no result")
+    failed = result.get("failed")
+    if not isinstance(failed, dict):
+        raise ValueError("no list of refused adapters")
+    if key in failed:
+        raise RunFailure(
+            "adapter_refused",
+            f"The inference engine could not load this adapter: {str(failed[key])[:500]}",
+        )
     scores = result.get("scores")
     if not isinstance(scores, dict) or set(scores) != {t.key for t in job.tasks}:
         raise ValueError("the scores do not name exactly the tasks asked for")
     checked: dict[str, tuple[list[float] | None, list[float]]] = {}
     for task in job.tasks:
+        if key not in job.task_adapters(task):
+            continue
         entry = scores[task.key]
-        if not isinstance(entry, dict) or set(entry) != {"base", "adapter"}:
+        if not isinstance(entry, dict) or set(entry) != {"base", "adapters"}:
             raise ValueError(f"{task.key}: expected base and adapter scores")
-        adapter = _score_list(entry["adapter"], task, "adapter")
+        if not isinstance(entry["adapters"], dict) or key not in entry["adapters"]:
+            raise ValueError(f"{task.key}: no scores for {key}")
+        adapter = _score_list(entry["adapters"][key], task, "adapter")
         base = _score_list(entry["base"], task, "base") if task.score_base else None
         if not task.score_base and entry["base"] is not None:
             raise ValueError(f"{task.key}: base scores were not asked for")
         checked[task.key] = (base, adapter)
-    sketch = result.get("sketch")
+    sketches = result.get("sketches")
+    sketch = sketches.get(key) if isinstance(sketches, dict) else None
     from evaluation.worker.sketch import BLOCK
 
     if not isinstance(sketch, dict) or not set(sketch) <= set(version.target_modules):

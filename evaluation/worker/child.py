@@ -15,11 +15,14 @@ contributor sent, no pickle, no remote code.
 
 Result::
 
-    {"scores": {task key: {"base": [floats] | null, "adapter": [floats]}},
-     "sketch": {module kind: [256 floats]},
+    {"scores": {task key: {"base": [floats] | null, "adapters": {adapter key: [floats]}}},
+     "sketches": {adapter key: {module kind: [256 floats]}},
+     "failed": {adapter key: reason},
      "stats": {"baseline_vm_bytes": …, "peak_vm_bytes": …, "peak_rss_bytes": …, "seconds": {…}}}
 
 ``base`` is null for tasks whose base scores the parent has cached (``score_base`` false).
+An adapter the engine refuses (its tensors do not fit its config, a config it cannot
+serve) is named in ``failed`` and scored nowhere; the job's other adapters go on.
 """
 
 from __future__ import annotations
@@ -89,7 +92,6 @@ def evaluate(spec, protocol: _Protocol) -> dict[str, Any]:
     import torch
 
     from evaluation.worker.scoring import score_task_variants
-    from evaluation.worker.sketch import sketch_from_tensors
     from multilora import NO_ADAPTER
 
     torch.manual_seed(spec.seed)
@@ -103,21 +105,17 @@ def evaluate(spec, protocol: _Protocol) -> dict[str, Any]:
     _log(f"base model loaded from {spec.base_model_path}; memory {baseline}")
 
     mark = time.monotonic()
-    lora, slot, tensors = _load_lora(model, spec)
-    timings["load_adapter"] = time.monotonic() - mark
-    scale = float(spec.lora_config["lora_alpha"]) / float(spec.lora_config["r"])
-    sketch = sketch_from_tensors(
-        {name: t.detach().float().cpu().numpy() for name, t in tensors.items()}, scale=scale
-    )
-    del tensors
+    lora, slots, sketches, failed = _load_adapters(model, spec)
+    timings["load_adapters"] = time.monotonic() - mark
 
-    total = sum(len(t.examples) * (2 if t.score_base else 1) for t in spec.tasks)
+    plan = [(task, [k for k in spec.task_adapters(task) if k in slots]) for task in spec.tasks]
+    total = sum(len(task.examples) * (len(keys) + task.score_base) for task, keys in plan)
     progress = _Progress(protocol, total)
-    scores: dict[str, dict[str, Any]] = {t.key: {"base": None, "adapter": None} for t in spec.tasks}
+    scores: dict[str, dict[str, Any]] = {}
     mark = time.monotonic()
-    for task in spec.tasks:
-        variants = [NO_ADAPTER, slot] if task.score_base else [slot]
-        progress.start(f"base model and adapter: {task.key}" if task.score_base else task.key)
+    for task, keys in plan:
+        variants = ([NO_ADAPTER] if task.score_base else []) + [slots[k] for k in keys]
+        progress.start(task.key)
         measured = score_task_variants(
             model,
             tokenizer,
@@ -127,15 +125,15 @@ def evaluate(spec, protocol: _Protocol) -> dict[str, Any]:
             batch_size=spec.batch_size,
             progress=progress.advance,
         )
-        scores[task.key]["adapter"] = measured[-1]
-        if task.score_base:
-            scores[task.key]["base"] = measured[0]
+        base = measured.pop(0) if task.score_base else None
+        scores[task.key] = {"base": base, "adapters": dict(zip(keys, measured, strict=True))}
     timings["score"] = time.monotonic() - mark
     timings["total"] = time.monotonic() - started
     peak = _memory()
     return {
         "scores": scores,
-        "sketch": sketch,
+        "sketches": sketches,
+        "failed": failed,
         "stats": {
             "baseline_vm_bytes": baseline.get("VmSize", 0),
             "baseline_rss_bytes": baseline.get("VmRSS", 0),
@@ -171,21 +169,39 @@ def _load_base(path: str, device: str):
     return model, tokenizer
 
 
-def _load_lora(model, spec):
-    """The engine's LoRA wrapping of ``model``, with the adapter loaded into its registry from
-    our validated config and the safetensors tensors (the engine refuses tensors that do not
-    fit the config, or a config it cannot serve)."""
+def _load_adapters(model, spec):
+    """The engine's LoRA wrapping of ``model`` with every adapter of the job in its registry,
+    each from our validated config and its safetensors tensors, and each adapter's weight
+    sketch. Returns (lora, {key: slot}, {key: sketch}, {key: reason it was refused})."""
     from safetensors.torch import load_file
 
-    from multilora import LoraRegistry, MultiLoraModel
+    from evaluation.worker.sketch import sketch_from_tensors
+    from multilora import AdapterLoadError, LoraRegistry, MultiLoraModel
 
-    registry = LoraRegistry.for_model(model)
+    registry = LoraRegistry.for_model(model, initial_capacity=max(2, len(spec.adapters) + 1))
     lora = MultiLoraModel(model, registry)
-    tensors = load_file(str(Path(spec.adapter_dir) / WEIGHTS_NAME), device="cpu")
-    slot = registry.add("adapter", lora_config=spec.lora_config, tensors=tensors)
-    config = spec.lora_config
-    _log(f"LoRA loaded: {len(tensors)} tensors, r={config['r']}, alpha={config['lora_alpha']}")
-    return lora, slot, tensors
+    slots: dict[str, int] = {}
+    sketches: dict[str, dict[str, list[float]]] = {}
+    failed: dict[str, str] = {}
+    for adapter in spec.adapters:
+        config = adapter.lora_config
+        try:
+            tensors = load_file(str(Path(adapter.adapter_dir) / WEIGHTS_NAME), device="cpu")
+            slots[adapter.key] = registry.add(adapter.key, lora_config=config, tensors=tensors)
+        except (AdapterLoadError, OSError, ValueError) as exc:
+            failed[adapter.key] = f"{type(exc).__name__}: {exc}"[:1000]
+            _log(f"{adapter.key}: refused by the engine: {failed[adapter.key]}")
+            continue
+        scale = float(config["lora_alpha"]) / float(config["r"])
+        sketches[adapter.key] = sketch_from_tensors(
+            {name: t.detach().float().cpu().numpy() for name, t in tensors.items()}, scale=scale
+        )
+        _log(
+            f"{adapter.key}: LoRA loaded, {len(tensors)} tensors, r={config['r']}, "
+            f"alpha={config['lora_alpha']}"
+        )
+        del tensors
+    return lora, slots, sketches, failed
 
 
 def main() -> int:

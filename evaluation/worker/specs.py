@@ -27,6 +27,8 @@ class TaskSpec:
     max_new_tokens: int
     examples: list[ExampleSpec]
     score_base: bool = True  # False when the base model's scores are cached already
+    # The keys of the job's adapters to score on this task; None: every adapter of the job.
+    adapters: list[str] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskSpec:
@@ -35,13 +37,23 @@ class TaskSpec:
 
 
 @dataclass(frozen=True)
-class JobSpec:
-    """Everything the child needs: where the base model and the adapter copy are, the
-    validated LoRA config (never the contributor's file), and the task splits."""
+class AdapterSpec:
+    """One adapter of a job: ``key`` names it in the child's answer ("run:12"); its weights
+    are a read-only copy in ``adapter_dir``; ``lora_config`` is our validated, normalised
+    config (never the contributor's file)."""
 
-    base_model_path: str
+    key: str
     adapter_dir: str
     lora_config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything the child needs: where the base model is, the adapters (all loaded into
+    one engine, their rows and the base model's sharing batches) and the task splits."""
+
+    base_model_path: str
+    adapters: list[AdapterSpec]
     tasks: list[TaskSpec]
     batch_size: int = 16
     device: str = "cpu"
@@ -53,4 +65,10 @@ class JobSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
         tasks = [TaskSpec.from_dict(task) for task in data["tasks"]]
-        return cls(**{**data, "tasks": tasks})
+        adapters = [AdapterSpec(**adapter) for adapter in data["adapters"]]
+        return cls(**{**data, "tasks": tasks, "adapters": adapters})
+
+    def task_adapters(self, task: TaskSpec) -> list[str]:
+        """The keys of the adapters scored on ``task``, in the job's order."""
+        keys = [adapter.key for adapter in self.adapters]
+        return keys if task.adapters is None else [k for k in keys if k in set(task.adapters)]

@@ -136,8 +136,9 @@ def upload_version(
 
 
 def fake_child(scores=None, *, default=(0.0, 1.0), sleep: float = 0.0, result=None) -> list[str]:
-    """A stand-in for ``python -m evaluation.worker.child``: reads the job, answers every task key
-    with ``scores[key]`` or ``default`` as (base, adapter), each a value or a list."""
+    """A stand-in for ``python -m evaluation.worker.child``: reads the job, answers every task
+    key with ``scores[key]`` or ``default`` as (base, adapter), each a value or a list; or
+    answers ``result``, where ADAPTER stands for the job's adapter key."""
     code = textwrap.dedent(
         f"""
         import json, sys, time
@@ -148,19 +149,26 @@ def fake_child(scores=None, *, default=(0.0, 1.0), sleep: float = 0.0, result=No
         time.sleep({sleep})
         def expand(value, n):
             return list(value) if isinstance(value, (list, tuple)) else [value] * n
+        keys = [a["key"] for a in job["adapters"]]
         out = {{}}
         for task in job["tasks"]:
             base, adapter = scores.get(task["key"], default)
             n = len(task["examples"])
+            wanted = keys if task["adapters"] is None else task["adapters"]
             out[task["key"]] = {{
                 "base": expand(base, n) if task["score_base"] else None,
-                "adapter": expand(adapter, n),
+                "adapters": {{key: expand(adapter, n) for key in wanted}},
             }}
-        sketch = {{m: [float(i % 7) for i in range(256)]
-                  for m in job["lora_config"]["target_modules"]}}
-        result = json.loads({json.dumps(result)!r})
+        sketches = {{
+            a["key"]: {{m: [float(i % 7) for i in range(256)]
+                       for m in a["lora_config"]["target_modules"]}}
+            for a in job["adapters"]
+        }}
+        # A given result names the job's (first) adapter ADAPTER: its key is the run's.
+        result = json.loads({json.dumps(result)!r}.replace("ADAPTER", keys[0]))
         print(json.dumps({{"progress": total, "total": total, "label": "fake"}}), flush=True)
-        print(json.dumps({{"result": result or {{"scores": out, "sketch": sketch}}}}), flush=True)
+        answer = result or {{"scores": out, "sketches": sketches, "failed": {{}}}}
+        print(json.dumps({{"result": answer}}), flush=True)
         """
     )
     return [sys.executable, "-c", code]
@@ -583,7 +591,8 @@ def test_a_clear_gain_passes_and_with_review_never_is_admitted_automatically(
     assert (len(signature.vector), signature.prompt_count) == (384, 3 + 3)
     job = jobs[0]
     assert [t.key for t in job.tasks] == [f"task:{target.pk}:hidden", f"task:{general.pk}:hidden"]
-    assert job.lora_config == version.adapter_config
+    assert [a.key for a in job.adapters] == [f"run:{run.pk}"]
+    assert job.adapters[0].lora_config == version.adapter_config
     assert job.base_model_path == tiny_base_model.local_path
     assert SuiteVersion.objects.filter(locked_at__isnull=False).count() == 2
 
@@ -724,13 +733,17 @@ def test_invalid_child_output_fails_with_sandbox_bad_output(
 ):
     task = make_task()
     key = f"task:{task.pk}:hidden"
-    good = {"base": [0.0] * 12, "adapter": [1.0] * 12}
+
+    def entry(base, adapter):
+        return {"base": base, "adapters": {"ADAPTER": adapter}}
+
+    good = entry([0.0] * 12, [1.0] * 12)
     sketch = {"q_proj": [0.0] * 256, "v_proj": [0.0] * 256}
     scores = {
-        "nan": {key: {"base": [0.0] * 12, "adapter": [float("nan")] * 12}},
-        "short": {key: {"base": [0.0] * 12, "adapter": [1.0] * 11}},
-        "out_of_range": {key: {"base": [0.0] * 12, "adapter": [1.5] * 12}},
-        "bool": {key: {"base": [False] * 12, "adapter": [True] * 12}},
+        "nan": {key: entry([0.0] * 12, [float("nan")] * 12)},
+        "short": {key: entry([0.0] * 12, [1.0] * 11)},
+        "out_of_range": {key: entry([0.0] * 12, [1.5] * 12)},
+        "bool": {key: entry([False] * 12, [True] * 12)},
         "missing_task": {},
         "unasked_base": {key: good},
         "bad_sketch": {key: good},
@@ -741,11 +754,34 @@ def test_invalid_child_output_fails_with_sandbox_bad_output(
         )
     if bad == "bad_sketch":
         sketch = {"gate_proj": [0.0] * 256}
-    child(fake_child(result={"scores": scores, "sketch": sketch}))
+    child(fake_child(result={"scores": scores, "sketches": {"ADAPTER": sketch}, "failed": {}}))
     version, run = queued_version(contributor)
     assert execute(run) == "failed"
     run = fresh(run)
     assert (run.status, run.failure_code) == (Run.FAILED, "sandbox_bad_output")
+    assert fresh(version).status == "failed"
+    assert not TaskResult.objects.filter(run=run).exists()
+
+
+def test_an_adapter_the_engine_refuses_fails_its_run_with_the_engines_reason(
+    contributor, tiny_base_model, child, fast_eval
+):
+    task = make_task()
+    refused = {"ADAPTER": "AdapterLoadError: lora_A of q_proj has rank 3, the config says 8"}
+    child(
+        fake_child(
+            result={
+                "scores": {f"task:{task.pk}:hidden": {"base": [0.0] * 12, "adapters": {}}},
+                "sketches": {},
+                "failed": refused,
+            }
+        )
+    )
+    version, run = queued_version(contributor)
+    assert execute(run) == "failed"
+    run = fresh(run)
+    assert (run.status, run.failure_code) == (Run.FAILED, "adapter_refused")
+    assert "rank 3, the config says 8" in run.failure_reason
     assert fresh(version).status == "failed"
     assert not TaskResult.objects.filter(run=run).exists()
 
@@ -991,8 +1027,8 @@ def test_job_json_round_trips_to_the_child_contract(
     job = jobs[0]
     assert JobSpec.from_dict(json.loads(json.dumps(job.to_dict()))) == job
     # Only the weights reach the child: never the contributor's adapter_config.json.
-    assert Path(job.adapter_dir).name == "adapter"
-    assert not Path(job.adapter_dir).exists()  # the workdir is removed after the run
+    assert Path(job.adapters[0].adapter_dir).name == "adapter"
+    assert not Path(job.adapters[0].adapter_dir).exists()  # the workdir is removed after the run
 
 
 # --- The real base model (slow) ---------------------------------------------------------------
