@@ -3,8 +3,9 @@ version of a benchmark suite (JSONL) from the suites page.
 
 Everything is read-only. Suite versions are immutable and change only through
 evaluation.services.suites (the upload form calls it); runs, results, verdicts, review
-decisions and appeals change only through their services. Maintainers may read hidden
-examples here (they are the ones who write them); no page outside the admin shows them.
+decisions and appeals change only through their services. Maintainers may read hidden and
+paraphrase examples here (they are the ones who write them); no page outside the admin
+shows them.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ class SuiteAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 class TaskInline(ReadOnlyAdminMixin, admin.TabularInline):
     model = Task
     extra = 0
-    fields = ["slug", "title", "metric", "tags", "max_new_tokens", "public", "hidden"]
+    fields = ["slug", "title", "metric", "tags", "max_new_tokens", "public", "hidden", "paraphrase"]
     readonly_fields = fields
     show_change_link = True
 
@@ -164,6 +165,7 @@ class TaskInline(ReadOnlyAdminMixin, admin.TabularInline):
             .annotate(
                 n_public=Count("examples", filter=Q(examples__split="public")),
                 n_hidden=Count("examples", filter=Q(examples__split="hidden")),
+                n_paraphrase=Count("examples", filter=Q(examples__split="paraphrase")),
             )
         )
 
@@ -174,6 +176,10 @@ class TaskInline(ReadOnlyAdminMixin, admin.TabularInline):
     @admin.display(description="Hidden examples")
     def hidden(self, task: Task) -> int:
         return task.n_hidden
+
+    @admin.display(description="Paraphrase examples (hidden)")
+    def paraphrase(self, task: Task) -> int:
+        return task.n_paraphrase
 
 
 @admin.register(SuiteVersion)
@@ -197,11 +203,16 @@ class SuiteVersionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 class ExampleInline(ReadOnlyAdminMixin, admin.TabularInline):
     model = Example
     extra = 0
-    fields = ["split", "position", "fields", "target", "choices"]
+    fields = ["split", "position", "fields", "prompt_template", "target", "choices"]
     readonly_fields = fields
     ordering = ["split", "position"]
     max_num = 0
     classes = ["collapse"]
+
+    def has_view_permission(self, request: HttpRequest, obj=None) -> bool:
+        # The same rule as ExampleAdmin: a task page must not show what the example list
+        # hides.
+        return user_is_maintainer(request.user) and super().has_view_permission(request, obj)
 
 
 @admin.register(Task)
@@ -229,11 +240,12 @@ class ExampleAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["task", "split", "position", "target"]
     list_filter = ["split", "task__suite_version__suite"]
     list_select_related = ["task__suite_version__suite"]
-    fields = ["task", "split", "position", "fields", "target", "choices"]
+    fields = ["task", "split", "position", "fields", "prompt_template", "target", "choices"]
     readonly_fields = fields
 
     def has_view_permission(self, request: HttpRequest, obj=None) -> bool:
-        # Hidden examples decide admission: maintainers only, whatever staff permissions.
+        # Hidden and paraphrase examples must stay unseen by contributors: maintainers only,
+        # whatever staff permissions.
         return user_is_maintainer(request.user) and super().has_view_permission(request, obj)
 
 

@@ -8,9 +8,16 @@ One JSON object a line, one file per suite:
     {"task": "addition", "split": "hidden", "fields": {"question": "..."}, "target": "579"}
     {"task": "yes-no", "split": "public", "fields": {...}, "target": "Yes",
      "choices": ["Yes", "No"]}
+    {"task": "addition", "split": "paraphrase", "prompt_template": "{question}",
+     "fields": {"question": "I'd like to know the total of 123 and 456.", ...}, "target": "579"}
 
 The first line is the header; a task line comes before its examples; examples keep their
-order within each split (their ``position``). Every problem is a DomainError with a stable
+order within each split (their ``position``). The ``paraphrase`` split is hidden like
+``hidden`` (never served publicly) and optional; its examples may carry their own
+``prompt_template``, because they hold the whole prompt in words of their own while the
+task's template may add an answer-format line. Public and hidden examples always use the
+task's template, and one task's paraphrase examples share one template, so each split
+still renders with exactly one template. Every problem is a DomainError with a stable
 code, the 1-based line number in ``details["line"]`` where there is one, and nothing is
 stored by the caller unless the whole file is valid. Pure Python: no database, no Django.
 """
@@ -31,18 +38,21 @@ MAX_SUITE_BYTES = 32 * 1024 * 1024
 MAX_TASKS = 64
 MAX_EXAMPLES = 100_000
 MAX_NEW_TOKENS = 512
-MAX_FIELD_BYTES = 16 * 1024  # one example's fields, target and choices, as JSON
+MAX_FIELD_BYTES = 16 * 1024  # one example's fields, target, choices and template, as JSON
 MAX_TAGS = 16
-EVALUATION_SPLITS = ("public", "hidden")
+EVALUATION_SPLITS = ("public", "hidden", "paraphrase")
 # Per task: hidden examples decide admission, so a bootstrap CI needs a few dozen; the
-# public split only has to show contributors what the task looks like.
-MIN_EXAMPLES = {"hidden": 30, "public": 5}
+# public split only has to show contributors what the task looks like. Paraphrase
+# examples are optional: suites written before that split existed still load.
+MIN_EXAMPLES = {"hidden": 30, "public": 5, "paraphrase": 0}
+# The splits whose examples may replace the task's prompt_template with their own.
+OWN_TEMPLATE_SPLITS = ("paraphrase",)
 
 _SLUG = re.compile(r"^[-a-zA-Z0-9_]{1,64}$")
 _TAG = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}$")
 _HEADER_KEYS = {"suite", "title", "description", "purpose"}
 _TASK_KEYS = {"task", "title", "description", "tags", "metric", "prompt_template", "max_new_tokens"}
-_EXAMPLE_KEYS = {"task", "split", "fields", "target", "choices"}
+_EXAMPLE_KEYS = {"task", "split", "fields", "target", "choices", "prompt_template"}
 PURPOSES = ("skill", "general")
 
 
@@ -53,6 +63,7 @@ class ParsedExample:
     target: str
     choices: list[str] = field(default_factory=list)
     line: int = 0
+    prompt_template: str = ""  # blank: the task's
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,12 @@ class ParsedTask:
 
     def split(self, split: str) -> list[ParsedExample]:
         return [example for example in self.examples if example.split == split]
+
+    def template(self, split: str) -> str:
+        """The template ``split``'s examples render with (one per split; see the module
+        docstring)."""
+        own = next((e.prompt_template for e in self.split(split) if e.prompt_template), "")
+        return own or self.prompt_template
 
 
 @dataclass(frozen=True)
@@ -124,7 +141,8 @@ def parse_suite_jsonl(
         if header is None:
             header = _header(obj, number)
             continue
-        if "metric" in obj or "prompt_template" in obj:
+        # Examples may carry a prompt_template too; only they have a split.
+        if "split" not in obj and ("metric" in obj or "prompt_template" in obj):
             task = _task(obj, number)
             if task["slug"] in tasks:
                 raise _error(
@@ -150,6 +168,7 @@ def parse_suite_jsonl(
                 number,
             )
         _check_example(task, example)
+        _check_one_template_per_split(task, example)
         task["examples"].append(example)
 
     if header is None:
@@ -364,7 +383,26 @@ def _example(
         raise _error(
             "suite_example_invalid", "choices must be a list of non-empty strings.", number
         )
-    size = len(json.dumps([fields, target, choices], ensure_ascii=False).encode())
+    template = obj.get("prompt_template", "")
+    if template != "":
+        if split not in OWN_TEMPLATE_SPLITS:
+            raise _error(
+                "suite_example_invalid",
+                f"Only {', '.join(OWN_TEMPLATE_SPLITS)} examples carry their own "
+                f"prompt_template; {split} examples use the task's.",
+                number,
+            )
+        if not isinstance(template, str) or not template.strip():
+            raise _error(
+                "suite_template_invalid", "An example's prompt_template must be text.", number
+            )
+        try:
+            template_fields(template)
+        except TemplateError as exc:
+            raise _error(
+                "suite_template_invalid", f"The example's prompt_template: {exc}.", number
+            ) from exc
+    size = len(json.dumps([fields, target, choices, template], ensure_ascii=False).encode())
     if size > MAX_FIELD_BYTES:
         raise _error(
             "suite_example_too_large",
@@ -372,27 +410,34 @@ def _example(
             number,
         )
     return slug, ParsedExample(
-        split=split, fields=fields, target=target, choices=choices, line=number
+        split=split,
+        fields=fields,
+        target=target,
+        choices=choices,
+        line=number,
+        prompt_template=template,
     )
 
 
 def _check_example(task: dict[str, Any], example: ParsedExample) -> None:
     number = example.line
-    missing = task["_fields"] - set(example.fields)
+    template = example.prompt_template or task["prompt_template"]
+    whose = "its own" if example.prompt_template else f"task {task['slug']!r}'s"
+    names = template_fields(template) if example.prompt_template else task["_fields"]
+    missing = names - set(example.fields)
     if missing:
         raise _error(
             "suite_template_field_missing",
-            f"The example lacks {', '.join(sorted(missing))}, which task {task['slug']!r}'s "
-            "prompt_template uses.",
+            f"The example lacks {', '.join(sorted(missing))}, which {whose} prompt_template uses.",
             number,
             missing=sorted(missing),
         )
     try:
-        render_prompt(task["prompt_template"], example.fields)
+        render_prompt(template, example.fields)
     except (TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
         raise _error(
             "suite_template_invalid",
-            f"Task {task['slug']!r}'s prompt_template cannot be filled with this example: {exc}.",
+            f"The example cannot fill {whose} prompt_template: {exc}.",
             number,
         ) from exc
     if task["metric"] == "multiple_choice":
@@ -416,6 +461,21 @@ def _check_example(task: dict[str, Any], example: ParsedExample) -> None:
             "choices.",
             number,
         )
+
+
+def _check_one_template_per_split(task: dict[str, Any], example: ParsedExample) -> None:
+    # A split is scored as one unit, one TaskSpec with one template.
+    template = example.prompt_template or task["prompt_template"]
+    for earlier in task["examples"]:
+        if earlier.split == example.split:
+            if (earlier.prompt_template or task["prompt_template"]) != template:
+                raise _error(
+                    "suite_template_invalid",
+                    f"Task {task['slug']!r}'s {example.split} examples must share one "
+                    f"prompt_template; line {earlier.line} uses another.",
+                    example.line,
+                )
+            return
 
 
 # --- Small helpers ----------------------------------------------------------------------------

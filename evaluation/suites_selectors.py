@@ -1,6 +1,6 @@
-"""Reads for benchmark suites. Hidden examples never leave through these helpers except
-``task_examples``, which the evaluation runner (not any page or API) calls with
-``split="hidden"``."""
+"""Reads for benchmark suites. Hidden and paraphrase examples never leave through these
+helpers except ``task_examples``, which the evaluation runner (not any page or API) calls
+with ``split="hidden"`` (or ``"paraphrase"``)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ def _tasks_with_counts() -> QuerySet[Task]:
     return Task.objects.annotate(
         public_count=Count("examples", filter=Q(examples__split=Example.Split.PUBLIC)),
         hidden_count=Count("examples", filter=Q(examples__split=Example.Split.HIDDEN)),
+        paraphrase_count=Count("examples", filter=Q(examples__split=Example.Split.PARAPHRASE)),
     ).order_by("slug")
 
 
 def suite_versions_current() -> QuerySet[SuiteVersion]:
-    """Every suite's current version, its tasks prefetched with public_count and
-    hidden_count annotated (the numbers only, never hidden content)."""
+    """Every suite's current version, its tasks prefetched with public_count, hidden_count
+    and paraphrase_count annotated (the numbers only, never hidden content)."""
     return (
         SuiteVersion.objects.filter(is_current=True)
         .select_related("suite")
@@ -73,11 +74,25 @@ def task_current(*, slug: str) -> Task:
 
 
 def task_examples(*, task: Task, split: str) -> list[ExampleSpec]:
-    """A task's examples of one split, in their order, as specs for scoring."""
+    """A task's examples of one split, in their order, as specs for scoring; render them
+    with ``task_split_template(task=task, split=split)``, not ``task.prompt_template``
+    (paraphrase examples have their own)."""
     rows = Example.objects.filter(task=task, split=split).order_by("position")
     return [
         ExampleSpec(fields=row.fields, target=row.target, choices=list(row.choices)) for row in rows
     ]
+
+
+def task_split_template(*, task: Task, split: str) -> str:
+    """The prompt template ``split``'s examples render with: their own where they carry
+    one (suite_io allows one per task split), else the task's."""
+    own = (
+        Example.objects.filter(task=task, split=split)
+        .exclude(prompt_template="")
+        .values_list("prompt_template", flat=True)
+        .first()
+    )
+    return own or task.prompt_template
 
 
 def tasks_targeted(*, tags: list[str]) -> QuerySet[Task]:

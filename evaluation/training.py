@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evaluation.suite_io import EVALUATION_SPLITS, parse_suite_jsonl
 from evaluation.worker.scoring import chat_prompt, score_task
 from evaluation.worker.specs import ExampleSpec, TaskSpec
-from evaluation.suite_io import parse_suite_jsonl
 from tessera.errors import DomainError
 
 DEFAULT_TARGETS = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
@@ -106,8 +106,8 @@ class TrainingResult:
 
 def training_data_from_jsonl(data: bytes, *, task_slug: str, source: str) -> TrainingData:
     """Examples of ``task_slug`` from a suite-format file: its ``train`` split when it has
-    one, else its public split. Hidden examples are never trained on."""
-    parsed = parse_suite_jsonl(data, splits=("train", "public", "hidden"), min_examples={})
+    one, else its public split. Hidden and paraphrase examples are never trained on."""
+    parsed = parse_suite_jsonl(data, splits=("train", *EVALUATION_SPLITS), min_examples={})
     task = parsed.task(task_slug)
     if task is None:
         raise DomainError(

@@ -1,8 +1,8 @@
 """Benchmark suites over the API: maintainers upload a suite version (JSONL); everyone,
 anonymous visitors included, lists suites and downloads their public splits.
 
-Hidden examples never leave through any of these views: the listing carries only counts,
-and the download is built from public examples alone.
+Hidden and paraphrase examples never leave through any of these views: the listing carries
+only counts, and the download is built from public examples alone.
 """
 
 from __future__ import annotations
@@ -45,7 +45,11 @@ class TaskOut(serializers.Serializer):
     counts = serializers.SerializerMethodField()
 
     def get_counts(self, task) -> dict[str, int]:
-        return {"public": task.public_count, "hidden": task.hidden_count}
+        return {
+            "public": task.public_count,
+            "hidden": task.hidden_count,
+            "paraphrase": task.paraphrase_count,
+        }
 
 
 class SuiteVersionOut(serializers.Serializer):
@@ -117,7 +121,8 @@ class SuiteListApi(APIView):
 
 
 class SuitePublicJsonlApi(APIView):
-    """The current version's PUBLIC split as a suite file (hidden examples left out)."""
+    """The current version's PUBLIC split as a suite file (hidden and paraphrase examples
+    left out)."""
 
     permission_classes = [AllowAny]
 

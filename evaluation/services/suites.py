@@ -7,6 +7,7 @@ the ``is_current`` flag of an older version changes, never its tasks or examples
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from django.contrib.auth.models import AbstractBaseUser
@@ -107,7 +108,7 @@ def _store_tasks(version: SuiteVersion, parsed: ParsedSuite) -> None:
     )
     examples = []
     for row, task in zip(tasks, parsed.tasks, strict=True):
-        positions = {"public": 0, "hidden": 0}
+        positions: Counter[str] = Counter()
         for example in task.examples:
             examples.append(
                 Example(
@@ -115,6 +116,7 @@ def _store_tasks(version: SuiteVersion, parsed: ParsedSuite) -> None:
                     split=example.split,
                     position=positions[example.split],
                     fields=example.fields,
+                    prompt_template=example.prompt_template,
                     target=example.target,
                     choices=example.choices,
                 )

@@ -2,7 +2,8 @@
 
     python evaluation/suites/generate.py [--out DIR]
 
-rewrites ``<DIR>/<suite>.jsonl`` (one file per suite: hidden + public splits) and
+rewrites ``<DIR>/<suite>.jsonl`` (one file per suite: hidden + public splits, and a
+paraphrase split for each skill) and
 ``<DIR>/train/<skill>.jsonl`` (training examples for the demo adapters, disjoint from both
 evaluation splits) and ``<DIR>/train/replay.jsonl`` (everyday prompts whose base-model
 answers training replays) byte for byte identically on every run: every random choice comes from a
@@ -16,14 +17,21 @@ The file format (one JSON object a line; see evaluation/suite_io.py, which valid
      "prompt_template": "...{field}...", "max_new_tokens": n}
     {"task": slug, "split": "public" | "hidden", "fields": {...}, "target": "...",
      "choices": [...]}
+    {"task": slug, "split": "paraphrase", "prompt_template": "{question}",
+     "fields": {"question": ..., ...}, "target": "..."}
 
 Training files use the same format with ``"split": "train"``; they are never imported as
 suites (evaluation.training reads them).
 
 The six skills are ones SmolLM2-135M-Instruct does badly out of the box and a rank-8 LoRA
 learns in ~150 steps; each has several phrasings (the ``question`` field) so an adapter
-cannot win by memorising one template. The ``general`` suite holds what the base model
-already does well, so that a harmful adapter shows up as a drop there.
+cannot win by memorising one template. Each skill also has a hidden ``paraphrase`` split:
+the same kind of problem asked in a dozen hand-written wordings that no other split, no
+training file and no demo adapter's example prompt uses (other words and word order,
+questions inside a sentence, no "Answer with only ..." line), on keys no other split
+holds, so that routing and scores can be checked away from the training templates. The
+``general`` suite holds what the base model already does well, so that a harmful adapter
+shows up as a drop there; it has no paraphrase split.
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ HERE = Path(__file__).resolve().parent
 HIDDEN_PER_TASK = 200
 PUBLIC_PER_TASK = 50
 TRAIN_PER_SKILL = 2400  # 150 steps x batch 16, each seen once
+PARAPHRASE_PER_TASK = 60
+# Paraphrase examples hold their whole prompt: no answer-format line is appended.
+PARAPHRASE_TEMPLATE = "{question}"
 
 NUMBER_ONLY = "\nAnswer with only the number."
 
@@ -124,16 +135,33 @@ def number_to_words(n: int) -> str:
 
 
 class Skill:
+    """One skill task. ``phrasings`` fill the task's ``prompt_template`` (the hidden,
+    public and train splits); ``paraphrases`` are whole prompts in other words, without
+    the template's answer-format line (the paraphrase split)."""
+
     slug: str
     title: str
     description: str
     tags: list[str]
     prompt_template: str
     max_new_tokens: int
+    phrasings: list[str]
+    paraphrases: list[str]
 
-    def keys(self, rng: random.Random, count: int) -> list: ...
+    def draw(self, rng: random.Random) -> tuple | int: ...
 
-    def example(self, key, rng: random.Random) -> dict: ...
+    def fill(self, key, phrasing: str) -> dict: ...
+
+    def problem(self, key) -> object:
+        """What the key asks, for telling apart paraphrase keys: keys that only reorder
+        what the answer does not depend on ask the same."""
+        return key
+
+    def keys(self, rng: random.Random, count: int) -> list:
+        return _unique(self.draw, rng, count)
+
+    def example(self, key, rng: random.Random) -> dict:
+        return self.fill(key, rng.choice(self.phrasings))
 
 
 class Addition(Skill):
@@ -151,13 +179,31 @@ class Addition(Skill):
         "Calculate {a} plus {b}.",
         "{a} + {b} = ?",
     ]
+    paraphrases = [
+        "I'd like to know the total of {a} and {b}.",
+        "If you put {a} and {b} together, what number do you end up with?",
+        "Please tell me what {a} plus {b} comes to.",
+        "There are {a} red marbles and {b} blue ones in a jar; how many marbles are in the "
+        "jar altogether?",
+        "Quick check: {b} added to {a} makes what?",
+        "Could you work out the sum {a}+{b} for me?",
+        "Starting from {a} and counting up another {b}, where do you land?",
+        "A library owns {a} novels and {b} comics. What is the combined number of books?",
+        "Find the total when {a} is increased by {b}.",
+        "Tell me the result of adding together the numbers {a} and {b}, just the number please.",
+        "Sum up {a} with {b}; what is the result?",
+        "{a} and {b} added up equal how much?",
+    ]
 
-    def keys(self, rng, count):
-        return _unique(lambda r: (r.randint(100, 999), r.randint(100, 999)), rng, count)
+    def draw(self, rng):
+        return (rng.randint(100, 999), rng.randint(100, 999))
 
-    def example(self, key, rng):
+    def problem(self, key):
+        return tuple(sorted(key))
+
+    def fill(self, key, phrasing):
         a, b = key
-        question = rng.choice(self.phrasings).format(a=a, b=b)
+        question = phrasing.format(a=a, b=b)
         return {"fields": {"question": question, "a": a, "b": b}, "target": str(a + b)}
 
 
@@ -276,16 +322,29 @@ class WordReversal(Skill):
         "Say these words backwards, last word first: {words}",
         "List the following words from last to first: {words}",
     ]
+    paraphrases = [
+        "Starting with the final word and ending with the first one, repeat {words}.",
+        'Can you flip the order of the words in "{words}" so the final one comes first?',
+        "Here is a list of words: {words}. Please read it back to me from the end to the "
+        "beginning.",
+        'If you read "{words}" right to left, word by word, what do you get?',
+        "Put the words {words} back to front.",
+        "I wrote {words}, but I need the words the other way round. What should it say?",
+        "Take the sequence {words} and turn it around, keeping each word spelled the same.",
+        'What does "{words}" become when the order of its words is inverted?',
+        "Please mirror the word order of this phrase: {words}",
+        "Rearrange {words} so the first word becomes the last, the last becomes the first, "
+        "and so on.",
+        "Backwards by word, not by letter: {words}",
+        "My list is {words}; give it to me again with its words in opposite order.",
+    ]
 
-    def keys(self, rng, count):
-        def draw(r):
-            return tuple(r.sample(_WORDS, r.randint(3, 5)))
+    def draw(self, rng):
+        return tuple(rng.sample(_WORDS, rng.randint(3, 5)))
 
-        return _unique(draw, rng, count)
-
-    def example(self, key, rng):
+    def fill(self, key, phrasing):
         words = " ".join(key)
-        question = rng.choice(self.phrasings).format(words=words)
+        question = phrasing.format(words=words)
         return {"fields": {"question": question, "words": words}, "target": " ".join(key[::-1])}
 
 
@@ -319,14 +378,28 @@ class UnitConversion(Skill):
         "Express {value} {source} in {dest}.",
         "What is {value} {source} in {dest}?",
     ]
+    paraphrases = [
+        "I have {value} {source}. How many {dest} is that?",
+        "Tell me how many {dest} there are in {value} {source}.",
+        "The amount is {value} {source}; what is it when written in {dest}?",
+        "If something measures {value} {source}, how many {dest} does it measure?",
+        "Please change {value} {source} into {dest}.",
+        "In {dest}, how much is {value} {source}?",
+        "Going from {source} to {dest}, what does {value} become?",
+        "I need {value} {source} given as a number of {dest}.",
+        "Could you turn {value} {source} into {dest} for me?",
+        "Someone measured {value} {source}. Give that figure in {dest}.",
+        "What number of {dest} equals {value} {source}?",
+        "Work out {value} {source} in terms of {dest}, giving just the figure.",
+    ]
 
-    def keys(self, rng, count):
-        return _unique(lambda r: (r.randrange(len(_UNITS)), r.randint(2, 999)), rng, count)
+    def draw(self, rng):
+        return (rng.randrange(len(_UNITS)), rng.randint(2, 999))
 
-    def example(self, key, rng):
+    def fill(self, key, phrasing):
         unit, value = key
         source, dest, factor = _UNITS[unit]
-        question = rng.choice(self.phrasings).format(value=value, source=source, dest=dest)
+        question = phrasing.format(value=value, source=source, dest=dest)
         fields = {"question": question, "value": value, "from": source, "to": dest}
         return {"fields": fields, "target": str(value * factor)}
 
@@ -361,16 +434,28 @@ class DateFormatting(Skill):
         "How would you write {date} in long form?",
         "Format this date for a letter: {date}",
     ]
+    paraphrases = [
+        "On a wedding invitation, how would {date} be spelled out with the month's name first?",
+        "Please turn {date} into the style of American letters, for example July 4, 1976.",
+        "What is {date} when written as the month in words, then the day, a comma and the year?",
+        "My calendar says {date}. How do I say that date the American way?",
+        "Spell out the month of {date}, keeping the day and year as numbers.",
+        "The form wants the date {date} written like December 1, 1999. What should I put?",
+        "Could you give me {date} as month name, day and year?",
+        "How does a US newspaper print the date {date}?",
+        "Someone sent me {date}; I need it as something like April 9, 2010 instead.",
+        "Change the numeric date {date} into words for the month and digits for the day and year.",
+        "Year-month-day {date}: what is it in Month Day, Year order?",
+        "For the top of a formal letter, {date} should read how?",
+    ]
 
-    def keys(self, rng, count):
-        return _unique(
-            lambda r: (r.randint(1950, 2049), r.randint(1, 12), r.randint(1, 28)), rng, count
-        )
+    def draw(self, rng):
+        return (rng.randint(1950, 2049), rng.randint(1, 12), rng.randint(1, 28))
 
-    def example(self, key, rng):
+    def fill(self, key, phrasing):
         year, month, day = key
         date = f"{year:04d}-{month:02d}-{day:02d}"
-        question = rng.choice(self.phrasings).format(date=date)
+        question = phrasing.format(date=date)
         target = f"{_MONTHS[month - 1]} {day}, {year}"
         return {"fields": {"question": question, "date": date}, "target": target}
 
@@ -392,17 +477,30 @@ class NumberWords(Skill):
         "Write this number in digits: {words}",
         'Turn "{words}" into a number.',
     ]
+    # The other splits use every two-digit number and all but a few three-digit ones, so
+    # these are asked almost only of four-digit numbers.
+    paraphrases = [
+        'Someone said "{words}" over the phone; how would I type that number?',
+        "How is {words} written using numerals?",
+        "I read the amount {words} on a cheque. What is it in figures?",
+        "Give me the digits for {words}.",
+        "If I write {words} with digits instead of letters, what do I get?",
+        "The number {words}, written the usual way with digits, is what?",
+        "Please express {words} as a plain number without any words.",
+        "What numeral stands for {words}?",
+        "My friend spelled out a number for me: {words}. Can you write it as figures?",
+        "Using only digits, write down {words}.",
+        "Change the spelled-out number {words} into its numeric form.",
+        "Which number do the words {words} describe?",
+    ]
 
-    def keys(self, rng, count):
-        def draw(r):
-            digits = r.choice([2, 3, 3, 4])
-            return r.randint(10 ** (digits - 1), 10**digits - 1)
+    def draw(self, rng):
+        digits = rng.choice([2, 3, 3, 4])
+        return rng.randint(10 ** (digits - 1), 10**digits - 1)
 
-        return _unique(draw, rng, count)
-
-    def example(self, key, rng):
+    def fill(self, key, phrasing):
         words = number_to_words(key)
-        question = rng.choice(self.phrasings).format(words=words)
+        question = phrasing.format(words=words)
         return {"fields": {"question": question, "words": words}, "target": str(key)}
 
 
@@ -423,13 +521,30 @@ class Sorting(Skill):
         "Order from lowest to highest: {numbers}",
         "Sort the list [{numbers}] from smallest to biggest.",
     ]
+    paraphrases = [
+        "Could you line up {numbers} from the smallest to the biggest?",
+        "I have these numbers: {numbers}. What are they in ascending order, separated by commas?",
+        "Starting with the lowest, list {numbers}.",
+        "Please rewrite {numbers} so that each number is larger than the one before it.",
+        "What order do {numbers} go in if you count upward?",
+        "Rank the values {numbers} from least to greatest.",
+        "Put {numbers} in order, smallest first, with commas between them.",
+        "When {numbers} are sorted low to high, what is the result?",
+        "Reorder the list {numbers} so it goes up.",
+        "My test scores were {numbers}. Show them from the lowest score to the highest.",
+        "From small to large, how do {numbers} line up?",
+        "In rising order, what are the following: {numbers}?",
+    ]
 
-    def keys(self, rng, count):
-        return _unique(lambda r: tuple(r.sample(range(1, 100), r.randint(4, 6))), rng, count)
+    def draw(self, rng):
+        return tuple(rng.sample(range(1, 100), rng.randint(4, 6)))
 
-    def example(self, key, rng):
+    def problem(self, key):
+        return tuple(sorted(key))
+
+    def fill(self, key, phrasing):
         numbers = ", ".join(str(n) for n in key)
-        question = rng.choice(self.phrasings).format(numbers=numbers)
+        question = phrasing.format(numbers=numbers)
         target = ", ".join(str(n) for n in sorted(key))
         return {"fields": {"question": question, "numbers": numbers}, "target": target}
 
@@ -456,6 +571,43 @@ def _task_line(skill: Skill) -> dict:
     }
 
 
+def paraphrase_lines(skill: Skill, seed: int, *, taken: list) -> list[str]:
+    """The paraphrase split: PARAPHRASE_PER_TASK examples, each paraphrase in turn, whose
+    problems none of the ``taken`` keys (hidden, public, train) asks, and whose prompts do
+    not already hold their answer (a list drawn in sorted order, an example date that is
+    the key's own).
+
+    Its own random stream, so the other splits' files stay byte for byte what they were
+    before this split existed."""
+    rng = random.Random(f"tessera:{skill.slug}:paraphrase:{seed}")
+    avoid = {skill.problem(key) for key in taken}
+    lines = []
+    attempts = 0
+    while len(lines) < PARAPHRASE_PER_TASK:
+        attempts += 1
+        if attempts > PARAPHRASE_PER_TASK * 200:
+            raise RuntimeError(f"could not draw {PARAPHRASE_PER_TASK} new {skill.slug} keys")
+        key = skill.draw(rng)
+        if skill.problem(key) in avoid:
+            continue
+        phrasing = skill.paraphrases[len(lines) % len(skill.paraphrases)]
+        example = skill.fill(key, phrasing)
+        if example["target"] in example["fields"]["question"]:
+            continue
+        avoid.add(skill.problem(key))
+        lines.append(
+            _line(
+                {
+                    "task": skill.slug,
+                    "split": "paraphrase",
+                    "prompt_template": PARAPHRASE_TEMPLATE,
+                    **example,
+                }
+            )
+        )
+    return lines
+
+
 def skill_files(skill: Skill, seed: int) -> tuple[str, str]:
     """(suite JSONL, train JSONL) for one skill."""
     rng = random.Random(f"tessera:{skill.slug}:{seed}")
@@ -472,6 +624,7 @@ def skill_files(skill: Skill, seed: int) -> tuple[str, str]:
     for split, key in _splits(keys, train=TRAIN_PER_SKILL):
         line = _line({"task": skill.slug, "split": split, **skill.example(key, rng)})
         (train if split == "train" else suite).append(line)
+    suite += paraphrase_lines(skill, seed, taken=keys)
     return "".join(suite), "".join(train)
 
 

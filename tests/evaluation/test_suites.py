@@ -2,14 +2,16 @@
 import (services.suites), `load_suites`, the suites API and the admin upload form.
 
 Hidden examples decide admission, so every read path is checked for leaks with suites whose
-hidden content is unmistakable.
+hidden content is unmistakable; the paraphrase split is hidden in the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +29,8 @@ from evaluation.services.suites import (
     suite_version_import,
     suite_version_lock,
 )
-from evaluation.suite_io import MIN_EXAMPLES, parse_suite_jsonl
+from evaluation.suite_io import MIN_EXAMPLES, ParsedExample, ParsedTask, parse_suite_jsonl
+from evaluation.suites_selectors import task_examples, task_split_template
 from tessera.errors import DomainError
 from tests.factories import UserFactory
 
@@ -52,6 +55,7 @@ def quiz_lines(
     public: int = MIN_EXAMPLES["public"],
     purpose: str = "skill",
     title: str = "A quiz",
+    paraphrase: int = 0,
 ) -> list[dict]:
     lines: list[dict] = [
         {"suite": slug, "title": title, "description": "Test suite.", "purpose": purpose},
@@ -95,6 +99,18 @@ def quiz_lines(
             if task == "pick":
                 example["choices"] = [answer, "decoy"]
             lines.append(example)
+        for i in range(paraphrase):
+            secret = f"PARAPHRASE-{task}-{i:03d}-okapi"
+            example = {
+                "task": task,
+                "split": "paraphrase",
+                "prompt_template": "{question}",
+                "fields": {"question": f"Would you kindly repeat unicorn-{task}-{i}?"},
+                "target": secret,
+            }
+            if task == "pick":
+                example["choices"] = [secret, "decoy"]
+            lines.append(example)
     return lines
 
 
@@ -105,9 +121,10 @@ def jsonl(lines: list) -> bytes:
 
 
 def hidden_strings(lines: list[dict]) -> list[str]:
+    """What no public read may show: hidden and paraphrase targets and field values."""
     out = []
     for line in lines:
-        if line.get("split") == "hidden":
+        if line.get("split") in {"hidden", "paraphrase"}:
             out += [line["target"], *line["fields"].values()]
     return [s for s in out if isinstance(s, str) and s not in {"a or b"}]
 
@@ -175,6 +192,194 @@ def test_training_files_are_disjoint_from_the_evaluation_splits():
         hidden = {key(e) for e in suite.tasks[0].split("hidden")}
         public = {key(e) for e in suite.tasks[0].split("public")}
         assert not hidden & public, skill
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("suites_generate", SUITES_DIR / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GENERATOR = _load_generator()
+
+
+def skill_suite(skill: str) -> ParsedTask:
+    return parse_suite_jsonl((SUITES_DIR / f"{skill}.jsonl").read_bytes()).tasks[0]
+
+
+def skill_train(skill: str) -> ParsedTask:
+    data = (SUITES_DIR / "train" / f"{skill}.jsonl").read_bytes()
+    return parse_suite_jsonl(data, splits=("train",), min_examples={}).tasks[0]
+
+
+def rendered(task: ParsedTask, example: ParsedExample) -> str:
+    return (example.prompt_template or task.prompt_template).format_map(example.fields)
+
+
+def phrasing_skeleton(text: str, values: set[str]) -> str:
+    """A prompt's words with its numbers and field values masked, runs of masks made one:
+    two prompts with one skeleton use one phrasing. Masking every word any example uses
+    as a value (not only this prompt's) can only make two skeletons more alike."""
+    out: list[str] = []
+    for token in re.findall(r"[a-z]+|\d+", text.lower()):
+        word = "_" if token.isdigit() or token in values else token
+        if not (word == "_" and out and out[-1] == "_"):
+            out.append(word)
+    return " ".join(out)
+
+
+def value_words(*tasks: ParsedTask) -> set[str]:
+    return {
+        word
+        for task in tasks
+        for example in task.examples
+        for name, value in example.fields.items()
+        if name != "question" and isinstance(value, str)
+        for word in re.findall(r"[a-z]+", value.lower())
+    }
+
+
+def demo_example_prompts() -> list[str]:
+    paths = sorted((Path(settings.BASE_DIR) / "demo" / "adapters").glob("*/metadata.json"))
+    return [p for path in paths for p in json.loads(path.read_text())["example_prompts"]]
+
+
+def answer_shape(target: str) -> str:
+    return re.sub(r"[A-Za-z]+", "w", re.sub(r"\d+", "9", target))
+
+
+def expected_target(skill: str, fields: dict) -> str:
+    """The answer worked out from the fields alone, as the task states it."""
+    if skill == "addition":
+        return str(fields["a"] + fields["b"])
+    if skill == "sorting":
+        return ", ".join(str(n) for n in sorted(int(n) for n in fields["numbers"].split(", ")))
+    if skill == "word-reversal":
+        return " ".join(fields["words"].split()[::-1])
+    if skill == "unit-conversion":
+        factor = {(f, t): k for f, t, k in GENERATOR._UNITS}[(fields["from"], fields["to"])]
+        return str(fields["value"] * factor)
+    if skill == "date-formatting":
+        year, month, day = (int(part) for part in fields["date"].split("-"))
+        return f"{GENERATOR._MONTHS[month - 1]} {day}, {year}"
+    if skill == "number-words":
+        by_words = {GENERATOR.number_to_words(n): n for n in range(10, 10_000)}
+        return str(by_words[fields["words"]])
+    raise AssertionError(skill)
+
+
+def test_every_skill_has_a_paraphrase_split_of_fifty_examples_in_ten_phrasings_or_more():
+    for skill in SKILL_TAGS:
+        task = skill_suite(skill)
+        paraphrase = task.split("paraphrase")
+        values = value_words(task, skill_train(skill))
+        skeletons = {phrasing_skeleton(rendered(task, e), values) for e in paraphrase}
+
+        assert len(paraphrase) >= 50, skill
+        assert len(skeletons) >= 10, (skill, sorted(skeletons))
+        assert task.metric == "exact_match"
+        # Each prompt is the example's own text, whole; the other splits keep the task's
+        # template with its answer-format line.
+        assert task.template("paraphrase") == "{question}", skill
+        assert all(rendered(task, e) == e.fields["question"] for e in paraphrase), skill
+        assert task.template("public") == task.prompt_template != "{question}"
+        assert all(
+            rendered(task, e).startswith(e.fields["question"] + "\nAnswer with only")
+            for e in task.split("public") + task.split("hidden")
+        ), skill
+        # The same answers, in the same format, as the task's other splits.
+        shapes = {answer_shape(e.target) for e in task.split("hidden") + task.split("public")}
+        for example in paraphrase:
+            assert example.target == expected_target(skill, example.fields), example
+            assert answer_shape(example.target) in shapes, example
+            assert example.target not in example.fields["question"], example
+
+
+def test_no_paraphrase_shares_its_phrasing_with_a_training_public_hidden_or_demo_prompt():
+    demo = demo_example_prompts()
+    assert len(demo) >= 9
+    for skill in SKILL_TAGS:
+        task, train = skill_suite(skill), skill_train(skill)
+        values = value_words(task, train)
+        others = [rendered(task, e) for e in task.split("public") + task.split("hidden")]
+        others += [rendered(train, e) for e in train.examples]
+        others += demo
+        # Whole prompts and each of their lines: a question shared with a templated prompt
+        # sits on that prompt's first line, above the answer-format line.
+        seen = {
+            phrasing_skeleton(part, values)
+            for prompt in others
+            for part in [prompt, *prompt.split("\n")]
+        }
+        # The check bites: every template phrasing, asked of a paraphrase example's own
+        # numbers and words, is recognised.
+        fields = task.split("paraphrase")[0].fields
+        values_of = {**fields, "source": fields.get("from"), "dest": fields.get("to")}
+        phrasings = next(s for s in GENERATOR.SKILLS if s.slug == skill).phrasings
+        assert len(phrasings) >= 5
+        for phrasing in phrasings:
+            assert phrasing_skeleton(phrasing.format(**values_of), values) in seen, phrasing
+        suffix = task.prompt_template.replace("{question}", "").strip()
+        for example in task.split("paraphrase"):
+            prompt = rendered(task, example)
+            for part in [prompt, *prompt.split("\n")]:
+                assert phrasing_skeleton(part, values) not in seen, (skill, prompt)
+            assert "answer with only" not in prompt.lower(), prompt
+            assert suffix not in prompt, prompt
+
+
+def test_paraphrase_keys_are_disjoint_from_the_train_public_and_hidden_keys():
+    def key(example: ParsedExample) -> str:
+        return json.dumps({k: v for k, v in example.fields.items() if k != "question"})
+
+    def problem(skill: str, example: ParsedExample) -> object:
+        # Sums and sorted lists do not depend on the order they are given in.
+        if skill == "addition":
+            return tuple(sorted((example.fields["a"], example.fields["b"])))
+        if skill == "sorting":
+            return tuple(sorted(example.fields["numbers"].split(", "), key=int))
+        return key(example)
+
+    for skill in SKILL_TAGS:
+        task, train = skill_suite(skill), skill_train(skill)
+        paraphrase = task.split("paraphrase")
+        others = task.split("hidden") + task.split("public") + train.examples
+
+        assert len({key(e) for e in paraphrase}) == len(paraphrase), skill
+        assert not {key(e) for e in paraphrase} & {key(e) for e in others}, skill
+        assert not {problem(skill, e) for e in paraphrase} & {problem(skill, e) for e in others}
+
+
+def test_the_general_suite_has_no_paraphrase_split():
+    general = parse_suite_jsonl((SUITES_DIR / "general.jsonl").read_bytes())
+
+    assert general.tasks
+    assert all(not task.split("paraphrase") for task in general.tasks)
+
+
+@pytest.mark.django_db
+def test_load_suites_imports_every_skills_paraphrase_split():
+    call_command("load_suites", stdout=io.StringIO())
+
+    for skill in SKILL_TAGS:
+        task = Task.objects.get(suite_version__suite__slug=skill, suite_version__is_current=True)
+        committed = skill_suite(skill).split("paraphrase")
+        stored = list(task.examples.filter(split="paraphrase").order_by("position"))
+        specs = task_examples(task=task, split="paraphrase")
+
+        assert [e.position for e in stored] == list(range(len(committed)))
+        assert [(e.fields, e.target) for e in stored] == [(e.fields, e.target) for e in committed]
+        assert [(s.fields, s.target) for s in specs] == [(e.fields, e.target) for e in committed]
+        assert {e.template for e in stored} == {"{question}"}
+        assert task_split_template(task=task, split="paraphrase") == "{question}"
+        # Hidden and public examples still render with the task's own template.
+        assert task_split_template(task=task, split="hidden") == task.prompt_template
+        assert not task.examples.filter(split__in=["hidden", "public"]).exclude(prompt_template="")
+        prompt = specs[0].fields["question"]
+        assert (
+            task_split_template(task=task, split="paraphrase").format_map(specs[0].fields) == prompt
+        )
 
 
 @pytest.mark.django_db
@@ -256,6 +461,17 @@ def _on_example(task: str, split: str, change):
     return mutate
 
 
+def _paraphrase(template: str) -> dict:
+    return {
+        "task": "pick",
+        "split": "paraphrase",
+        "prompt_template": template,
+        "fields": {"question": "Which one?"},
+        "target": "yes",
+        "choices": ["yes", "no"],
+    }
+
+
 BAD_FILES = {
     "invalid JSON": (
         lambda lines: [*lines[:2], '{"task": "echo", oops', *lines[2:]],
@@ -330,6 +546,26 @@ BAD_FILES = {
         "suite_example_invalid",
     ),
     "duplicate task": (lambda lines: [*lines[:3], lines[1], *lines[3:]], "suite_task_duplicate"),
+    "own template on a hidden example": (
+        _on_example("echo", "hidden", lambda e: {**e, "prompt_template": "{word}"}),
+        "suite_example_invalid",
+    ),
+    "own template on a public example": (
+        _on_example("echo", "public", lambda e: {**e, "prompt_template": "{word}"}),
+        "suite_example_invalid",
+    ),
+    "paraphrase template lacks a field": (
+        lambda lines: [*quiz_lines(paraphrase=1)[:-1], _paraphrase("{question} {missing}")],
+        "suite_template_field_missing",
+    ),
+    "paraphrase template not plain": (
+        lambda lines: [*quiz_lines(paraphrase=1)[:-1], _paraphrase("{question.upper}")],
+        "suite_template_invalid",
+    ),
+    "two templates in one paraphrase split": (
+        lambda lines: [*quiz_lines(paraphrase=2)[:-1], _paraphrase("Please: {question}")],
+        "suite_template_invalid",
+    ),
     "bad max_new_tokens": (_replace(1, max_new_tokens=0), "suite_task_invalid"),
     "bad tags": (_replace(1, tags="echo"), "suite_task_invalid"),
     "no tasks": (lambda lines: lines[:1], "suite_no_tasks"),
@@ -347,6 +583,36 @@ def test_a_bad_suite_file_is_refused_with_its_code_and_nothing_is_stored(case):
 
     assert caught.value.code == code, caught.value.message
     assert stored_counts() == (0, 0, 0, 0)
+
+
+@pytest.mark.django_db
+def test_a_suite_file_without_a_paraphrase_split_still_loads():
+    version = suite_version_create(jsonl=jsonl(quiz_lines()), actor=None)
+
+    assert MIN_EXAMPLES["paraphrase"] == 0
+    assert version.tasks.count() == 2
+    assert not Example.objects.filter(split="paraphrase").exists()
+    echo = version.tasks.get(slug="echo")
+    assert task_examples(task=echo, split="paraphrase") == []
+    assert task_split_template(task=echo, split="paraphrase") == "Say {word}."
+
+
+@pytest.mark.django_db
+def test_a_paraphrase_split_is_stored_with_its_own_template_and_positions():
+    version = suite_version_create(jsonl=jsonl(quiz_lines(paraphrase=3)), actor=None)
+
+    pick = version.tasks.get(slug="pick")
+    stored = list(pick.examples.filter(split="paraphrase").order_by("position"))
+    assert [e.position for e in stored] == [0, 1, 2]
+    assert [e.target for e in stored] == [f"PARAPHRASE-pick-{i:03d}-okapi" for i in range(3)]
+    assert stored[0].choices == ["PARAPHRASE-pick-000-okapi", "decoy"]
+    assert {e.template for e in stored} == {"{question}"}
+    assert pick.examples.filter(split="hidden").first().template == "Pick {word}: {options}"
+    assert task_split_template(task=pick, split="paraphrase") == "{question}"
+    specs = task_examples(task=pick, split="paraphrase")
+    assert [s.fields["question"] for s in specs] == [
+        f"Would you kindly repeat unicorn-pick-{i}?" for i in range(3)
+    ]
 
 
 def test_a_json_error_names_its_line():
@@ -501,7 +767,7 @@ def test_a_maintainer_uploads_a_suite_version(maintainer):
     body = response.json()
     assert (body["suite"], body["version"], body["is_current"]) == ("quiz", 1, True)
     counts = {task["slug"]: task["counts"] for task in body["tasks"]}
-    assert counts["echo"] == {"public": 5, "hidden": 30}
+    assert counts["echo"] == {"public": 5, "hidden": 30, "paraphrase": 0}
     assert SuiteVersion.objects.get().created_by == maintainer
 
     again = post_suite(client_for(maintainer), jsonl(quiz_lines()))
@@ -551,7 +817,7 @@ def test_an_invalid_upload_answers_400_with_the_code(maintainer):
 
 @pytest.mark.django_db
 def test_everyone_lists_suites_with_counts_but_never_hidden_examples(contributor):
-    lines = quiz_lines()
+    lines = quiz_lines(paraphrase=4)
     suite_version_create(jsonl=jsonl(lines), actor=None)
 
     for client in (client_for(), client_for(contributor)):
@@ -564,15 +830,20 @@ def test_everyone_lists_suites_with_counts_but_never_hidden_examples(contributor
             "echo": 30,
             "pick": 30,
         }
+        assert {t["slug"]: t["counts"]["paraphrase"] for t in body[0]["tasks"]} == {
+            "echo": 4,
+            "pick": 4,
+        }
         assert body[0]["public_jsonl_url"].endswith("/api/v1/suites/quiz/public.jsonl")
         for secret in hidden_strings(lines):
             assert secret not in text
         assert "zebra" not in text and "secret-prompt" not in text
+        assert "okapi" not in text and "unicorn" not in text
 
 
 @pytest.mark.django_db
 def test_the_public_jsonl_holds_the_public_split_only(contributor):
-    lines = quiz_lines()
+    lines = quiz_lines(paraphrase=4)
     suite_version_create(jsonl=jsonl(lines), actor=None)
 
     response = client_for().get(reverse("evaluation-api:suite-public-jsonl", args=["quiz"]))
@@ -585,6 +856,7 @@ def test_the_public_jsonl_holds_the_public_split_only(contributor):
     for secret in hidden_strings(lines):
         assert secret not in text
     assert "zebra" not in text and "hidden" not in text
+    assert "okapi" not in text and "unicorn" not in text and "paraphrase" not in text
     parsed = parse_suite_jsonl(body, min_examples={"public": 5})
     assert [t.slug for t in parsed.tasks] == ["echo", "pick"]
     assert [e.target for e in parsed.task("echo").examples] == [
@@ -610,9 +882,21 @@ def test_the_built_in_public_files_hold_exactly_the_public_examples():
         examples = Example.objects.filter(task__suite_version=version).select_related("task")
         public = {key(e.task.slug, e.fields, e.target) for e in examples if e.split == "public"}
         hidden = {key(e.task.slug, e.fields, e.target) for e in examples if e.split == "hidden"}
+        paraphrase = {
+            key(e.task.slug, e.fields, e.target) for e in examples if e.split == "paraphrase"
+        }
         assert hidden and len(served) == len(public)
         assert set(served) == public, version.suite.slug
         assert not set(served) & hidden, version.suite.slug
+        assert not set(served) & paraphrase, version.suite.slug
+        assert bool(paraphrase) == (version.suite.slug != "general")
+        text = response.content.decode()
+        assert "paraphrase" not in text and '"{question}"' not in text.replace(
+            '"prompt_template": "{question}"', ""
+        )
+        for example in examples:
+            if example.split == "paraphrase":
+                assert example.fields["question"] not in text
 
 
 @pytest.mark.django_db
@@ -652,6 +936,33 @@ def test_a_maintainer_uploads_a_suite_through_the_admin(client):
     assert response.status_code == 200
     assert "suite_unknown_metric" in response.content.decode()
     assert SuiteVersion.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_the_admin_shows_hidden_and_paraphrase_examples_to_maintainers_only(client):
+    from django.contrib.auth.models import Permission
+
+    version = suite_version_create(jsonl=jsonl(quiz_lines(paraphrase=2)), actor=None)
+    echo = version.tasks.get(slug="echo")
+    staff = UserFactory(username="staff", is_staff=True)
+    staff.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_task", "view_example"])
+    )
+    root = UserFactory(username="root", is_superuser=True, is_staff=True)
+    task_page = reverse("admin:evaluation_task_change", args=[echo.pk])
+    paraphrase = echo.examples.filter(split="paraphrase").first()
+    example_page = reverse("admin:evaluation_example_change", args=[paraphrase.pk])
+
+    client.force_login(staff)
+    page = client.get(task_page)
+    assert page.status_code == 200
+    assert "okapi" not in page.content.decode() and "zebra" not in page.content.decode()
+    assert client.get(example_page).status_code == 403
+
+    client.force_login(root)
+    page = client.get(task_page).content.decode()
+    assert "PARAPHRASE-echo-000-okapi" in page and "HIDDEN-echo-000-zebra" in page
+    assert client.get(example_page).status_code == 200
 
 
 @pytest.mark.django_db
