@@ -31,9 +31,9 @@ BOOTSTRAP_SAMPLES = 2000
 
 
 def load_tasks(split: str):
-    from evaluation.worker.specs import TaskSpec
     from evaluation.suite_io import parse_suite_jsonl
     from evaluation.training import _spec
+    from evaluation.worker.specs import TaskSpec
 
     tasks = {}
     for path in sorted((ROOT / "evaluation" / "suites").glob("*.jsonl")):

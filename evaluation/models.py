@@ -382,3 +382,35 @@ class WeightSketch(models.Model):
 
     def __str__(self) -> str:
         return f"sketch of {self.version}"
+
+
+class Outcome(models.Model):
+    """One model's score on one benchmark example, measured once: decoding is greedy and
+    deterministic, so (model, example) → score never changes. ``version`` null: the base
+    model alone. The scoreboard and the marginal-contribution rule are computed from these
+    and the router's decisions, without generating again."""
+
+    base_model = models.ForeignKey(BaseModel, on_delete=models.CASCADE, related_name="+")
+    version = models.ForeignKey(
+        AdapterVersion, on_delete=models.CASCADE, null=True, blank=True, related_name="outcomes"
+    )
+    example = models.ForeignKey(Example, on_delete=models.CASCADE, related_name="outcomes")
+    score = models.FloatField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["version", "example"],
+                condition=Q(version__isnull=False),
+                name="outcome_version_example_uniq",
+            ),
+            models.UniqueConstraint(
+                fields=["base_model", "example"],
+                condition=Q(version__isnull=True),
+                name="outcome_base_example_uniq",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.version or 'base'} on example {self.example_id}: {self.score}"

@@ -55,6 +55,11 @@ def tasks_general() -> list[Task]:
     return _current_tasks(purpose=Suite.Purpose.GENERAL)
 
 
+def tasks_skill() -> list[Task]:
+    """Every task of the current version of each skill suite."""
+    return _current_tasks(purpose=Suite.Purpose.SKILL)
+
+
 def task_tags_available() -> list[str]:
     """The tags an adapter can target now (for the "matches no task" message)."""
     tags: set[str] = set()
@@ -71,6 +76,17 @@ def base_scores_cached(*, base_model_id: int, tasks: Iterable[Task]) -> dict[int
         for score in BaseScore.objects.filter(
             base_model_id=base_model_id, task_id__in=ids, split=Example.Split.HIDDEN
         )
+    }
+
+
+def base_scores_cached_by_split(
+    *, base_model_id: int, tasks: Iterable[Task]
+) -> dict[tuple[int, str], BaseScore]:
+    """{(task id, split): BaseScore} for every split already scored on this base."""
+    ids = [task.pk for task in tasks]
+    return {
+        (score.task_id, score.split): score
+        for score in BaseScore.objects.filter(base_model_id=base_model_id, task_id__in=ids)
     }
 
 

@@ -83,6 +83,16 @@ def task_examples(*, task: Task, split: str) -> list[ExampleSpec]:
     ]
 
 
+def task_examples_with_ids(*, task: Task, split: str) -> tuple[list[int], list[ExampleSpec]]:
+    """``task_examples`` with each example's primary key, in the same order (per-example
+    outcomes are stored against them)."""
+    rows = list(Example.objects.filter(task=task, split=split).order_by("position"))
+    specs = [
+        ExampleSpec(fields=row.fields, target=row.target, choices=list(row.choices)) for row in rows
+    ]
+    return [row.pk for row in rows], specs
+
+
 def task_split_template(*, task: Task, split: str) -> str:
     """The prompt template ``split``'s examples render with: their own where they carry
     one (suite_io allows one per task split), else the task's."""

@@ -242,6 +242,10 @@ TESSERA_EVAL_STALE_AFTER_SECONDS = env.int("TESSERA_EVAL_STALE_AFTER_SECONDS", d
 TESSERA_EVAL_RESEND_QUEUED_SECONDS = env.int("TESSERA_EVAL_RESEND_QUEUED_SECONDS", default=600)
 TESSERA_EVAL_BATCH_SIZE = env.int("TESSERA_EVAL_BATCH_SIZE", default=16)
 TESSERA_EVAL_BOOTSTRAP_SAMPLES = env.int("TESSERA_EVAL_BOOTSTRAP_SAMPLES", default=2000)
+# Score every upload on the whole union (every skill task's hidden split, every paraphrase
+# split) besides what admission decides on: the scoreboard and the marginal-contribution
+# rule read those per-example outcomes instead of evaluating again.
+TESSERA_EVAL_UNION = env.bool("TESSERA_EVAL_UNION", default=True)
 # The sandbox: "auto" picks bubblewrap, else unshare (root), for a child with no network.
 TESSERA_SANDBOX = env.str("TESSERA_SANDBOX", default="auto")
 # Evaluating without network isolation must be chosen explicitly, and never in production.

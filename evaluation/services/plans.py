@@ -1,9 +1,10 @@
-"""What a run measures: the targeted and general tasks, the contributor's test sets, the
-hidden examples, the cached base scores, and the job the child is given."""
+"""What a run measures: the targeted and general tasks (admission decides on their hidden
+splits), the rest of the union (every other skill task, every paraphrase split), the
+contributor's test sets, the cached base scores, and the job the child is given."""
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
@@ -18,70 +19,124 @@ from evaluation.models import (
     Task,
 )
 from evaluation.services.runs import RunFailure
-from evaluation.suites_selectors import task_examples, tasks_targeted
+from evaluation.suites_selectors import (
+    task_examples_with_ids,
+    task_split_template,
+    tasks_targeted,
+)
 from evaluation.worker.specs import AdapterSpec, ExampleSpec, JobSpec, TaskSpec
 
 logger = logging.getLogger(__name__)
 
 RunStatus = EvaluationRun.Status
 VersionStatus = AdapterVersion.Status
-# The child, as the worker starts it. A test's worker bootstrap may swap it for a snippet.
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 # --- What a run measures --------------------------------------------------------------------
 
+TARGET, GENERAL, OTHER = "target", "general", "other"
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One task split a run scores. ``role``: a task the adapter targets (its hidden split
+    decides admission), a general task (the harm rule), or any other split of the union
+    that the scoreboard and the marginal rule read (other skills, every paraphrase split)."""
+
+    task: Task
+    split: str
+    role: str
+    examples: list[ExampleSpec]
+    example_ids: list[int]
+    template: str
+    cached: BaseScore | None  # the base model's scores, when they cover these examples
+    name: str
+
+    @property
+    def key(self) -> str:
+        return task_key(self.task, self.split)
+
+    @property
+    def decides(self) -> bool:
+        """Whether the admission policy reads it: hidden split, targeted or general."""
+        return self.split == Example.Split.HIDDEN and self.role in (TARGET, GENERAL)
+
 
 @dataclass
 class Plan:
-    targeted: list[Task]
-    general: list[Task]
+    measures: list[Measure]
     test_sets: list[ContributorTestSet]
-    hidden: dict[int, list[ExampleSpec]]
-    cached: dict[int, BaseScore]
-    names: dict[int, str] = field(default_factory=dict)
+
+    def _tasks(self, role: str) -> list[Task]:
+        return [m.task for m in self.measures if m.role == role and m.split == Example.Split.HIDDEN]
+
+    @property
+    def targeted(self) -> list[Task]:
+        return self._tasks(TARGET)
+
+    @property
+    def general(self) -> list[Task]:
+        return self._tasks(GENERAL)
 
     @property
     def tasks(self) -> list[Task]:
-        return self.targeted + self.general
+        return list(dict.fromkeys(m.task for m in self.measures))
 
 
 def plan_for(version: AdapterVersion) -> Plan:
+    """The targeted tasks' and the general suite's hidden splits, which admission decides
+    on; with TESSERA_EVAL_UNION also every other current skill task's hidden split and every
+    paraphrase split, so the version's outcome on each example of the union is known
+    (the scoreboard and the marginal rule read them, never recomputing them)."""
     targeted = list(tasks_targeted(tags=version.adapter.task_tags))
     targeted_ids = {task.pk for task in targeted}
     general = [t for t in selectors.tasks_general() if t.pk not in targeted_ids]
-    hidden = {
-        task.pk: task_examples(task=task, split=Example.Split.HIDDEN) for task in targeted + general
-    }
-    empty = [task for task in targeted + general if not hidden[task.pk]]
-    for task in empty:
-        logger.warning("task %s has no hidden examples; it is not measured", task)
-    targeted = [task for task in targeted if hidden[task.pk]]
-    general = [task for task in general if hidden[task.pk]]
-    cached = selectors.base_scores_cached(
-        base_model_id=version.base_model_id, tasks=targeted + general
+    wanted: list[tuple[Task, str, str]] = [(t, Example.Split.HIDDEN, TARGET) for t in targeted]
+    wanted += [(t, Example.Split.HIDDEN, GENERAL) for t in general]
+    if settings.TESSERA_EVAL_UNION:
+        others = [t for t in selectors.tasks_skill() if t.pk not in targeted_ids]
+        wanted += [(t, Example.Split.HIDDEN, OTHER) for t in others]
+        wanted += [
+            (t, Example.Split.PARAPHRASE, TARGET if t.pk in targeted_ids else OTHER)
+            for t in [*targeted, *others]
+        ]
+    all_tasks = list(dict.fromkeys(task for task, _split, _role in wanted))
+    slugs = [task.slug for task in all_tasks]
+    cached = selectors.base_scores_cached_by_split(
+        base_model_id=version.base_model_id, tasks=all_tasks
     )
-    # A cached score is used only if it covers exactly the examples the task has.
-    cached = {k: v for k, v in cached.items() if len(v.scores) == len(hidden[k])}
-    slugs = [task.slug for task in targeted + general]
-    names = {
-        task.pk: task.slug
-        if slugs.count(task.slug) == 1
-        else f"{task.suite_version.suite.slug}/{task.slug}"
-        for task in targeted + general
-    }
-    return Plan(
-        targeted=targeted,
-        general=general,
-        test_sets=selectors.test_sets_for(version=version),
-        hidden=hidden,
-        cached=cached,
-        names=names,
-    )
+    measures: list[Measure] = []
+    for task, split, role in wanted:
+        ids, examples = task_examples_with_ids(task=task, split=split)
+        if not examples:
+            if split == Example.Split.HIDDEN:
+                logger.warning("task %s has no hidden examples; it is not measured", task)
+            continue
+        base = cached.get((task.pk, split))
+        name = (
+            task.slug
+            if slugs.count(task.slug) == 1
+            else f"{task.suite_version.suite.slug}/{task.slug}"
+        )
+        measures.append(
+            Measure(
+                task=task,
+                split=split,
+                role=role,
+                examples=examples,
+                example_ids=ids,
+                template=task_split_template(task=task, split=split),
+                # A cached score is used only if it covers exactly the examples the split has.
+                cached=base if base is not None and len(base.scores) == len(examples) else None,
+                name=name if split == Example.Split.HIDDEN else f"{name} ({split})",
+            )
+        )
+    return Plan(measures=measures, test_sets=selectors.test_sets_for(version=version))
 
 
-def task_key(task: Task) -> str:
-    return f"task:{task.pk}:hidden"
+def task_key(task: Task, split: str = Example.Split.HIDDEN) -> str:
+    return f"task:{task.pk}:{split}"
 
 
 def test_set_key(test_set: ContributorTestSet) -> str:
@@ -98,14 +153,14 @@ def job_for(
 ) -> JobSpec:
     specs = [
         TaskSpec(
-            key=task_key(task),
-            metric=task.metric,
-            prompt_template=task.prompt_template,
-            max_new_tokens=task.max_new_tokens,
-            examples=plan.hidden[task.pk],
-            score_base=task.pk not in plan.cached,
+            key=measure.key,
+            metric=measure.task.metric,
+            prompt_template=measure.template,
+            max_new_tokens=measure.task.max_new_tokens,
+            examples=measure.examples,
+            score_base=measure.cached is None,
         )
-        for task in plan.tasks
+        for measure in plan.measures
     ]
     for test_set in plan.test_sets:
         specs.append(

@@ -15,7 +15,7 @@ from evaluation import selectors
 from evaluation.models import (
     BaseScore,
     EvaluationRun,
-    Example,
+    Outcome,
     RoutingSignature,
     Task,
     TaskResult,
@@ -34,7 +34,7 @@ from evaluation.services.admission import (
     version_admit_automatically,
     version_conclude,
 )
-from evaluation.services.plans import Plan, task_key, test_set_key
+from evaluation.services.plans import TARGET, Measure, Plan, test_set_key
 from evaluation.services.runs import RunFailure, RunTakenAway, evaluation_run_fail
 from evaluation.worker.sandbox import (
     LOG_CAP_BYTES,
@@ -147,20 +147,37 @@ def _outcome(task: Task, name: str, base: list[float], adapter: list[float]) -> 
     )
 
 
-def _base_scores(plan: Plan, version: AdapterVersion, task: Task, fresh: list[float] | None):
-    """The base model's scores for a task: cached, or fresh and cached now. Two runs may
-    score the same task at once; the first to commit wins, the other uses its row."""
-    cached = plan.cached.get(task.pk)
-    if cached is not None:
-        return [float(x) for x in cached.scores]
+def _base_scores(version: AdapterVersion, measure: Measure, fresh: list[float] | None):
+    """The base model's scores for a task split: cached, or fresh and cached now. Two runs
+    may score the same split at once; the first to commit wins, the other uses its row."""
+    if measure.cached is not None:
+        return [float(x) for x in measure.cached.scores]
     assert fresh is not None
     row, _ = BaseScore.objects.get_or_create(
         base_model_id=version.base_model_id,
-        task=task,
-        split=Example.Split.HIDDEN,
+        task=measure.task,
+        split=measure.split,
         defaults={"scores": fresh, "mean": sum(fresh) / len(fresh)},
     )
     return [float(x) for x in row.scores] if len(row.scores) == len(fresh) else fresh
+
+
+def _outcomes_store(version: AdapterVersion, measure: Measure, base, adapter) -> None:
+    """Per-example outcomes of the version and of the base model (the base's once)."""
+    Outcome.objects.bulk_create(
+        [
+            Outcome(base_model_id=version.base_model_id, version=version, example_id=pk, score=s)
+            for pk, s in zip(measure.example_ids, adapter, strict=True)
+        ],
+        ignore_conflicts=True,
+    )
+    Outcome.objects.bulk_create(
+        [
+            Outcome(base_model_id=version.base_model_id, version=None, example_id=pk, score=s)
+            for pk, s in zip(measure.example_ids, base, strict=True)
+        ],
+        ignore_conflicts=True,
+    )
 
 
 def results_record(
@@ -179,16 +196,18 @@ def results_record(
         if mine is None:
             raise RunTakenAway()
         outcomes: dict[int, TaskOutcome] = {}
-        for task in plan.tasks:
-            fresh, adapter = scores[task_key(task)]
-            base = _base_scores(plan, version, task, fresh)
-            outcome = _outcome(task, plan.names[task.pk], base, adapter)
-            outcomes[task.pk] = outcome
+        for measure in plan.measures:
+            fresh, adapter = scores[measure.key]
+            base = _base_scores(version, measure, fresh)
+            outcome = _outcome(measure.task, measure.name, base, adapter)
+            if measure.decides:
+                outcomes[measure.task.pk] = outcome
+            _outcomes_store(version, measure, base, adapter)
             TaskResult.objects.create(
                 run=run,
-                task=task,
-                split=TaskResult.Split.HIDDEN,
-                is_target=task in plan.targeted,
+                task=measure.task,
+                split=measure.split,
+                is_target=measure.role == TARGET,
                 n=outcome.n,
                 base_score=outcome.base_score,
                 adapter_score=outcome.adapter_score,
