@@ -155,3 +155,37 @@ class UsageBatch(models.Model):
 
     def __str__(self) -> str:
         return f"usage batch {self.batch_id}"
+
+
+# --- The scoreboard ---------------------------------------------------------------------
+
+
+class Scoreboard(models.Model):
+    """The composed system of one mixture version, scored on the union of the built-in
+    suites' hidden and paraphrase splits: the base model, each member alone, the best
+    single member, the routed mixture per router, and oracle routing (per example, the best
+    of the base model and every member). Computed by a Celery job when the mixture is
+    published (routing.scoreboard); ``figures`` holds aggregates only, never an example."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+        SUPERSEDED = "superseded", "Superseded by a newer mixture version"
+
+    mixture = models.OneToOneField(
+        MixtureVersion, on_delete=models.CASCADE, related_name="scoreboard"
+    )
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    failure_reason = models.TextField(blank=True)
+    figures = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-mixture__number"]
+
+    def __str__(self) -> str:
+        return f"scoreboard of {self.mixture} ({self.status})"

@@ -12,6 +12,7 @@ from django.utils import timezone
 from contributions.models import AdapterVersion, BaseModel
 from contributions.services import VersionTransition, adapter_version_transition
 from routing.models import MixtureMember, MixtureVersion
+from routing.scoreboard.services import scoreboard_request
 
 
 def _router_defaults() -> tuple[str, dict]:
@@ -56,6 +57,7 @@ def mixture_publish(*, reason: str, actor: AbstractBaseUser | None = None) -> Mi
             MixtureMember(mixture=mixture, version_id=pk) for pk in admitted
         )
         _activate(mixture)
+        scoreboard_request(mixture=mixture)
     return mixture
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from routing.scoreboard.services import scoreboard_compute
 from routing.usage import usage_flush
 
 
@@ -14,3 +15,15 @@ def flush_usage() -> int:
     repeated runs count nothing twice, so a late or duplicated beat message is harmless.
     A Redis outage makes it fail loudly; the counters wait in Redis for the next run."""
     return usage_flush()
+
+
+@shared_task(
+    name="routing.score_mixture",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def score_mixture(board_id: int) -> str:
+    """Score one mixture version (queued when it is published, on the evaluation queue).
+    Quiet when the board is gone, finished, superseded by a newer one, or taken."""
+    return scoreboard_compute(board_id=board_id)

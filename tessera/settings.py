@@ -288,6 +288,11 @@ CELERY_BEAT_SCHEDULE = {
     "flush-api-usage": {"task": "routing.flush_usage", "schedule": 30.0},
 }
 
+# --- The scoreboard ----------------------------------------------------------------------
+# Publishing a mixture version queues the job that scores it on the union of the built-in
+# suites (routing.scoreboard); off, boards are computed by `manage.py score_mixture` only.
+TESSERA_SCOREBOARD_ON_PUBLISH = env.bool("TESSERA_SCOREBOARD_ON_PUBLISH", default=True)
+
 # --- Public API: keys, limits and usage ------------------------------------------------------
 # Rate limits and usage counters live in Redis (one round trip per request, no DB write);
 # the default is the broker when it is Redis, else the cache's Redis, else a local Redis.

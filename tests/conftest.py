@@ -92,6 +92,14 @@ def _isolated_media(settings, tmp_path: Path) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _no_scoreboard_jobs(settings) -> None:
+    """Publishing a mixture queues a scoreboard job; tests that want one ask for it
+    (``settings.TESSERA_SCOREBOARD_ON_PUBLISH = True``), so no other test's worker gets
+    scoreboard work it did not expect."""
+    settings.TESSERA_SCOREBOARD_ON_PUBLISH = False
+
+
+@pytest.fixture(autouse=True)
 def _clean_cache(request) -> None:
     """Throttle counters live in the shared cache: start every DB test from zero (whether it
     asks for the database by fixture or by the django_db marker)."""

@@ -127,7 +127,24 @@ def _route_by_embedding(
     from evaluation.worker.signatures import embed  # loads sentence-transformers on first use
 
     query = embed([str(text)[:MAX_EMBEDDED_CHARS]])[0]
+    return route_embedded(catalog=catalog, query=query, allowed=allowed, threshold=threshold)
+
+
+def route_embedded(
+    *,
+    catalog: Catalog,
+    query: np.ndarray,
+    allowed: Sequence[ServedAdapter] | None = None,
+    threshold: float | None = None,
+) -> RoutingDecision:
+    """The embedding router's decision for a request already embedded (``query``, a unit
+    vector): what serving decides for that text, for callers that embed many texts at once
+    (the scoreboard). ``allowed`` defaults to every adapter, ``threshold`` to the mixture's."""
+    allowed = list(catalog.adapters) if allowed is None else list(allowed)
+    threshold = _embedding_threshold(catalog, threshold)
     scored, cosines = embedding_scores(catalog=catalog, candidates=allowed, query=query)
+    if not scored:
+        return _base(router="embedding", reason="no_candidates", threshold=threshold)
     return _pick(router="embedding", scored=scored, values=cosines, threshold=threshold)
 
 

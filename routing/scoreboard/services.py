@@ -1,0 +1,211 @@
+"""Scoring a mixture version: queued when it is published, computed by a Celery job.
+
+The job reads every member's and the base model's per-example outcomes on the union
+(evaluation measures the missing ones first, in one sandboxed child), embeds each example's
+prompt once, asks the embedding router what it would pick for it in this mixture (the same
+decision the inference server makes, from the same catalog values), and joins the two
+(routing.scoreboard.figures). Private adapters are left out: the scoreboard is what a
+member of the public gets.
+
+Coalesced: a job that finds a newer mixture version already queued for scoring marks its
+own board superseded and stops, so a burst of admissions scores only the last mixture.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from contributions.models import AdapterVersion
+from contributions.selectors import base_model_active
+from evaluation.services.outcomes import (
+    UNION_SPLITS,
+    UnionSplit,
+    outcomes_measure,
+    outcomes_table,
+    union_splits,
+)
+from evaluation.services.runs import evaluation_queue
+from routing.catalog import Catalog, ServedAdapter
+from routing.models import MixtureVersion, Scoreboard
+from routing.router.decision import route_embedded
+from routing.scoreboard.figures import BASE, Candidate, TaskSlice, split_figures
+
+logger = logging.getLogger(__name__)
+
+Status = Scoreboard.Status
+ROUTERS = ("embedding",)
+
+
+# --- Queueing -------------------------------------------------------------------------------
+
+
+def scoreboard_request(*, mixture: MixtureVersion) -> Scoreboard | None:
+    """A queued board for a just-published mixture; the job is sent after commit. Caller
+    holds the publishing transaction. Off with TESSERA_SCOREBOARD_ON_PUBLISH=false."""
+    if not settings.TESSERA_SCOREBOARD_ON_PUBLISH:
+        return None
+    board = Scoreboard.objects.create(mixture=mixture)
+    board_id = board.pk
+    transaction.on_commit(lambda: scoreboard_enqueue(board_id=board_id))
+    return board
+
+
+def scoreboard_enqueue(*, board_id: int) -> None:
+    """Send ``routing.score_mixture`` to the evaluation queue (it may need the sandbox and
+    the base model). A broker that is down is logged: the mixture is published regardless,
+    and ``manage.py score_mixture`` computes the board by hand."""
+    from routing.tasks import score_mixture
+
+    try:
+        score_mixture.apply_async(args=[board_id], queue=evaluation_queue())
+    except Exception:  # kombu/redis connection errors share no useful base class
+        logger.exception("could not enqueue the scoreboard %s", board_id)
+
+
+# --- Computing ------------------------------------------------------------------------------
+
+
+def scoreboard_compute(*, board_id: int) -> str:
+    """Everything ``routing.score_mixture`` does; returns what happened in one word:
+    gone | finished | superseded | busy | done | failed."""
+    board = Scoreboard.objects.select_related("mixture").filter(pk=board_id).first()
+    if board is None:
+        return "gone"
+    if board.status != Status.QUEUED:
+        return "finished"
+    newer = Scoreboard.objects.filter(
+        mixture__number__gt=board.mixture.number,
+        status__in=[Status.QUEUED, Status.RUNNING, Status.DONE],
+    )
+    if newer.exists():
+        Scoreboard.objects.filter(pk=board.pk, status=Status.QUEUED).update(
+            status=Status.SUPERSEDED, finished_at=timezone.now()
+        )
+        return "superseded"
+    claimed = Scoreboard.objects.filter(pk=board.pk, status=Status.QUEUED).update(
+        status=Status.RUNNING, started_at=timezone.now()
+    )
+    if claimed != 1:
+        return "busy"  # another worker got there first
+    try:
+        figures = mixture_figures(mixture=board.mixture)
+    except Exception as exc:
+        logger.exception("scoreboard of %s failed", board.mixture)
+        Scoreboard.objects.filter(pk=board.pk, status=Status.RUNNING).update(
+            status=Status.FAILED,
+            finished_at=timezone.now(),
+            failure_reason=f"{type(exc).__name__}: {exc}"[:2000],
+        )
+        return "failed"
+    Scoreboard.objects.filter(pk=board.pk, status=Status.RUNNING).update(
+        status=Status.DONE, finished_at=timezone.now(), figures=figures
+    )
+    return "done"
+
+
+def scoreboard_compute_now(*, mixture: MixtureVersion) -> Scoreboard:
+    """Score ``mixture`` in this process (the management command), whatever its board's
+    state: a fresh board replaces an old one."""
+    Scoreboard.objects.filter(mixture=mixture).delete()
+    board = Scoreboard.objects.create(mixture=mixture)
+    scoreboard_compute(board_id=board.pk)
+    board.refresh_from_db()
+    return board
+
+
+def _members(mixture: MixtureVersion) -> list[AdapterVersion]:
+    return list(
+        AdapterVersion.objects.filter(pk__in=mixture.entries.values("version_id"))
+        .select_related("adapter__owner__contributor", "routing_signature")
+        .order_by("pk")
+    )
+
+
+def mixture_figures(*, mixture: MixtureVersion) -> dict[str, Any]:
+    """The board's figures for ``mixture`` (see the module docstring)."""
+    from routing.serving.sync import served_adapter
+
+    started = time.monotonic()
+    base_model = base_model_active()
+    members = [v for v in _members(mixture) if v.adapter.visibility != v.adapter.Visibility.PRIVATE]
+    splits = union_splits()
+    unmeasured = outcomes_measure(base_model=base_model, versions=members, splits=splits)
+    served = [served_adapter(version) for version in members]
+    catalog = Catalog(
+        mixture_number=mixture.number,
+        router=mixture.router,
+        router_settings=dict(mixture.router_settings or {}),
+        adapters=tuple(served),
+    )
+    candidates = [Candidate(None, BASE)] + [
+        Candidate(a.version_id, a.model_id, a.version_number) for a in served
+    ]
+    by_name = {}
+    for name in UNION_SPLITS:
+        parts = [split for split in splits if split.split == name]
+        if parts:
+            by_name[name] = _split(base_model.pk, catalog, candidates, parts)
+    return {
+        "mixture": mixture.number,
+        "router": mixture.router,
+        "routers": list(ROUTERS),
+        "threshold": (mixture.router_settings or {}).get("threshold"),
+        "members": [
+            {
+                "model_id": a.model_id,
+                "version": a.version_number,
+                "title": a.title,
+                "contributor": a.contributor_name,
+                "license": a.license,
+                "task_tags": list(a.task_tags),
+            }
+            for a in served
+        ],
+        "splits": by_name,
+        "unmeasured": {
+            next(a.model_id for a in served if a.version_id == pk): reason
+            for pk, reason in unmeasured.items()
+        },
+        "computed_at": timezone.now().isoformat(),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def _split(
+    base_model_id: int, catalog: Catalog, candidates: list[Candidate], parts: list[UnionSplit]
+) -> dict[str, Any]:
+    from evaluation.worker.signatures import embed
+
+    example_ids = [pk for part in parts for pk in part.example_ids]
+    table = outcomes_table(
+        base_model_id=base_model_id,
+        version_ids=[c.version_id for c in candidates if c.version_id is not None],
+        example_ids=example_ids,
+    )
+    # An outcome still missing (its version could not be measured) counts as unsolved.
+    scores = {
+        c.version_id: [table[c.version_id].get(pk, 0.0) for pk in example_ids] for c in candidates
+    }
+    prompts = [prompt for part in parts for prompt in part.prompts()]
+    queries = embed(prompts) if catalog.adapters else []
+    picks = {"embedding": [_embedding_pick(catalog, query) for query in queries]}
+    if not catalog.adapters:
+        picks = {"embedding": [None] * len(example_ids)}
+    tasks, cursor = [], 0
+    for part in parts:
+        positions = list(range(cursor, cursor + len(part.example_ids)))
+        cursor += len(part.example_ids)
+        suite = part.task.suite_version.suite.slug
+        tasks.append(TaskSlice(part.task.slug, suite, part.task.title, positions))
+    return split_figures(candidates=candidates, scores=scores, picks=picks, tasks=tasks)
+
+
+def _embedding_pick(catalog: Catalog, query) -> int | None:
+    adapter: ServedAdapter | None = route_embedded(catalog=catalog, query=query).adapter
+    return adapter.version_id if adapter is not None else None

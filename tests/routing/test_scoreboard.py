@@ -1,0 +1,250 @@
+"""The scoreboard: the composed system of a mixture version scored on the union of the
+built-in suites' hidden and paraphrase splits, from stored per-example outcomes and the
+embedding router's real decisions (all-MiniLM-L6-v2, offline)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.urls import reverse
+from rest_framework.test import APIClient
+
+from evaluation.models import Example, Outcome, Suite, SuiteVersion, Task
+from routing.models import MixtureVersion, Scoreboard
+from routing.scoreboard.figures import BASE, Candidate, TaskSlice, split_figures
+from routing.scoreboard.services import (
+    scoreboard_compute,
+    scoreboard_compute_now,
+)
+from routing.services import mixture_publish
+from tests.routing.conftest import DATES_PROMPTS, UNITS_PROMPTS, admitted_version
+
+SECRET = "zq-hidden-marker"  # in every hidden and paraphrase example: must never leak
+
+
+# --- The arithmetic ------------------------------------------------------------------------
+
+
+def test_the_figures_join_routing_decisions_with_outcomes():
+    a, b = Candidate(1, "ann/units", 1), Candidate(2, "bob/dates", 3)
+    # Examples 0-1 are units (a solves them), 2-3 dates (b solves 2 only), 4 nobody solves.
+    scores = {None: [0, 0, 0, 1, 0], 1: [1, 1, 0, 0, 0], 2: [0, 0, 1, 0, 0]}
+    picks = {"embedding": [1, 2, 2, None, 1]}
+    tasks = [TaskSlice("units", "s", "Units", [0, 1]), TaskSlice("dates", "s", "Dates", [2, 3, 4])]
+    figures = split_figures(
+        candidates=[Candidate(None, BASE), a, b], scores=scores, picks=picks, tasks=tasks
+    )
+    assert figures["n"] == 5
+    assert figures["base"] == pytest.approx(0.2)
+    assert [(x["model_id"], x["score"]) for x in figures["adapters"]] == [
+        ("ann/units", 0.4),
+        ("bob/dates", 0.2),
+    ]
+    assert figures["best_single"] == {"model_id": "ann/units", "version": 1, "score": 0.4}
+    assert figures["oracle"] == pytest.approx(0.8)  # example 4: nobody
+    assert figures["unsolved"] == 1
+    routed = figures["routers"]["embedding"]
+    assert routed["score"] == pytest.approx(0.6)  # 1 + 0 + 1 + 1 + 0
+    assert routed["routed_over_oracle"] == pytest.approx(0.75)
+    assert routed["routed_minus_best_single"] == pytest.approx(0.2)
+    assert routed["routed_minus_base"] == pytest.approx(0.4)
+    # Among the 4 solvable examples the router's pick was as good as the best on 3.
+    assert (routed["accuracy"], routed["accuracy_n"]) == (pytest.approx(0.75), 4)
+    assert routed["picks"] == {"ann/units": 2, "bob/dates": 2, "base": 1}
+    units, dates = figures["tasks"]
+    assert (units["task"], units["oracle"], units["routers"]["embedding"]["score"]) == (
+        "units",
+        1.0,
+        0.5,
+    )
+    assert dates["routers"]["embedding"]["picks"] == {"bob/dates": 1, "base": 1, "ann/units": 1}
+
+
+def test_a_mixture_with_no_adapters_scores_as_the_base_model():
+    figures = split_figures(
+        candidates=[Candidate(None, BASE)],
+        scores={None: [1, 0]},
+        picks={"embedding": [None, None]},
+        tasks=[],
+    )
+    assert figures["best_single"] is None
+    assert figures["routers"]["embedding"]["score"] == figures["oracle"] == 0.5
+    assert figures["routers"]["embedding"]["routed_minus_best_single"] is None
+
+
+# --- On the database, with the real router ----------------------------------------------------
+
+UNITS_HIDDEN = [f"Convert {n} km to metres. {SECRET}" for n in (3, 7, 12, 40)]
+UNITS_PARAPHRASE = [f"I walked {n} km today; how many metres is that? {SECRET}" for n in (5, 9)]
+DATES_HIDDEN = [
+    f"Rewrite 20{y}-0{m}-1{m} as a date in words. {SECRET}" for y, m in ((10, 3), (21, 4))
+]
+DATES_PARAPHRASE = [f"Please spell out the date 1998-0{m}-2{m} in words. {SECRET}" for m in (5, 6)]
+
+
+def _task(suite: SuiteVersion, slug: str, hidden: list[str], paraphrase: list[str]) -> Task:
+    task = Task.objects.create(
+        suite_version=suite,
+        slug=slug,
+        title=slug.title(),
+        tags=[slug],
+        metric="exact_match",
+        prompt_template="{question}",
+        max_new_tokens=6,
+    )
+    for split, prompts in ((Example.Split.HIDDEN, hidden), (Example.Split.PARAPHRASE, paraphrase)):
+        for position, prompt in enumerate(prompts):
+            Example.objects.create(
+                task=task,
+                split=split,
+                position=position,
+                fields={"question": prompt},
+                target=f"answer {SECRET}",
+                prompt_template="{question}" if split == Example.Split.PARAPHRASE else "",
+            )
+    return task
+
+
+@pytest.fixture
+def union(db):
+    suite = Suite.objects.create(slug="skills", title="Skills", purpose=Suite.Purpose.SKILL)
+    version = SuiteVersion.objects.create(suite=suite, number=1, source_sha256="0" * 64)
+    return (
+        _task(version, "units", UNITS_HIDDEN, UNITS_PARAPHRASE),
+        _task(version, "dates", DATES_HIDDEN, DATES_PARAPHRASE),
+    )
+
+
+def _outcomes(base_model, version, task_scores: dict[Task, float]) -> None:
+    for task, score in task_scores.items():
+        for example in Example.objects.filter(task=task):
+            Outcome.objects.create(
+                base_model=base_model, version=version, example=example, score=score
+            )
+
+
+@pytest.fixture
+def mixture(union, base_model, contributor, other_contributor):
+    units_task, dates_task = union
+    units = admitted_version(contributor, slug="units", prompts=UNITS_PROMPTS, seed=1)
+    dates = admitted_version(other_contributor, slug="dates", prompts=DATES_PROMPTS, seed=2)
+    _outcomes(base_model, None, {units_task: 0.0, dates_task: 0.0})
+    _outcomes(base_model, units, {units_task: 1.0, dates_task: 0.0})
+    _outcomes(base_model, dates, {units_task: 0.0, dates_task: 1.0})
+    return MixtureVersion.objects.get(is_active=True)
+
+
+def test_the_routed_mixture_beats_every_single_adapter_and_the_base_model(mixture):
+    board = scoreboard_compute_now(mixture=mixture)
+    assert board.status == Scoreboard.Status.DONE, board.failure_reason
+    figures = board.figures
+    assert set(figures["splits"]) == {"hidden", "paraphrase"}
+    assert [m["model_id"] for m in figures["members"]] == ["owner/units", "other/dates"]
+    hidden = figures["splits"]["hidden"]
+    assert hidden["n"] == 6
+    assert hidden["base"] == 0.0
+    assert hidden["oracle"] == 1.0
+    assert hidden["best_single"]["score"] == pytest.approx(4 / 6)  # units covers 4 of 6
+    routed = hidden["routers"]["embedding"]
+    # The router sends each skill's prompts to the adapter that solves them.
+    assert routed["score"] == 1.0 and routed["accuracy"] == 1.0
+    assert routed["routed_minus_best_single"] == pytest.approx(2 / 6)
+    by_task = {t["task"]: t["routers"]["embedding"]["picks"] for t in hidden["tasks"]}
+    assert by_task == {"units": {"owner/units": 4}, "dates": {"other/dates": 2}}
+    assert figures["splits"]["paraphrase"]["n"] == 4
+
+
+def test_no_hidden_or_paraphrase_example_appears_in_the_public_api(mixture):
+    scoreboard_compute_now(mixture=mixture)
+    client = APIClient()
+    for url in (
+        reverse("routing-api:scoreboard-latest"),
+        reverse("routing-api:scoreboard", args=[mixture.number]),
+        reverse("routing-api:scoreboard-history"),
+    ):
+        response = client.get(url)
+        assert response.status_code == 200, url
+        assert SECRET not in response.content.decode()
+        assert "km" not in response.content.decode()
+    latest = client.get(reverse("routing-api:scoreboard-latest")).json()
+    assert latest["mixture"] == mixture.number and latest["status"] == "done"
+    history = client.get(reverse("routing-api:scoreboard-history")).json()
+    assert {(p["mixture"], p["split"], p["routed"]) for p in history} == {
+        (mixture.number, "hidden", 1.0),
+        (mixture.number, "paraphrase", 1.0),
+    }
+
+
+def test_before_any_scoreboard_the_api_answers_404_with_a_code(db):
+    client = APIClient()
+    response = client.get(reverse("routing-api:scoreboard-latest"))
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "scoreboard_not_ready"
+    response = client.get(reverse("routing-api:scoreboard", args=[99]))
+    assert (response.status_code, response.json()["error"]["code"]) == (
+        404,
+        "scoreboard_not_found",
+    )
+
+
+def test_a_private_adapter_is_left_out_of_the_public_scoreboard(union, base_model, contributor):
+    units_task, dates_task = union
+    _outcomes(base_model, None, {units_task: 0.0, dates_task: 0.0})
+    private = admitted_version(
+        contributor, slug="units", prompts=UNITS_PROMPTS, private=True, seed=3
+    )
+    _outcomes(base_model, private, {units_task: 1.0})
+    board = scoreboard_compute_now(mixture=MixtureVersion.objects.get(is_active=True))
+    assert board.figures["members"] == []
+    assert board.figures["splits"]["hidden"]["routers"]["embedding"]["picks"] == {"base": 6}
+
+
+# --- Queueing and coalescing -----------------------------------------------------------------
+
+
+def test_publishing_a_mixture_queues_its_scoreboard_after_commit(
+    db, base_model, settings, monkeypatch, django_capture_on_commit_callbacks
+):
+    from routing import tasks
+
+    sent: list = []
+    monkeypatch.setattr(
+        tasks.score_mixture, "apply_async", lambda args, queue: sent.append((args, queue))
+    )
+    settings.TESSERA_SCOREBOARD_ON_PUBLISH = True
+    with django_capture_on_commit_callbacks(execute=True):
+        mixture = mixture_publish(reason="test")
+    board = Scoreboard.objects.get(mixture=mixture)
+    assert board.status == Scoreboard.Status.QUEUED
+    assert sent == [([board.pk], "eval-cpu")]
+
+
+def test_a_queued_board_of_an_older_mixture_is_superseded_by_a_newer_one(
+    union, base_model, settings
+):
+    _outcomes(base_model, None, dict.fromkeys(union, 0.0))
+    first = mixture_publish(reason="first")
+    second = mixture_publish(reason="second")
+    old = Scoreboard.objects.create(mixture=first)
+    new = Scoreboard.objects.create(mixture=second)
+    assert scoreboard_compute(board_id=old.pk) == "superseded"
+    assert scoreboard_compute(board_id=new.pk) == "done"
+    old.refresh_from_db()
+    new.refresh_from_db()
+    assert (old.status, new.status) == ("superseded", "done")
+    assert old.figures == {}
+    assert scoreboard_compute(board_id=new.pk) == "finished"  # a redelivery does nothing
+    assert scoreboard_compute(board_id=10**6) == "gone"
+
+
+def test_the_command_prints_the_scoreboard_table(mixture, capsys):
+    from django.core.management import call_command
+
+    call_command("score_mixture")
+    out = capsys.readouterr().out
+    assert "| routed (embedding) | **1.000** |" in out
+    assert "| oracle routing | 1.000 |" in out
+    call_command("score_mixture", "--json")
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["splits"]["hidden"]["routers"]["embedding"]["accuracy"] == 1.0
