@@ -225,5 +225,12 @@ def policy_rules_in_words(policy: PolicySettings | None = None) -> list[str]:
         f"On the general-ability suite, the adapter may lower the base model's score by at most "
         f"{drop:g} on average across its tasks.",
         review,
+        *_checks_in_words(),
         "Scores on contributors' own test sets are shown but never decide admission.",
     ]
+
+
+def _checks_in_words() -> list[str]:
+    from evaluation.services.admission import admission_checks
+
+    return [check.words() for check in admission_checks]

@@ -292,6 +292,9 @@ CELERY_BEAT_SCHEDULE = {
 # Publishing a mixture version queues the job that scores it on the union of the built-in
 # suites (routing.scoreboard); off, boards are computed by `manage.py score_mixture` only.
 TESSERA_SCOREBOARD_ON_PUBLISH = env.bool("TESSERA_SCOREBOARD_ON_PUBLISH", default=True)
+# A version that passes is held for review when adding it lowers the mixture's routed score
+# on the union by more than this (routing.scoreboard.marginal).
+TESSERA_ADMISSION_MAX_MIXTURE_DROP = env.float("TESSERA_ADMISSION_MAX_MIXTURE_DROP", default=0.01)
 
 # --- Public API: keys, limits and usage ------------------------------------------------------
 # Rate limits and usage counters live in Redis (one round trip per request, no DB write);

@@ -11,6 +11,8 @@ AuditEvent; the others get ``status_conflict``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
@@ -18,13 +20,40 @@ from django.db import transaction
 from contributions.models import AdapterVersion
 from contributions.services import adapter_version_transition
 from evaluation.models import EvaluationRun, RuleResult
-from evaluation.policy import PolicyOutcome, review_required
+from evaluation.policy import PolicyOutcome, Rule, review_required
 from evaluation.selectors import contributor_has_admitted
 from tessera.errors import DomainError
 
 logger = logging.getLogger(__name__)
 
 Status = AdapterVersion.Status
+
+
+@dataclass(frozen=True)
+class AdmissionCheck:
+    """A rule that apps above evaluation add to the policy for versions that pass it: it
+    never fails a version, but one it does not pass is held for a maintainer's review, with
+    the rule's figure shown there. ``rule`` returns None when it has nothing to say;
+    ``words`` says it on the public policy page."""
+
+    rule: Callable[[AdapterVersion], Rule | None]
+    words: Callable[[], str]
+
+
+# Registered in AppConfig.ready() (routing adds the mixture-contribution rule): evaluation
+# knows nothing of routing, which asks to be consulted instead.
+admission_checks: list[AdmissionCheck] = []
+
+
+def admission_check_register(check: AdmissionCheck) -> None:
+    if check not in admission_checks:
+        admission_checks.append(check)
+
+
+def admission_checks_run(*, version: AdapterVersion) -> list[Rule]:
+    """The registered checks' verdicts on a version that passed the policy. Caller holds the
+    transaction that records its run (the version's outcomes are in it already)."""
+    return [rule for check in admission_checks if (rule := check.rule(version)) is not None]
 
 
 def version_admit(
@@ -68,9 +97,13 @@ def version_conclude(
     """evaluating → passed or failed, with the rules in the reason. Caller holds the
     transaction that records the run (so the verdict and the results commit together)."""
     if outcome.passed:
-        reason = "Passed every admission rule." + (
-            " Waiting for a maintainer's review." if needs_review else ""
-        )
+        held = "; ".join(f"{rule.rule}: {rule.detail}" for rule in outcome.failed)
+        if held:
+            reason = f"Passed the admission policy; held for a maintainer's review: {held}"
+        else:
+            reason = "Passed every admission rule." + (
+                " Waiting for a maintainer's review." if needs_review else ""
+            )
         return adapter_version_transition(
             version=version, to_status=Status.PASSED, actor=None, reason=reason
         )

@@ -23,12 +23,14 @@ from evaluation.models import (
     WeightSketch,
 )
 from evaluation.policy import (
+    PolicyOutcome,
     TaskOutcome,
     evaluate_policy,
     policy_from_settings,
     targets_rule,
 )
 from evaluation.services.admission import (
+    admission_checks_run,
     admission_needs_review,
     rule_results_store,
     version_admit_automatically,
@@ -59,19 +61,13 @@ def answer_validated(result: Any, job: JobSpec, version: AdapterVersion, *, key:
     lists as long as the examples, finite numbers in the metric's range, a sketch of known
     module kinds. An adapter the engine refused raises RunFailure with the engine's reason;
     anything malformed raises ValueError."""
-    if not isinstance(result, dict):
-        raise ValueError("no result")
-    failed = result.get("failed")
-    if not isinstance(failed, dict):
-        raise ValueError("no list of refused adapters")
+    answer_shape_check(result, job)
+    failed, scores = result["failed"], result["scores"]
     if key in failed:
         raise RunFailure(
             "adapter_refused",
             f"The inference engine could not load this adapter: {str(failed[key])[:500]}",
         )
-    scores = result.get("scores")
-    if not isinstance(scores, dict) or set(scores) != {t.key for t in job.tasks}:
-        raise ValueError("the scores do not name exactly the tasks asked for")
     checked: dict[str, tuple[list[float] | None, list[float]]] = {}
     for task in job.tasks:
         if key not in job.task_adapters(task):
@@ -96,6 +92,19 @@ def answer_validated(result: Any, job: JobSpec, version: AdapterVersion, *, key:
         if not isinstance(block, list) or len(block) != BLOCK or not all(_finite(x) for x in block):
             raise ValueError(f"the weight sketch of {kind} is not {BLOCK} finite numbers")
     return checked, sketch
+
+
+def answer_shape_check(result: Any, job: JobSpec) -> None:
+    """The part of the child's answer every adapter's reading needs: a result, its list of
+    refused adapters, scores for exactly the job's tasks. ValueError otherwise: then the
+    answer is unusable for every adapter of the job, not for one."""
+    if not isinstance(result, dict):
+        raise ValueError("no result")
+    if not isinstance(result.get("failed"), dict):
+        raise ValueError("no list of refused adapters")
+    scores = result.get("scores")
+    if not isinstance(scores, dict) or set(scores) != {t.key for t in job.tasks}:
+        raise ValueError("the scores do not name exactly the tasks asked for")
 
 
 def _finite(value: Any) -> bool:
@@ -249,9 +258,16 @@ def results_record(
             adapter_tags=version.adapter.task_tags,
             available_tags=selectors.task_tags_available(),
         )
-        rule_results_store(run=run, outcome=verdict)
         locked = AdapterVersion.objects.select_for_update().get(pk=version.pk)
-        needs_review = verdict.passed and admission_needs_review(version=locked, mode=policy.review)
+        # Checks of apps above evaluation (the mixture-contribution rule) never fail a
+        # version: one that passed the policy but not a check is held for review.
+        held = admission_checks_run(version=locked) if verdict.passed else []
+        verdict = PolicyOutcome(rules=[*verdict.rules, *held], passed=verdict.passed)
+        rule_results_store(run=run, outcome=verdict)
+        needs_review = verdict.passed and (
+            admission_needs_review(version=locked, mode=policy.review)
+            or any(not rule.passed for rule in held)
+        )
         EvaluationRun.objects.filter(pk=run.pk).update(
             status=RunStatus.SUCCEEDED,
             passed=verdict.passed,

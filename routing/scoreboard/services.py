@@ -119,7 +119,7 @@ def scoreboard_compute_now(*, mixture: MixtureVersion) -> Scoreboard:
     return board
 
 
-def _members(mixture: MixtureVersion) -> list[AdapterVersion]:
+def members_of(mixture: MixtureVersion) -> list[AdapterVersion]:
     return list(
         AdapterVersion.objects.filter(pk__in=mixture.entries.values("version_id"))
         .select_related("adapter__owner__contributor", "routing_signature")
@@ -129,20 +129,15 @@ def _members(mixture: MixtureVersion) -> list[AdapterVersion]:
 
 def mixture_figures(*, mixture: MixtureVersion) -> dict[str, Any]:
     """The board's figures for ``mixture`` (see the module docstring)."""
-    from routing.serving.sync import served_adapter
-
     started = time.monotonic()
     base_model = base_model_active()
-    members = [v for v in _members(mixture) if v.adapter.visibility != v.adapter.Visibility.PRIVATE]
+    members = [
+        v for v in members_of(mixture) if v.adapter.visibility != v.adapter.Visibility.PRIVATE
+    ]
     splits = union_splits()
     unmeasured = outcomes_measure(base_model=base_model, versions=members, splits=splits)
-    served = [served_adapter(version) for version in members]
-    catalog = Catalog(
-        mixture_number=mixture.number,
-        router=mixture.router,
-        router_settings=dict(mixture.router_settings or {}),
-        adapters=tuple(served),
-    )
+    catalog = public_catalog(mixture, members)
+    served = list(catalog.adapters)
     candidates = [Candidate(None, BASE)] + [
         Candidate(a.version_id, a.model_id, a.version_number) for a in served
     ]
@@ -180,8 +175,6 @@ def mixture_figures(*, mixture: MixtureVersion) -> dict[str, Any]:
 def _split(
     base_model_id: int, catalog: Catalog, candidates: list[Candidate], parts: list[UnionSplit]
 ) -> dict[str, Any]:
-    from evaluation.worker.signatures import embed
-
     example_ids = [pk for part in parts for pk in part.example_ids]
     table = outcomes_table(
         base_model_id=base_model_id,
@@ -192,11 +185,7 @@ def _split(
     scores = {
         c.version_id: [table[c.version_id].get(pk, 0.0) for pk in example_ids] for c in candidates
     }
-    prompts = [prompt for part in parts for prompt in part.prompts()]
-    queries = embed(prompts) if catalog.adapters else []
-    picks = {"embedding": [_embedding_pick(catalog, query) for query in queries]}
-    if not catalog.adapters:
-        picks = {"embedding": [None] * len(example_ids)}
+    picks = {"embedding": embedding_picks(catalog, parts)}
     tasks, cursor = [], 0
     for part in parts:
         positions = list(range(cursor, cursor + len(part.example_ids)))
@@ -204,6 +193,58 @@ def _split(
         suite = part.task.suite_version.suite.slug
         tasks.append(TaskSlice(part.task.slug, suite, part.task.title, positions))
     return split_figures(candidates=candidates, scores=scores, picks=picks, tasks=tasks)
+
+
+# Example rows never change once their suite version is used (versions are locked), so an
+# example's prompt embedding is kept for the life of the worker process; keyed by the text
+# too, so a reused primary key (a test database, a restored dump) never gets a stale one.
+_embedded: dict[tuple[int, str], Any] = {}
+
+
+def union_queries(parts: list[UnionSplit]) -> list[Any]:
+    """Each example's prompt embedding (unit vectors), in the parts' order."""
+    from evaluation.worker.signatures import embed
+
+    keys = [
+        (pk, prompt)
+        for part in parts
+        for pk, prompt in zip(part.example_ids, part.prompts(), strict=True)
+    ]
+    missing = list(dict.fromkeys(key for key in keys if key not in _embedded))
+    if missing:
+        vectors = embed([prompt for _pk, prompt in missing])
+        _embedded.update(zip(missing, vectors, strict=True))
+    return [_embedded[key] for key in keys]
+
+
+def embedding_picks(catalog: Catalog, parts: list[UnionSplit]) -> list[int | None]:
+    """The version each example's prompt is routed to by the embedding router (None: the
+    base model), exactly as the inference server would route it in this catalog."""
+    if not any(adapter.signature is not None for adapter in catalog.adapters):
+        return [None for part in parts for _pk in part.example_ids]
+    return [_embedding_pick(catalog, query) for query in union_queries(parts)]
+
+
+def public_catalog(mixture: MixtureVersion | None, versions: list[AdapterVersion]) -> Catalog:
+    """A catalog of ``versions`` (public ones only) as the serving process would build it."""
+    from routing.serving.sync import served_adapter
+
+    served = sorted(
+        (
+            served_adapter(version)
+            for version in versions
+            if version.adapter.visibility != version.adapter.Visibility.PRIVATE
+        ),
+        key=lambda adapter: adapter.version_id,
+    )
+    return Catalog(
+        mixture_number=mixture.number if mixture else 0,
+        router=mixture.router if mixture else settings.TESSERA_ROUTER,
+        router_settings=dict(mixture.router_settings or {})
+        if mixture
+        else {"threshold": settings.TESSERA_ROUTER_THRESHOLD},
+        adapters=tuple(served),
+    )
 
 
 def _embedding_pick(catalog: Catalog, query) -> int | None:

@@ -14,12 +14,14 @@ import uvicorn
 
 from contributions import services
 from contributions.models import AdapterVersion
-from evaluation.models import RoutingSignature
+from evaluation.models import Example, RoutingSignature, Suite, SuiteVersion, Task
 from evaluation.tasks import evaluate_run
 from evaluation.worker.signatures import EMBEDDING_MODEL, centroid, embed
 from routing.serving import runtime
 from tests.conftest import redis_url
 from tests.evaluation.test_runs import (  # noqa: F401 (fixtures used by name)
+    child,
+    fast_eval,
     model_cache,
     tiny_base_model,
     tiny_model_source,
@@ -135,3 +137,47 @@ def walk_to_admitted(version: AdapterVersion) -> AdapterVersion:
     for status in PATH[start:]:
         version = services.adapter_version_transition(version=version, to_status=status, actor=None)
     return version
+
+
+# --- A small union: two skills with hidden and paraphrase splits --------------------------
+
+SECRET = "zq-hidden-marker"  # in every hidden and paraphrase example: must never leak
+UNITS_HIDDEN = [f"Convert {n} km to metres. {SECRET}" for n in (3, 7, 12, 40)]
+UNITS_PARAPHRASE = [f"I walked {n} km today; how many metres is that? {SECRET}" for n in (5, 9)]
+DATES_HIDDEN = [
+    f"Rewrite 20{y}-0{m}-1{m} as a date in words. {SECRET}" for y, m in ((10, 3), (21, 4))
+]
+DATES_PARAPHRASE = [f"Please spell out the date 1998-0{m}-2{m} in words. {SECRET}" for m in (5, 6)]
+
+
+def _task(suite: SuiteVersion, slug: str, hidden: list[str], paraphrase: list[str]) -> Task:
+    task = Task.objects.create(
+        suite_version=suite,
+        slug=slug,
+        title=slug.title(),
+        tags=[slug],
+        metric="exact_match",
+        prompt_template="{question}",
+        max_new_tokens=6,
+    )
+    for split, prompts in ((Example.Split.HIDDEN, hidden), (Example.Split.PARAPHRASE, paraphrase)):
+        for position, prompt in enumerate(prompts):
+            Example.objects.create(
+                task=task,
+                split=split,
+                position=position,
+                fields={"question": prompt},
+                target=f"answer {SECRET}",
+                prompt_template="{question}" if split == Example.Split.PARAPHRASE else "",
+            )
+    return task
+
+
+@pytest.fixture
+def union(db):
+    suite = Suite.objects.create(slug="skills", title="Skills", purpose=Suite.Purpose.SKILL)
+    version = SuiteVersion.objects.create(suite=suite, number=1, source_sha256="0" * 64)
+    return (
+        _task(version, "units", UNITS_HIDDEN, UNITS_PARAPHRASE),
+        _task(version, "dates", DATES_HIDDEN, DATES_PARAPHRASE),
+    )

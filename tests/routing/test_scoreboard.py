@@ -10,7 +10,7 @@ import pytest
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from evaluation.models import Example, Outcome, Suite, SuiteVersion, Task
+from evaluation.models import Example, Outcome, Task
 from routing.models import MixtureVersion, Scoreboard
 from routing.scoreboard.figures import BASE, Candidate, TaskSlice, split_figures
 from routing.scoreboard.services import (
@@ -18,10 +18,7 @@ from routing.scoreboard.services import (
     scoreboard_compute_now,
 )
 from routing.services import mixture_publish
-from tests.routing.conftest import DATES_PROMPTS, UNITS_PROMPTS, admitted_version
-
-SECRET = "zq-hidden-marker"  # in every hidden and paraphrase example: must never leak
-
+from tests.routing.conftest import DATES_PROMPTS, SECRET, UNITS_PROMPTS, admitted_version
 
 # --- The arithmetic ------------------------------------------------------------------------
 
@@ -74,46 +71,6 @@ def test_a_mixture_with_no_adapters_scores_as_the_base_model():
 
 
 # --- On the database, with the real router ----------------------------------------------------
-
-UNITS_HIDDEN = [f"Convert {n} km to metres. {SECRET}" for n in (3, 7, 12, 40)]
-UNITS_PARAPHRASE = [f"I walked {n} km today; how many metres is that? {SECRET}" for n in (5, 9)]
-DATES_HIDDEN = [
-    f"Rewrite 20{y}-0{m}-1{m} as a date in words. {SECRET}" for y, m in ((10, 3), (21, 4))
-]
-DATES_PARAPHRASE = [f"Please spell out the date 1998-0{m}-2{m} in words. {SECRET}" for m in (5, 6)]
-
-
-def _task(suite: SuiteVersion, slug: str, hidden: list[str], paraphrase: list[str]) -> Task:
-    task = Task.objects.create(
-        suite_version=suite,
-        slug=slug,
-        title=slug.title(),
-        tags=[slug],
-        metric="exact_match",
-        prompt_template="{question}",
-        max_new_tokens=6,
-    )
-    for split, prompts in ((Example.Split.HIDDEN, hidden), (Example.Split.PARAPHRASE, paraphrase)):
-        for position, prompt in enumerate(prompts):
-            Example.objects.create(
-                task=task,
-                split=split,
-                position=position,
-                fields={"question": prompt},
-                target=f"answer {SECRET}",
-                prompt_template="{question}" if split == Example.Split.PARAPHRASE else "",
-            )
-    return task
-
-
-@pytest.fixture
-def union(db):
-    suite = Suite.objects.create(slug="skills", title="Skills", purpose=Suite.Purpose.SKILL)
-    version = SuiteVersion.objects.create(suite=suite, number=1, source_sha256="0" * 64)
-    return (
-        _task(version, "units", UNITS_HIDDEN, UNITS_PARAPHRASE),
-        _task(version, "dates", DATES_HIDDEN, DATES_PARAPHRASE),
-    )
 
 
 def _outcomes(base_model, version, task_scores: dict[Task, float]) -> None:
