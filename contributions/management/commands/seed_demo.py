@@ -1,9 +1,11 @@
-"""Create a demo maintainer and a demo contributor, printing their logins and a token once.
+"""Create the demo maintainer and demo contributors, printing their logins and a token once.
 
 Idempotent: on later runs the accounts exist and nothing secret is printed again
-(``--reset`` issues fresh passwords and a fresh token). ``--adapters`` also uploads the
-committed demo skill adapters (demo/adapters/) as the demo contributor, once: they go
-through intake and evaluation like any upload, then wait for the demo maintainer's review.
+(``--reset`` issues fresh passwords and a fresh token). ``--adapters`` also uploads every
+committed demo adapter (each folder of demo/adapters/ with a metadata.json) as the demo
+contributor its metadata names, once: they go through intake and evaluation like any
+upload, then wait for the demo maintainer's review. The shuffled-label control, which is
+meant to fail admission, is uploaded only with ``--with-control``.
 """
 
 from __future__ import annotations
@@ -11,22 +13,45 @@ from __future__ import annotations
 import json
 import secrets
 from pathlib import Path
+from typing import NamedTuple
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from contributions import services
 from contributions.intake import UploadPart
 from contributions.models import Adapter, ApiToken
 
-DEMO_ADAPTERS = ("unit-conversion", "date-formatting", "word-reversal")
 DEMO_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+CONTROL_ADAPTERS = ("unit-conversion-shuffled",)
+
+
+class DemoUser(NamedTuple):
+    username: str
+    display_name: str
+    is_maintainer: bool
+    api_token: bool  # a "demo" API token, printed with the password
+
+
 DEMO_USERS = (
-    ("maintainer", "Demo Maintainer", True),
-    ("contributor", "Demo Contributor", False),
+    DemoUser("maintainer", "Demo Maintainer", is_maintainer=True, api_token=False),
+    DemoUser("contributor", "Demo Contributor", is_maintainer=False, api_token=True),
+    DemoUser("ada", "Ada Demo", is_maintainer=False, api_token=False),
+    DemoUser("noor", "Noor Demo", is_maintainer=False, api_token=False),
 )
+
+
+def demo_adapter_folders(root: Path, *, with_control: bool = False) -> list[Path]:
+    """The demo adapter folders to upload, by name: every one with a metadata.json, less
+    the control unless asked for."""
+    return [
+        folder
+        for folder in sorted(root.iterdir())
+        if (folder / "metadata.json").is_file()
+        and (with_control or folder.name not in CONTROL_ADAPTERS)
+    ]
 
 
 class Command(BaseCommand):
@@ -39,20 +64,41 @@ class Command(BaseCommand):
         parser.add_argument(
             "--adapters",
             action="store_true",
-            help="Upload the demo skill adapters as the demo contributor (evaluated as usual).",
+            help="Upload the demo adapters, each as the demo contributor its metadata names "
+            "(evaluated as usual).",
+        )
+        parser.add_argument(
+            "--with-control",
+            action="store_true",
+            help="With --adapters, also upload the shuffled-label control (meant to fail).",
         )
 
-    def handle(self, *args, reset: bool = False, adapters: bool = False, **options):
+    def handle(
+        self,
+        *args,
+        reset: bool = False,
+        adapters: bool = False,
+        with_control: bool = False,
+        **options,
+    ):
         with transaction.atomic():
             self.accounts(reset=reset)
         if adapters:
-            self.demo_adapters()
+            self.demo_adapters(with_control=with_control)
 
-    def demo_adapters(self) -> None:
-        owner = get_user_model().objects.get(username="contributor")
+    def demo_adapters(self, *, with_control: bool) -> None:
+        User = get_user_model()
+        demo_contributors = {user.username for user in DEMO_USERS if not user.is_maintainer}
         root = Path(settings.BASE_DIR) / "demo" / "adapters"
-        for name in DEMO_ADAPTERS:
-            metadata = json.loads((root / name / "metadata.json").read_text())
+        for folder in demo_adapter_folders(root, with_control=with_control):
+            metadata = json.loads((folder / "metadata.json").read_text())
+            username = metadata.pop("contributor", None)
+            if username not in demo_contributors:
+                raise CommandError(
+                    f"{folder / 'metadata.json'}: 'contributor' must name one of the demo "
+                    f"contributors ({', '.join(sorted(demo_contributors))}), not {username!r}."
+                )
+            owner = User.objects.get(username=username)
             if Adapter.objects.filter(owner=owner, slug=metadata["slug"]).exists():
                 continue
             with transaction.atomic():  # the evaluation is queued when this commits
@@ -61,7 +107,7 @@ class Command(BaseCommand):
                     adapter=adapter,
                     actor=owner,
                     parts=[
-                        UploadPart(name=file, data=(root / name / file).read_bytes())
+                        UploadPart(name=file, data=(folder / file).read_bytes())
                         for file in DEMO_FILES
                     ],
                 )
@@ -69,7 +115,7 @@ class Command(BaseCommand):
 
     def accounts(self, *, reset: bool) -> None:
         User = get_user_model()
-        for username, display_name, is_maintainer in DEMO_USERS:
+        for username, display_name, is_maintainer, api_token in DEMO_USERS:
             user = User.objects.filter(username=username).first()
             if user is not None and not reset:
                 self.stdout.write(
@@ -92,7 +138,7 @@ class Command(BaseCommand):
             if is_maintainer:
                 services.maintainer_grant(user=user)
             self.stdout.write(self.style.SUCCESS(f"{username:12} password: {password}"))
-            if not is_maintainer:
+            if api_token:
                 ApiToken.objects.filter(user=user, name="demo", revoked_at__isnull=True).delete()
                 _, key = services.api_token_create(user=user, name="demo")
                 self.stdout.write(self.style.SUCCESS(f"{'':12} API token: {key}"))
