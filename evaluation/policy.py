@@ -20,7 +20,7 @@ MAX_GENERAL_DROP passes (both compared with a 1e-9 tolerance: 0.1 computed as a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,6 +173,27 @@ def _general_rule(general: Sequence[TaskOutcome], max_drop: float) -> Rule:
     )
 
 
+@dataclass(frozen=True)
+class AdmissionCheck:
+    """A rule that apps above evaluation add to the policy for versions that pass it: it
+    never fails a version, but one it does not pass is held for a maintainer's review, with
+    the rule's figure shown there. ``rule`` returns None when it has nothing to say;
+    ``words`` says it on the public policy page."""
+
+    rule: Callable[[Any], Rule | None]  # (an AdapterVersion) -> its verdict
+    words: Callable[[], str]
+
+
+# Registered in AppConfig.ready() (routing adds the mixture-contribution rule): evaluation
+# knows nothing of routing, which asks to be consulted instead.
+admission_checks: list[AdmissionCheck] = []
+
+
+def admission_check_register(check: AdmissionCheck) -> None:
+    if check not in admission_checks:
+        admission_checks.append(check)
+
+
 def review_required(*, mode: str, contributor_has_admitted: bool) -> bool:
     """Whether a passing version waits for a maintainer. "first": only a contributor's
     first admission; "always"; "never"."""
@@ -231,6 +252,4 @@ def policy_rules_in_words(policy: PolicySettings | None = None) -> list[str]:
 
 
 def _checks_in_words() -> list[str]:
-    from evaluation.services.admission import admission_checks
-
     return [check.words() for check in admission_checks]

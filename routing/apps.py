@@ -10,7 +10,7 @@ class RoutingConfig(AppConfig):
         # transitions (entering or leaving ``admitted`` publishes a mixture version) and
         # to be consulted before a passing version is admitted (its marginal contribution).
         from contributions.services import version_transition_listen
-        from evaluation.services.admission import admission_check_register
+        from evaluation.policy import admission_check_register
         from routing.scoreboard.marginal import MIXTURE_CONTRIBUTION
         from routing.services import mixture_follow_transition
 

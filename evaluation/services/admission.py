@@ -11,8 +11,6 @@ AuditEvent; the others get ``status_conflict``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
@@ -20,34 +18,13 @@ from django.db import transaction
 from contributions.models import AdapterVersion
 from contributions.services import adapter_version_transition
 from evaluation.models import EvaluationRun, RuleResult
-from evaluation.policy import PolicyOutcome, Rule, review_required
+from evaluation.policy import PolicyOutcome, Rule, admission_checks, review_required
 from evaluation.selectors import contributor_has_admitted
 from tessera.errors import DomainError
 
 logger = logging.getLogger(__name__)
 
 Status = AdapterVersion.Status
-
-
-@dataclass(frozen=True)
-class AdmissionCheck:
-    """A rule that apps above evaluation add to the policy for versions that pass it: it
-    never fails a version, but one it does not pass is held for a maintainer's review, with
-    the rule's figure shown there. ``rule`` returns None when it has nothing to say;
-    ``words`` says it on the public policy page."""
-
-    rule: Callable[[AdapterVersion], Rule | None]
-    words: Callable[[], str]
-
-
-# Registered in AppConfig.ready() (routing adds the mixture-contribution rule): evaluation
-# knows nothing of routing, which asks to be consulted instead.
-admission_checks: list[AdmissionCheck] = []
-
-
-def admission_check_register(check: AdmissionCheck) -> None:
-    if check not in admission_checks:
-        admission_checks.append(check)
 
 
 def admission_checks_run(*, version: AdapterVersion) -> list[Rule]:

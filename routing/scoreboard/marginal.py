@@ -15,8 +15,7 @@ from __future__ import annotations
 from django.conf import settings
 
 from contributions.models import AdapterVersion
-from evaluation.policy import Rule
-from evaluation.services.admission import AdmissionCheck
+from evaluation.policy import AdmissionCheck, Rule
 from evaluation.services.outcomes import outcomes_table, union_splits
 from routing import selectors
 from routing.scoreboard.services import embedding_picks, members_of, public_catalog

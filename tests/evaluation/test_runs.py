@@ -41,7 +41,7 @@ from evaluation.models import (
     WeightSketch,
 )
 from evaluation.models import TestSetResult as SetResult  # not a pytest class
-from evaluation.services import execution, reaper, runs
+from evaluation.services import execution, groups, reaper, runs
 from evaluation.services.admission import version_admit
 from tessera.errors import DomainError
 from tests.support import crafted
@@ -1007,7 +1007,7 @@ def test_an_unknown_run_or_version_is_404(contributor, base_model):
 def test_the_heartbeat_stops_the_child_once_the_run_is_not_ours(contributor, base_model):
     _version, run = queued_version(contributor)
     runs.evaluation_run_claim(run=run, worker="me:1")
-    beat = execution._Heartbeat(fresh(run), "me:1")
+    beat = groups.GroupHeartbeat([fresh(run)], "me:1")
     beat.progress(3, 10, "scoring")
     assert beat.tick(force=True)
     assert (fresh(run).progress_done, fresh(run).progress_total) == (3, 10)
@@ -1026,24 +1026,28 @@ def test_job_json_round_trips_to_the_child_contract(
     execute(run)
     job = jobs[0]
     assert JobSpec.from_dict(json.loads(json.dumps(job.to_dict()))) == job
-    # Only the weights reach the child: never the contributor's adapter_config.json.
-    assert Path(job.adapters[0].adapter_dir).name == "adapter"
+    # Only the weights reach the child: never the contributor's adapter_config.json, nor
+    # the stored file: a copy in the run's own workdir.
+    assert Path(job.adapters[0].adapter_dir).parent.name.startswith(f"tessera-run-{run.pk}-")
     assert not Path(job.adapters[0].adapter_dir).exists()  # the workdir is removed after the run
 
 
 # --- The real base model (slow) ---------------------------------------------------------------
 
 
-def trimmed_suite(path: Path, *, hidden: int = 30, public: int = 5) -> bytes:
-    """A built-in suite with only the first examples of each split (the minimum a suite may
-    have), so the real model evaluates it in about a minute."""
+def trimmed_suite(
+    path: Path, *, hidden: int = 30, public: int = 5, paraphrase: int = 10
+) -> bytes:
+    """A built-in suite with only the first examples of each split (hidden and public at the
+    minimum a suite may have), so the real model evaluates it in about a minute."""
+    keep = {"hidden": hidden, "public": public, "paraphrase": paraphrase}
     kept, counts = [], {}
     for line in path.read_text().splitlines():
         row = json.loads(line)
         if "split" in row:
             key = (row["task"], row["split"])
             counts[key] = counts.get(key, 0) + 1
-            if counts[key] > (hidden if row["split"] == "hidden" else public):
+            if counts[key] > keep.get(row["split"], public):
                 continue
         kept.append(line)
     return ("\n".join(kept) + "\n").encode()
