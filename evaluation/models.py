@@ -171,6 +171,10 @@ class EvaluationRun(models.Model):
     passed = models.BooleanField(null=True, blank=True, help_text="The admission rules' verdict.")
     needs_review = models.BooleanField(default=False)
     duration_seconds = models.FloatField(null=True, blank=True)
+    alone = models.BooleanField(
+        default=False,
+        help_text="Evaluated in a child of its own: a group it was in failed as a whole.",
+    )
 
     class Meta:
         ordering = ["-created_at", "-id"]

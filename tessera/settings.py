@@ -241,6 +241,11 @@ TESSERA_EVAL_STALE_AFTER_SECONDS = env.int("TESSERA_EVAL_STALE_AFTER_SECONDS", d
 # reaper (a broker that lost it, a send that failed); the claim makes a duplicate harmless.
 TESSERA_EVAL_RESEND_QUEUED_SECONDS = env.int("TESSERA_EVAL_RESEND_QUEUED_SECONDS", default=600)
 TESSERA_EVAL_BATCH_SIZE = env.int("TESSERA_EVAL_BATCH_SIZE", default=16)
+# Up to this many queued runs are evaluated together in one child (one base model, every
+# adapter in one engine, shared batches); 1 evaluates each run in a child of its own.
+TESSERA_EVAL_GROUP_SIZE = env.int("TESSERA_EVAL_GROUP_SIZE", default=8)
+if TESSERA_EVAL_GROUP_SIZE < 1:
+    raise ImproperlyConfigured("TESSERA_EVAL_GROUP_SIZE must be at least 1.")
 TESSERA_EVAL_BOOTSTRAP_SAMPLES = env.int("TESSERA_EVAL_BOOTSTRAP_SAMPLES", default=2000)
 # Score every upload on the whole union (every skill task's hidden split, every paraphrase
 # split) besides what admission decides on: the scoreboard and the marginal-contribution

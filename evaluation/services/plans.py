@@ -4,7 +4,8 @@ contributor's test sets, the cached base scores, and the job the child is given.
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from django.conf import settings
@@ -148,51 +149,88 @@ def adapter_key(run_id: int) -> str:
     return f"run:{run_id}"
 
 
-def job_for(
-    plan: Plan, version: AdapterVersion, adapter_dir: Path, device: str, *, key: str
-) -> JobSpec:
-    specs = [
-        TaskSpec(
-            key=measure.key,
-            metric=measure.task.metric,
-            prompt_template=measure.template,
-            max_new_tokens=measure.task.max_new_tokens,
-            examples=measure.examples,
-            score_base=measure.cached is None,
-        )
-        for measure in plan.measures
-    ]
-    for test_set in plan.test_sets:
-        specs.append(
-            TaskSpec(
-                key=test_set_key(test_set),
-                metric=test_set.metric,
-                prompt_template=test_set.prompt_template,
-                max_new_tokens=test_set.max_new_tokens,
-                examples=[
-                    ExampleSpec(
-                        fields=dict(e["fields"]),
-                        target=str(e["target"]),
-                        choices=list(e.get("choices") or []),
-                    )
-                    for e in test_set.examples
-                ],
-            )
-        )
+@dataclass(frozen=True)
+class JobPart:
+    """One run's share of a job: its adapter (``key``, the read-only copy of its weights in
+    ``adapter_dir``) and its plan."""
+
+    key: str
+    plan: Plan
+    version: AdapterVersion
+    adapter_dir: Path
+
+
+def job_for(parts: Sequence[JobPart], *, device: str) -> JobSpec:
+    """One job for the runs of a group (all of one base model): one adapter per run, the
+    union of their measures (a task split several runs measure appears once, scored for
+    each of them, and for the base model unless every one of them has its base scores
+    cached), then the runs' test sets, each scored for the runs whose plan has it (two
+    versions of one adapter share its test sets). A task's ``adapters`` is None when every
+    adapter of the job is scored on it: a job of one run lists none."""
+    keys = [part.key for part in parts]
+    # task key -> (the task spec, the adapters scored on it); insertion order is job order.
+    wanted: dict[str, tuple[TaskSpec, list[str]]] = {}
+
+    def want(spec: TaskSpec, key: str) -> None:
+        first, scored = wanted.setdefault(spec.key, (spec, []))
+        if spec.score_base and not first.score_base:
+            first = replace(first, score_base=True)
+        wanted[spec.key] = (first, [*scored, key])
+
+    # A task split's examples never change (a suite version is immutable once stored), so
+    # every run that measures it scores the same rows: the first run's spec stands for all.
+    for part in parts:
+        for measure in part.plan.measures:
+            want(_measure_spec(measure), part.key)
+    for part in parts:
+        for test_set in part.plan.test_sets:
+            want(_test_set_spec(test_set), part.key)
     return JobSpec(
-        base_model_path=version.base_model.local_path,
+        base_model_path=parts[0].version.base_model.local_path,
         adapters=[
             AdapterSpec(
-                key=key,
-                adapter_dir=str(adapter_dir),
+                key=part.key,
+                adapter_dir=str(part.adapter_dir),
                 # Our validated, normalised config: never the contributor's file.
-                lora_config=dict(version.adapter_config),
+                lora_config=dict(part.version.adapter_config),
             )
+            for part in parts
         ],
-        tasks=specs,
+        tasks=[
+            replace(spec, adapters=None if scored == keys else scored)
+            for spec, scored in wanted.values()
+        ],
         batch_size=settings.TESSERA_EVAL_BATCH_SIZE,
         device=device,
         seed=0,
+    )
+
+
+def _measure_spec(measure: Measure) -> TaskSpec:
+    return TaskSpec(
+        key=measure.key,
+        metric=measure.task.metric,
+        prompt_template=measure.template,
+        max_new_tokens=measure.task.max_new_tokens,
+        examples=measure.examples,
+        score_base=measure.cached is None,
+    )
+
+
+def _test_set_spec(test_set: ContributorTestSet) -> TaskSpec:
+    return TaskSpec(
+        key=test_set_key(test_set),
+        metric=test_set.metric,
+        prompt_template=test_set.prompt_template,
+        max_new_tokens=test_set.max_new_tokens,
+        examples=[
+            ExampleSpec(
+                fields=dict(e["fields"]),
+                target=str(e["target"]),
+                choices=list(e.get("choices") or []),
+            )
+            for e in test_set.examples
+        ],
     )
 
 

@@ -15,6 +15,12 @@ Run states (EvaluationRun.status) and the version's states alongside::
             running again (re-claim by CAS, attempts+1), or failed when attempts are used up
       running ──transient error (database, broker)──▶ queued, the attempt not counted; the
             Celery task retries with backoff (5 times), then the run fails "transient_errors"
+      running ──its group's child failed as a whole──▶ queued, the attempt not counted,
+            marked ``alone`` (next time in a child of its own), a fresh message
+
+A worker evaluates up to TESSERA_EVAL_GROUP_SIZE runs in one child
+(evaluation.services.groups): the run whose message arrived and more queued runs claimed
+by the same compare-and-set; a grouped run's own message then finds it running or done.
 
 Every run-row change is a compare-and-set ``filter(pk=…, status=…[, claimed_by=…]).update``
 checked for one row; the version moves only through adapter_version_transition in the
@@ -23,7 +29,9 @@ run) stops its child and records nothing.
 
 Concurrency contract: one Celery task per run id (``evaluation.evaluate_run``), delivered
 at least once. Duplicates are harmless: the claim admits one worker, a finished run is a
-no-op, and a running run whose claimant looks alive is left to it.
+no-op, and a running run whose claimant looks alive is left to it. Every message of a
+queued run may claim it, whether its own or a batch-mate's: whichever claims first
+evaluates it.
 """
 
 from __future__ import annotations
@@ -308,28 +316,66 @@ def evaluation_run_resend(*, run: EvaluationRun, now: datetime | None = None) ->
     return True
 
 
-def evaluation_run_release(*, run: EvaluationRun, worker: str) -> bool:
-    """Give a run back after a transient error (the task retries): running → queued, the
-    attempt not counted (transient errors are capped by the task's retries instead)."""
+def evaluation_run_release(*, run: EvaluationRun, worker: str, resend: bool = False) -> bool:
+    """Give a run back after a transient error: running → queued, the attempt not counted
+    (transient errors are capped by the task's retries instead). The run whose message is
+    being handled is retried by its task; a batch-mate of its group, whose own message may
+    have been handled already, is sent a fresh one (``resend``)."""
+    return _release(
+        run=run,
+        worker=worker,
+        label="Waiting to retry after a transient error",
+        reason="Evaluation interrupted by a transient error; it will be retried.",
+        resend=resend,
+    )
+
+
+def evaluation_run_release_alone(*, run: EvaluationRun, worker: str, why: str) -> bool:
+    """Give back a run whose group's child failed as a whole (crash, memory, deadline,
+    unreadable output): running → queued, the attempt not counted (the run may not be the
+    cause), marked ``alone`` so that it is evaluated in a child of its own next time, and a
+    fresh message after commit. A run evaluated alone that fails is failed as usual, so a
+    broken adapter ends up failing its own run only."""
+    return _release(
+        run=run,
+        worker=worker,
+        label="Waiting to be evaluated on its own",
+        reason=f"Evaluated in a group whose evaluation failed ({why[:300]}); "
+        "it will be evaluated on its own.",
+        resend=True,
+        alone=True,
+    )
+
+
+def _release(
+    *, run: EvaluationRun, worker: str, label: str, reason: str, resend: bool, alone: bool = False
+) -> bool:
+    """running → queued by compare-and-set on ``worker``'s claim; version evaluating →
+    queued in the same transaction. False when the run was no longer this worker's."""
+    fields: dict[str, Any] = {
+        "status": RunStatus.QUEUED,
+        "claimed_by": "",
+        "heartbeat_at": None,
+        "deadline_at": None,
+        "attempts": F("attempts") - 1,
+        "progress_label": label,
+    }
+    if alone:
+        fields["alone"] = True
+    if resend:
+        fields["sent_at"] = timezone.now()
     with transaction.atomic():
         moved = EvaluationRun.objects.filter(
             pk=run.pk, status=RunStatus.RUNNING, claimed_by=worker
-        ).update(
-            status=RunStatus.QUEUED,
-            claimed_by="",
-            heartbeat_at=None,
-            deadline_at=None,
-            attempts=F("attempts") - 1,
-            progress_label="Waiting to retry after a transient error",
-        )
+        ).update(**fields)
         if moved != 1:
             return False
         version = AdapterVersion.objects.select_for_update().get(pk=run.version_id)
         if version.status == VersionStatus.EVALUATING:
             adapter_version_transition(
-                version=version,
-                to_status=VersionStatus.QUEUED,
-                actor=None,
-                reason="Evaluation interrupted by a transient error; it will be retried.",
+                version=version, to_status=VersionStatus.QUEUED, actor=None, reason=reason
             )
+        if resend:
+            run_id, queue = run.pk, run.queue
+            transaction.on_commit(lambda: run_enqueue(run_id=run_id, queue=queue))
     return True

@@ -604,16 +604,23 @@ def workdir_create(*, files: dict[str, bytes], prefix: str = "tessera-run-") -> 
     folder 0555 and its files 0444; the child gets only these copies, never the storage.
     """
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
-    adapter_dir = workdir / "adapter"
+    return workdir, workdir_add_readonly(workdir, "adapter", files=files)
+
+
+def workdir_add_readonly(workdir: Path, folder: str, *, files: dict[str, bytes]) -> Path:
+    """A read-only folder ``workdir/folder`` holding ``files`` (0555, its files 0444): one
+    adapter's copy. A group's workdir holds one such folder per adapter."""
+    for name in (folder, *files):
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"bad file name {name!r}")
+    adapter_dir = workdir / folder
     adapter_dir.mkdir()
     for name, data in files.items():
-        if "/" in name or name.startswith("."):
-            raise ValueError(f"bad file name {name!r}")
         path = adapter_dir / name
         path.write_bytes(data)
         path.chmod(0o444)
     adapter_dir.chmod(0o555)
-    return workdir, adapter_dir
+    return adapter_dir
 
 
 def workdirs_remove_stale(prefix: str) -> int:
