@@ -10,6 +10,7 @@ bootstrap, never by Tessera). Settings changes reach the worker as environment v
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from celery import Celery
 from evaluation import tasks as evaluation_tasks
 from evaluation.models import EvaluationRun, TaskResult
 from tests.conftest import redis_url
+from tests.evaluation.test_groups import group_child_code, key, queued_runs
 from tests.evaluation.test_runs import (  # noqa: F401 (fixtures used by name)
     make_task,
     model_cache,
@@ -216,3 +218,28 @@ def test_a_child_that_hangs_is_stopped_at_the_deadline(
     assert run.attempts == 1
     version.refresh_from_db()
     assert version.status == "failed"
+
+
+def test_eight_uploads_queued_before_the_worker_starts_are_evaluated_in_one_child(
+    start_worker, send_through_redis, contributor
+):
+    small_task()
+    runs = queued_runs(contributor, 8)
+    assert sorted(send_through_redis) == sorted(([r.pk], "eval-cpu") for r in runs)
+    refused = runs[5]
+    # The stand-in child names itself by a random token in its log and refuses one adapter.
+    worker = start_worker(TESSERA_TEST_FAKE_CHILD=group_child_code(refuse=(key(refused),)))
+    for run in runs:
+        wait_for(run, finished, worker)
+    children = {re.search(r"fake child (\w+) adapters=(\d+)", run.log).groups() for run in runs}
+    assert len(children) == 1, children  # every run's log is the same child's
+    assert next(iter(children))[1] == "8"
+    refused.refresh_from_db()
+    assert (refused.status, refused.failure_code) == (Run.FAILED, "adapter_refused")
+    assert not TaskResult.objects.filter(run=refused).exists()
+    others = [run for run in runs if run.pk != refused.pk]
+    assert [(r.status, r.passed) for r in others] == [(Run.SUCCEEDED, True)] * 7
+    assert all(TaskResult.objects.filter(run=r).count() == 1 for r in others)
+    # Each run was claimed once: the later messages of the grouped runs changed nothing.
+    assert [r.attempts for r in runs] == [1] * 8
+    assert len({r.claimed_by for r in runs}) == 1
