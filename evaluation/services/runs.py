@@ -18,20 +18,17 @@ Run states (EvaluationRun.status) and the version's states alongside::
       running ──its group's child failed as a whole──▶ queued, the attempt not counted,
             marked ``alone`` (next time in a child of its own), a fresh message
 
-A worker evaluates up to TESSERA_EVAL_GROUP_SIZE runs in one child
-(evaluation.services.groups): the run whose message arrived and more queued runs claimed
-by the same compare-and-set; a grouped run's own message then finds it running or done.
-
 Every run-row change is a compare-and-set ``filter(pk=…, status=…[, claimed_by=…]).update``
 checked for one row; the version moves only through adapter_version_transition in the
-same transaction. A worker that finds its claim gone (the reaper failed or re-queued the
-run) stops its child and records nothing.
+same transaction. A worker that finds a claim gone (the reaper failed or re-queued the
+run) records nothing for that run, and stops its child once no run of the child's group
+is left to it.
 
 Concurrency contract: one Celery task per run id (``evaluation.evaluate_run``), delivered
 at least once. Duplicates are harmless: the claim admits one worker, a finished run is a
-no-op, and a running run whose claimant looks alive is left to it. Every message of a
-queued run may claim it, whether its own or a batch-mate's: whichever claims first
-evaluates it.
+no-op, and a running run whose claimant looks alive is left to it. A queued run may be
+claimed by its own message or as a batch-mate by another run's (evaluation.services.groups):
+whichever claims it first evaluates it, the other finds it running or finished.
 """
 
 from __future__ import annotations
