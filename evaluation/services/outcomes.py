@@ -25,7 +25,13 @@ from django.conf import settings
 from contributions.models import AdapterVersion, BaseModel
 from evaluation import selectors
 from evaluation.models import Example, Outcome, Task
-from evaluation.services.plans import WEIGHTS_NAME, adapter_files, adapter_key, task_key
+from evaluation.services.plans import (
+    WEIGHTS_NAME,
+    adapter_files,
+    adapter_key,
+    task_key,
+    union_examples,
+)
 from evaluation.services.runs import RunFailure
 from evaluation.suites_selectors import task_examples_with_ids, task_split_template
 from evaluation.worker.sandbox import SandboxLimits, run_sandboxed, sandbox_mode
@@ -58,13 +64,15 @@ class UnionSplit:
 
 
 def union_splits() -> list[UnionSplit]:
-    """The union, in a stable order: skill suites then general ones, by suite and task."""
+    """The union, in a stable order: skill suites then general ones, by suite and task; the
+    first TESSERA_EVAL_UNION_EXAMPLES examples of each split (every run measures those)."""
     found: list[UnionSplit] = []
     for task in [*selectors.tasks_skill(), *selectors.tasks_general()]:
         if task.metric not in UNION_METRICS:
             continue
         for split in UNION_SPLITS:
             ids, examples = task_examples_with_ids(task=task, split=split)
+            ids, examples = ids[: union_examples()], examples[: union_examples()]
             if examples:
                 template = task_split_template(task=task, split=split)
                 found.append(UnionSplit(task, split, ids, examples, template))

@@ -107,3 +107,21 @@ def test_a_version_whose_stored_weights_changed_is_reported_not_measured(
     assert "sha256" in failures[version.pk]
     assert not Outcome.objects.filter(version=version).exists()
     assert Outcome.objects.filter(version=None).count() == 3  # the base model still measured
+
+
+def test_the_union_beyond_what_admission_decides_on_is_each_splits_first_examples(
+    db, tiny_base_model, contributor, fast_eval, no_runs, settings
+):
+    from evaluation.services.plans import plan_for
+
+    settings.TESSERA_EVAL_UNION_EXAMPLES = 5
+    make_task()  # addition, 12 hidden examples, targeted by the upload's tags
+    make_task(suite="words", slug="reversal", tags=("words",), template="Reverse {a} {b}")
+    version = upload_version(contributor, variant=0)
+    measured = {
+        (m.task.slug, m.split, m.role): len(m.example_ids) for m in plan_for(version).measures
+    }
+    # Admission decides on the targeted task's whole hidden split; the union takes 5 of the
+    # other task's, and the scoreboard reads exactly those.
+    assert measured == {("addition", "hidden", "target"): 12, ("reversal", "hidden", "other"): 5}
+    assert [len(s.example_ids) for s in outcomes.union_splits()] == [5, 5]
