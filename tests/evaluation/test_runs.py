@@ -1035,9 +1035,7 @@ def test_job_json_round_trips_to_the_child_contract(
 # --- The real base model (slow) ---------------------------------------------------------------
 
 
-def trimmed_suite(
-    path: Path, *, hidden: int = 30, public: int = 5, paraphrase: int = 10
-) -> bytes:
+def trimmed_suite(path: Path, *, hidden: int = 30, public: int = 5, paraphrase: int = 10) -> bytes:
     """A built-in suite with only the first examples of each split (hidden and public at the
     minimum a suite may have), so the real model evaluates it in about a minute."""
     keep = {"hidden": hidden, "public": public, "paraphrase": paraphrase}
