@@ -578,6 +578,8 @@ def test_a_clear_gain_passes_and_with_review_never_is_admitted_automatically(
         "gain:addition": True,
         "ci:addition": True,
         "general_harm": True,
+        # The first adapter of an empty mixture can only make it better.
+        "mixture_contribution": True,
     }
     version = fresh(version)
     assert version.status == "admitted"
