@@ -18,6 +18,11 @@ if [ -z "$TESSERA_API_REDIS_URL" ] && [ -z "$REDIS_URL" ] && command -v redis-se
     PIDS="$PIDS $!"
     export TESSERA_API_REDIS_URL=redis://127.0.0.1:6391/0
 fi
+# On a CPU-only development machine the demo's seven adapters, evaluated together in one
+# child on the full splits, need longer than one run's default 25-minute deadline.
+export TESSERA_EVAL_DEADLINE_SECONDS=${TESSERA_EVAL_DEADLINE_SECONDS:-5400}
+export CELERY_TASK_SOFT_TIME_LIMIT=${CELERY_TASK_SOFT_TIME_LIMIT:-5700}
+export CELERY_TASK_TIME_LIMIT=${CELERY_TASK_TIME_LIMIT:-6000}
 $PY -m celery -A tessera worker --queues default,eval-cpu,eval-gpu --concurrency 1 \
     --beat --schedule var/celerybeat-schedule --loglevel INFO --logfile var/log/worker.log &
 PIDS="$PIDS $!"
