@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -77,6 +78,13 @@ def scoreboard_compute(*, board_id: int) -> str:
     board = Scoreboard.objects.select_related("mixture").filter(pk=board_id).first()
     if board is None:
         return "gone"
+    if board.status == Status.RUNNING and _lost(board):
+        # The worker computing it died (the message is redelivered: acks_late and
+        # reject_on_worker_lost): take it over, by compare-and-set on the start we saw.
+        Scoreboard.objects.filter(
+            pk=board.pk, status=Status.RUNNING, started_at=board.started_at
+        ).update(status=Status.QUEUED)
+        board.refresh_from_db()
     if board.status != Status.QUEUED:
         return "finished"
     newer = Scoreboard.objects.filter(
@@ -107,6 +115,13 @@ def scoreboard_compute(*, board_id: int) -> str:
         status=Status.DONE, finished_at=timezone.now(), figures=figures
     )
     return "done"
+
+
+def _lost(board: Scoreboard) -> bool:
+    """Running for longer than a task may run: its worker is gone."""
+    started = board.started_at
+    limit = timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT)
+    return started is None or started < timezone.now() - limit
 
 
 def scoreboard_compute_now(*, mixture: MixtureVersion) -> Scoreboard:

@@ -205,3 +205,28 @@ def test_the_command_prints_the_scoreboard_table(mixture, capsys):
     call_command("score_mixture", "--json")
     figures = json.loads(capsys.readouterr().out)
     assert figures["splits"]["hidden"]["routers"]["embedding"]["accuracy"] == 1.0
+
+
+def test_a_board_left_running_by_a_lost_worker_is_taken_over_by_the_redelivered_job(
+    mixture, settings
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    board = Scoreboard.objects.create(mixture=mixture)
+    started = timezone.now() - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT + 1)
+    Scoreboard.objects.filter(pk=board.pk).update(status="running", started_at=started)
+    assert scoreboard_compute(board_id=board.pk) == "done"
+    board.refresh_from_db()
+    assert board.status == "done" and board.figures["splits"]["hidden"]["oracle"] == 1.0
+
+
+def test_a_board_another_worker_is_computing_is_left_to_it(mixture):
+    from django.utils import timezone
+
+    board = Scoreboard.objects.create(mixture=mixture)
+    Scoreboard.objects.filter(pk=board.pk).update(status="running", started_at=timezone.now())
+    assert scoreboard_compute(board_id=board.pk) == "finished"
+    board.refresh_from_db()
+    assert board.status == "running" and board.figures == {}
