@@ -65,6 +65,7 @@ def main() -> None:
     owner = get_user_model().objects.create_user("bench")  # no password: it never logs in
     folder = ROOT / "demo" / "adapters" / args.adapter
     metadata = json.loads((folder / "metadata.json").read_text())
+    metadata.pop("contributor", None)  # the demo's owner; here the benchmark's user owns it
     adapter = services.adapter_create(owner=owner, **metadata)
     from contributions.intake import UploadPart
 
