@@ -10,7 +10,8 @@ the paired bootstrap 95% CI of the difference, and the admission policy's verdic
 per-example scores are cached in the output file, so a second run only scores adapters.
 
 This reads the suite files directly (no database) and loads the adapter with PEFT from its
-own folder: fine for our own demo adapters, never for an upload (see DESIGN.md).
+own folder: fine for our own demo adapters, never for an upload (an uploaded
+adapter_config.json can make PEFT import modules or fetch files; intake never lets PEFT read one).
 """
 
 from __future__ import annotations

@@ -17,9 +17,10 @@ multiply. Capacity grows by doubling (every module's stack reallocated together,
 numbers are shared across modules), so adding N adapters costs O(N) copies in total.
 
 Adapters are built from our validated config fields and the safetensors tensors only: no
-PEFT ``from_pretrained`` on a contributor's folder ever runs here (see DESIGN.md, "Security
-facts"). The checks below repeat intake's on purpose: a registry that trusted its caller would
-turn a wrong tensor into a silent shape broadcast in the middle of a forward pass.
+PEFT ``from_pretrained`` on a contributor's folder ever runs here (an uploaded
+adapter_config.json can make PEFT import modules or fetch files). The checks below repeat
+intake's on purpose: a registry that trusted its caller would turn a wrong tensor into a
+silent shape broadcast in the middle of a forward pass.
 
 Slots in use by a running batch are *pinned*: removing such an adapter unmaps its key at once
 (no new request can name it) but zeroes and frees the slot only when the last batch using it

@@ -17,8 +17,8 @@ Two limits, both per API key (``contributions.ApiToken``):
 
 When Redis is unreachable both checks **fail open** with a logged warning: the key was
 already authenticated against the database, the limits are about fairness rather than
-security (the DESIGN's rule for throttles), and a cache outage should not take the whole
-public API down with it. Timeouts are short for the same reason.
+security (throttle counters are not atomic enough to be a security boundary), and a cache
+outage should not take the whole public API down with it. Timeouts are short for the same reason.
 
 The async functions are for the ASGI API server's hot path; the ``_sync`` twins share the
 same script and keys for synchronous callers (Django views, management commands, tests).

@@ -1,9 +1,10 @@
 """adapter_config.json, read into our own allow-list schema.
 
-The file is not inert (see DESIGN.md, "Security facts"): PEFT imports modules it names and
-fetches what it points at. So no PEFT or transformers code ever sees it; we read the few
-fields plain LoRA needs, check every other key against what PEFT 0.21 writes by default, and
-hand on a clean dict of our own.
+The file is not inert: PEFT imports modules it names (`auto_mapping.parent_library`,
+`megatron_core`) and fetches what it points at (`base_model_name_or_path`, `revision`).
+So no PEFT or transformers code ever sees it; we read the few fields plain LoRA needs,
+check every other key against what PEFT 0.21 writes by default, and hand on a clean dict
+of our own.
 """
 
 from __future__ import annotations
