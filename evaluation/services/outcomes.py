@@ -26,7 +26,6 @@ from contributions.models import AdapterVersion, BaseModel
 from evaluation import selectors
 from evaluation.models import Example, Outcome, Task
 from evaluation.services.plans import (
-    WEIGHTS_NAME,
     adapter_files,
     adapter_key,
     task_key,
@@ -34,7 +33,12 @@ from evaluation.services.plans import (
 )
 from evaluation.services.runs import RunFailure
 from evaluation.suites_selectors import task_examples_with_ids, task_split_template
-from evaluation.worker.sandbox import SandboxLimits, run_sandboxed, sandbox_mode
+from evaluation.worker.sandbox import (
+    SandboxLimits,
+    run_sandboxed,
+    sandbox_mode,
+    workdir_add_readonly,
+)
 from evaluation.worker.scoring import render_prompt
 from evaluation.worker.specs import AdapterSpec, ExampleSpec, JobSpec, TaskSpec
 
@@ -166,11 +170,7 @@ def _adapter_copies(
         except RunFailure as exc:
             failures[version.pk] = exc.reason
             continue
-        folder = workdir / f"v{version.pk}"
-        folder.mkdir()
-        (folder / WEIGHTS_NAME).write_bytes(files[WEIGHTS_NAME])
-        (folder / WEIGHTS_NAME).chmod(0o444)
-        folder.chmod(0o555)
+        folder = workdir_add_readonly(workdir, f"v{version.pk}", files=files)
         specs.append(
             AdapterSpec(
                 key=adapter_key(version.pk),
