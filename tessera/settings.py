@@ -288,8 +288,25 @@ if TESSERA_ADMISSION_REVIEW not in {"first", "always", "never"}:
 TESSERA_ROUTER = env.str("TESSERA_ROUTER", default="embedding")
 # Cosine similarity a request needs with an adapter's signature to be routed to it.
 TESSERA_ROUTER_THRESHOLD = env.float("TESSERA_ROUTER_THRESHOLD", default=0.35)
-if TESSERA_ROUTER not in {"embedding", "arrow", "explicit"}:
-    raise ImproperlyConfigured("TESSERA_ROUTER must be one of embedding, arrow, explicit.")
+if TESSERA_ROUTER not in {"embedding", "arrow", "explicit", "learned"}:
+    raise ImproperlyConfigured("TESSERA_ROUTER must be one of embedding, arrow, explicit, learned.")
+# How the mixture composes an answer from the router's candidates, unless a request says
+# otherwise: "top1" (the best one), "topk" (the k best, weighted by a softmax of their router
+# scores at TESSERA_COMPOSITION_TEMPERATURE), "arrow" (per token, the k best by Arrow
+# alignment), "logit" (the k best, their next-token log-probabilities combined) or "merged"
+# (one adapter merged from the whole mixture). docs/architecture.md has the scoreboard's
+# figures for each.
+TESSERA_COMPOSITION = env.str("TESSERA_COMPOSITION", default="top1")
+if TESSERA_COMPOSITION not in {"top1", "topk", "arrow", "logit", "merged"}:
+    raise ImproperlyConfigured(
+        "TESSERA_COMPOSITION must be one of top1, topk, arrow, logit, merged."
+    )
+TESSERA_COMPOSITION_K = env.int("TESSERA_COMPOSITION_K", default=2)
+TESSERA_COMPOSITION_TEMPERATURE = env.float("TESSERA_COMPOSITION_TEMPERATURE", default=1.0)
+if not 1 <= TESSERA_COMPOSITION_K <= 16:
+    raise ImproperlyConfigured("TESSERA_COMPOSITION_K must be between 1 and 16.")
+if not TESSERA_COMPOSITION_TEMPERATURE > 0:
+    raise ImproperlyConfigured("TESSERA_COMPOSITION_TEMPERATURE must be positive.")
 
 CELERY_BEAT_SCHEDULE = {
     "reap-evaluation-runs": {"task": "evaluation.reap_runs", "schedule": 30.0},
