@@ -189,3 +189,53 @@ class Scoreboard(models.Model):
 
     def __str__(self) -> str:
         return f"scoreboard of {self.mixture} ({self.status})"
+
+
+# --- The learned router -----------------------------------------------------------------
+
+
+def _learned_router_upload_to(instance: LearnedRouter, filename: str) -> str:
+    return f"routers/mixture-{instance.mixture.number}/{filename}"
+
+
+class LearnedRouter(models.Model):
+    """The ``learned`` router of one mixture version, trained by a Celery job when the
+    mixture is published (routing.learned) from measured outcomes on the built-in suites'
+    public splits and the members' example prompts. The fitted arrays live in
+    ``parameters_file`` as an .npz read with allow_pickle=False (never a pickle: the file is
+    data, not code); the small choices beside them are JSON here."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+
+    class Kind(models.TextChoices):
+        KNN = "knn", "k nearest neighbours"
+        LINEAR = "linear", "Linear (logistic regression per candidate)"
+
+    mixture = models.OneToOneField(
+        MixtureVersion, on_delete=models.CASCADE, related_name="learned_router"
+    )
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    kind = models.CharField(max_length=10, choices=Kind.choices, blank=True)
+    # The chosen kind's hyperparameters (k for knn, C for linear).
+    params = models.JSONField(default=dict, blank=True)
+    # Cross-validated routing accuracy per kind tried, with its best hyperparameters.
+    cv_accuracy = models.JSONField(default=dict, blank=True)
+    # What it was trained on: counts per source and candidate, never an example's text.
+    training = models.JSONField(default=dict, blank=True)
+    parameters_file = models.FileField(
+        upload_to=_learned_router_upload_to, max_length=500, blank=True
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    trained_at = models.DateTimeField(null=True, blank=True)
+    failure_reason = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-mixture__number"]
+
+    def __str__(self) -> str:
+        return f"learned router of {self.mixture} ({self.status})"
