@@ -317,6 +317,10 @@ CELERY_BEAT_SCHEDULE = {
 # Publishing a mixture version queues the job that scores it on the union of the built-in
 # suites (routing.scoreboard); off, boards are computed by `manage.py score_mixture` only.
 TESSERA_SCOREBOARD_ON_PUBLISH = env.bool("TESSERA_SCOREBOARD_ON_PUBLISH", default=True)
+# Publishing a mixture version also queues the job that trains its learned router
+# (routing.learned); off, it is trained by `manage.py train_router` only, and until then the
+# learned router answers with the embedding router's pick.
+TESSERA_LEARNED_ROUTER_ON_PUBLISH = env.bool("TESSERA_LEARNED_ROUTER_ON_PUBLISH", default=True)
 # A version that passes is held for review when adding it lowers the mixture's routed score
 # on the union by more than this (routing.scoreboard.marginal).
 TESSERA_ADMISSION_MAX_MIXTURE_DROP = env.float("TESSERA_ADMISSION_MAX_MIXTURE_DROP", default=0.01)

@@ -95,8 +95,10 @@ def _isolated_media(settings, tmp_path: Path) -> None:
 def _no_scoreboard_jobs(settings) -> None:
     """Publishing a mixture queues a scoreboard job; tests that want one ask for it
     (``settings.TESSERA_SCOREBOARD_ON_PUBLISH = True``), so no other test's worker gets
-    scoreboard work it did not expect."""
+    scoreboard work it did not expect. The same holds for the learned router's training job
+    (``settings.TESSERA_LEARNED_ROUTER_ON_PUBLISH``)."""
     settings.TESSERA_SCOREBOARD_ON_PUBLISH = False
+    settings.TESSERA_LEARNED_ROUTER_ON_PUBLISH = False
 
 
 @pytest.fixture(autouse=True)
