@@ -83,6 +83,21 @@ def union_splits() -> list[UnionSplit]:
     return found
 
 
+def public_splits() -> list[UnionSplit]:
+    """The public splits of the same tasks, in the same order and with the same cap: what
+    may be learned from (the learned router trains on these), while the union judges."""
+    found: list[UnionSplit] = []
+    for task in [*selectors.tasks_skill(), *selectors.tasks_general()]:
+        if task.metric not in UNION_METRICS:
+            continue
+        ids, examples = task_examples_with_ids(task=task, split=Example.Split.PUBLIC)
+        ids, examples = ids[: union_examples()], examples[: union_examples()]
+        if examples:
+            template = task_split_template(task=task, split=Example.Split.PUBLIC)
+            found.append(UnionSplit(task, Example.Split.PUBLIC, ids, examples, template))
+    return found
+
+
 def outcomes_table(
     *, base_model_id: int, version_ids: list[int], example_ids: list[int]
 ) -> dict[int | None, dict[int, float]]:
