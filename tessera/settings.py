@@ -321,6 +321,17 @@ TESSERA_SCOREBOARD_ON_PUBLISH = env.bool("TESSERA_SCOREBOARD_ON_PUBLISH", defaul
 # (routing.learned); off, it is trained by `manage.py train_router` only, and until then the
 # learned router answers with the embedding router's pick.
 TESSERA_LEARNED_ROUTER_ON_PUBLISH = env.bool("TESSERA_LEARNED_ROUTER_ON_PUBLISH", default=True)
+# Publishing a mixture version also queues the job that merges its public members into one
+# LoRA (routing.merging), served as model "tessera-merged"; off, `manage.py merge_mixture`
+# builds it. The method is PEFT's "ties" or "dare_ties"; the density is the share of each
+# adapter's weights that TIES/DARE keep (0 < density ≤ 1).
+TESSERA_MERGE_ON_PUBLISH = env.bool("TESSERA_MERGE_ON_PUBLISH", default=True)
+TESSERA_MERGE_METHOD = env.str("TESSERA_MERGE_METHOD", default="ties")
+TESSERA_MERGE_DENSITY = env.float("TESSERA_MERGE_DENSITY", default=0.5)
+if TESSERA_MERGE_METHOD not in {"ties", "dare_ties"}:
+    raise ImproperlyConfigured("TESSERA_MERGE_METHOD must be ties or dare_ties.")
+if not 0 < TESSERA_MERGE_DENSITY <= 1:
+    raise ImproperlyConfigured("TESSERA_MERGE_DENSITY must be in (0, 1].")
 # A version that passes is held for review when adding it lowers the mixture's routed score
 # on the union by more than this (routing.scoreboard.marginal).
 TESSERA_ADMISSION_MAX_MIXTURE_DROP = env.float("TESSERA_ADMISSION_MAX_MIXTURE_DROP", default=0.01)
