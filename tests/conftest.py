@@ -96,9 +96,11 @@ def _no_scoreboard_jobs(settings) -> None:
     """Publishing a mixture queues a scoreboard job; tests that want one ask for it
     (``settings.TESSERA_SCOREBOARD_ON_PUBLISH = True``), so no other test's worker gets
     scoreboard work it did not expect. The same holds for the learned router's training job
-    (``settings.TESSERA_LEARNED_ROUTER_ON_PUBLISH``)."""
+    (``settings.TESSERA_LEARNED_ROUTER_ON_PUBLISH``) and the merged adapter's build
+    (``settings.TESSERA_MERGE_ON_PUBLISH``)."""
     settings.TESSERA_SCOREBOARD_ON_PUBLISH = False
     settings.TESSERA_LEARNED_ROUTER_ON_PUBLISH = False
+    settings.TESSERA_MERGE_ON_PUBLISH = False
 
 
 @pytest.fixture(autouse=True)
