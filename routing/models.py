@@ -239,3 +239,58 @@ class LearnedRouter(models.Model):
 
     def __str__(self) -> str:
         return f"learned router of {self.mixture} ({self.status})"
+
+
+# --- The merged adapter -----------------------------------------------------------------
+
+
+def _merged_adapter_upload_to(instance: MergedAdapter, filename: str) -> str:
+    return f"merged/mixture-{instance.mixture.number}/{filename}"
+
+
+class MergedAdapter(models.Model):
+    """One LoRA merged from a mixture version's public members with PEFT's
+    ``add_weighted_adapter`` (routing.merging), built by a Celery job when the mixture is
+    published and served as model "tessera-merged". Private members are left out: the merged
+    adapter is served to everyone. ``weights_file`` holds the merged lora_A/lora_B tensors
+    (safetensors, PEFT's names) and ``config_file`` its adapter_config.json; the serving
+    process loads it from ``adapter_config`` and the weights, like any admitted version.
+
+    A mixture without public members is done with no files and the reason in ``reason``."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+        SUPERSEDED = "superseded", "Superseded by a newer mixture version"
+
+    class Method(models.TextChoices):
+        TIES = "ties", "TIES"
+        DARE_TIES = "dare_ties", "DARE + TIES"
+
+    mixture = models.OneToOneField(
+        MixtureVersion, on_delete=models.CASCADE, related_name="merged_adapter"
+    )
+    method = models.CharField(max_length=10, choices=Method.choices, default=Method.TIES)
+    density = models.FloatField(default=0.5)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    # Why it failed, or why a done build has no weights (no public members).
+    reason = models.TextField(blank=True)
+    # The versions merged, in merge order (their primary keys).
+    version_ids = models.JSONField(default=list, blank=True)
+    rank = models.PositiveSmallIntegerField(null=True, blank=True)
+    adapter_config = models.JSONField(
+        default=dict, blank=True, help_text="The merged adapter's normalised LoRA config."
+    )
+    config_file = models.FileField(upload_to=_merged_adapter_upload_to, max_length=500, blank=True)
+    weights_file = models.FileField(upload_to=_merged_adapter_upload_to, max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-mixture__number"]
+
+    def __str__(self) -> str:
+        return f"merged adapter of {self.mixture} ({self.status})"
