@@ -20,6 +20,9 @@ class Suite(models.Model):
     class Purpose(models.TextChoices):
         SKILL = "skill", "Skills adapters target"
         GENERAL = "general", "General ability (guards against harm)"
+        # Never read by admission (nothing targets it, it is not the general suite) nor
+        # part of the scoreboard's union: it judges composed mixtures only.
+        COMPOSITE = "composite", "Two skills in one answer (judges mixtures)"
 
     slug = models.SlugField(max_length=64, unique=True)
     title = models.CharField(max_length=200)
@@ -70,6 +73,7 @@ class Task(models.Model):
         CONTAINS = "contains", "Answer contains the target"
         MULTIPLE_CHOICE = "multiple_choice", "Multiple choice by log-likelihood"
         MEAN_LOGLIK = "mean_loglik", "Mean log-likelihood of the reference"
+        PARTS = "parts", "Share of the target's parts (one a line) in the answer"
 
     suite_version = models.ForeignKey(SuiteVersion, on_delete=models.PROTECT, related_name="tasks")
     slug = models.SlugField(max_length=64)

@@ -10,6 +10,7 @@ One JSON object a line, one file per suite:
      "choices": ["Yes", "No"]}
     {"task": "addition", "split": "paraphrase", "prompt_template": "{question}",
      "fields": {"question": "I'd like to know the total of 123 and 456.", ...}, "target": "579"}
+    {"task": "sum-then-convert", "split": "hidden", "fields": {...}, "target": "742\n742000"}
 
 The first line is the header; a task line comes before its examples; examples keep their
 order within each split (their ``position``). The ``paraphrase`` split is hidden like
@@ -17,9 +18,12 @@ order within each split (their ``position``). The ``paraphrase`` split is hidden
 ``prompt_template``, because they hold the whole prompt in words of their own while the
 task's template may add an answer-format line. Public and hidden examples always use the
 task's template, and one task's paraphrase examples share one template, so each split
-still renders with exactly one template. Every problem is a DomainError with a stable
-code, the 1-based line number in ``details["line"]`` where there is one, and nothing is
-stored by the caller unless the whole file is valid. Pure Python: no database, no Django.
+still renders with exactly one template. A task scored by the ``parts`` metric holds each
+example's answer parts in its target, one a line: two or more, none blank, none repeated,
+none found inside another (it would be counted whenever that one is). Every problem is a
+DomainError with a stable code, the 1-based line number in ``details["line"]`` where there
+is one, and nothing is stored by the caller unless the whole file is valid. Pure Python:
+no database, no Django.
 """
 
 from __future__ import annotations
@@ -31,7 +35,14 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from evaluation.worker.scoring import METRICS, TemplateError, render_prompt, template_fields
+from evaluation.worker.scoring import (
+    METRICS,
+    TemplateError,
+    normalize_answer,
+    part_found,
+    render_prompt,
+    template_fields,
+)
 from tessera.errors import DomainError
 
 MAX_SUITE_BYTES = 32 * 1024 * 1024
@@ -53,7 +64,8 @@ _TAG = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}$")
 _HEADER_KEYS = {"suite", "title", "description", "purpose"}
 _TASK_KEYS = {"task", "title", "description", "tags", "metric", "prompt_template", "max_new_tokens"}
 _EXAMPLE_KEYS = {"task", "split", "fields", "target", "choices", "prompt_template"}
-PURPOSES = ("skill", "general")
+# composite: tasks needing two skills in one answer, which judge composed mixtures only.
+PURPOSES = ("skill", "general", "composite")
 
 
 @dataclass(frozen=True)
@@ -461,6 +473,47 @@ def _check_example(task: dict[str, Any], example: ParsedExample) -> None:
             "choices.",
             number,
         )
+    if task["metric"] == "parts":
+        _check_parts(task["slug"], example.target, number)
+
+
+def _check_parts(slug: str, target: str, number: int) -> None:
+    # The metric reads the same lines (scoring.target_parts drops blank ones); refusing
+    # what it would silently skip keeps a target's parts exactly what its author wrote.
+    lines = [line.strip() for line in target.split("\n")]
+    if len(lines) < 2:
+        raise _error(
+            "suite_parts_invalid",
+            f"Task {slug!r} is scored by parts: the target must hold two or more parts, "
+            "one a line.",
+            number,
+        )
+    normalised = [normalize_answer(line) for line in lines]
+    for index, (line, norm) in enumerate(zip(lines, normalised, strict=True), start=1):
+        if not norm:
+            raise _error(
+                "suite_parts_invalid",
+                f"Part {index} of the target is blank (or only punctuation).",
+                number,
+                part=index,
+            )
+        if norm in normalised[: index - 1]:
+            raise _error(
+                "suite_parts_invalid",
+                f"Part {index} of the target ({line!r}) repeats an earlier part.",
+                number,
+                part=index,
+            )
+    for index, line in enumerate(lines, start=1):
+        for other, holder in enumerate(lines, start=1):
+            if other != index and part_found(line, holder):
+                raise _error(
+                    "suite_parts_invalid",
+                    f"Part {index} of the target ({line!r}) is inside part {other} "
+                    f"({holder!r}), so it would be found whenever that one is.",
+                    number,
+                    part=index,
+                )
 
 
 def _check_one_template_per_split(task: dict[str, Any], example: ParsedExample) -> None:

@@ -25,8 +25,10 @@ from evaluation.worker.specs import ExampleSpec, TaskSpec
 if TYPE_CHECKING:
     import torch
 
-METRICS = ("exact_match", "contains", "multiple_choice", "mean_loglik")
-GENERATIVE_METRICS = frozenset({"exact_match", "contains"})
+METRICS = ("exact_match", "contains", "multiple_choice", "mean_loglik", "parts")
+GENERATIVE_METRICS = frozenset({"exact_match", "contains", "parts"})
+# A ``parts`` target holds one part a line: no single-skill answer spans two lines.
+PARTS_SEPARATOR = "\n"
 
 _TRAILING_PUNCTUATION = ".,;:!?。"
 _WHITESPACE = re.compile(r"\s+")
@@ -102,6 +104,42 @@ def contains(answer: str, target: str) -> float:
     return float(bool(needle) and needle in normalize_answer(answer))
 
 
+def target_parts(target: str) -> list[str]:
+    """The parts of a ``parts`` target: its lines, stripped, blank ones dropped."""
+    return [line.strip() for line in target.split(PARTS_SEPARATOR) if line.strip()]
+
+
+def part_found(part: str, answer: str) -> bool:
+    """Whether the normalised ``part`` is in the normalised answer, as a whole: ``contains``'s
+    normalisation, but over the whole answer (its lines joined by spaces: the parts are
+    asked for on lines of their own), and a part that starts or ends with a letter or digit
+    must not run on into one, so "742" is not found in "742000" (a chained task's second
+    part often starts with its first)."""
+    needle = normalize_answer(part)
+    if not needle:
+        return False
+    haystack = normalize_answer(_WHITESPACE.sub(" ", answer))
+    left = r"(?<!\w)" if needle[0].isalnum() else ""
+    right = r"(?!\w)" if needle[-1].isalnum() else ""
+    return re.search(left + re.escape(needle) + right, haystack) is not None
+
+
+def parts(answer: str, target: str) -> float:
+    """The fraction of the target's parts (see target_parts) found in the answer; an
+    example is solved when every part is (1.0)."""
+    needles = target_parts(target)
+    if not needles:
+        return 0.0
+    return sum(part_found(part, answer) for part in needles) / len(needles)
+
+
+_GENERATIVE: dict[str, Callable[[str, str], float]] = {
+    "exact_match": exact_match,
+    "contains": contains,
+    "parts": parts,
+}
+
+
 # --- Scoring ----------------------------------------------------------------------------------
 
 
@@ -116,6 +154,7 @@ def score_task(
     """Per-example scores of ``model`` on ``task``, in the task's example order.
 
     exact_match / contains: 1.0 or 0.0 on the greedy answer (``task.max_new_tokens``);
+    parts: the fraction of the target's parts found in the greedy answer (0.0 to 1.0);
     multiple_choice: 1.0 when the target is the choice with the highest summed
     log-likelihood (the first one on a tie); mean_loglik: the target's mean log-likelihood
     per token (negative; higher is better). ``progress``, when given, is called after each
@@ -177,7 +216,7 @@ def score_task_variants(
                 slots=row_slots,
                 bind=bind,
             )
-            metric = exact_match if task.metric == "exact_match" else contains
+            metric = _GENERATIVE[task.metric]
             scores = [
                 metric(answer, ex.target) for answer, ex in zip(answers, row_examples, strict=True)
             ]

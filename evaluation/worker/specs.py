@@ -13,7 +13,7 @@ from typing import Any
 @dataclass(frozen=True)
 class ExampleSpec:
     fields: dict[str, Any]
-    target: str
+    target: str  # for the parts metric: one part a line
     choices: list[str] = field(default_factory=list)
 
 
@@ -22,7 +22,7 @@ class TaskSpec:
     """A task split to score. ``key`` names it in the child's answer ("task:12:hidden")."""
 
     key: str
-    metric: str  # exact_match | contains | multiple_choice | mean_loglik
+    metric: str  # exact_match | contains | multiple_choice | mean_loglik | parts
     prompt_template: str
     max_new_tokens: int
     examples: list[ExampleSpec]
