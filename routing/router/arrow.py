@@ -41,8 +41,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from multilora.arrow import top_right_singular_vector
 from multilora.lora import AdapterLoadError, parse_adapter
 from multilora.model import LoraLinear
+
+__all__ = [
+    "ArrowPrototypeBank",
+    "arrow_prototypes",
+    "arrow_request_scores",
+    "capture_module_inputs",
+    "top_right_singular_vector",  # multilora's, re-exported for existing callers
+]
 
 _TENSOR_NAME = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<half>[AB])\.weight$")
 
@@ -67,25 +76,6 @@ def arrow_prototypes(
         module_shapes = _shapes_from_tensors(tensors)
     parsed = parse_adapter(lora_config, tensors, module_shapes)
     return {path: top_right_singular_vector(a, b) for path, (a, b) in parsed.modules.items()}
-
-
-def top_right_singular_vector(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The unit top right singular vector of ΔW = b @ a, without forming ΔW.
-
-    a [r, in], b [out, r]. With Aᵀ = Q·R (Q [in, r] orthonormal), ΔW = (b·Rᵀ)·Qᵀ; if
-    b·Rᵀ = U·S·Vᵀ then ΔW = U·S·(Q·V)ᵀ, so ΔW's right singular vectors are Q·V. The sign
-    is fixed (largest entry positive) so that the same adapter always gives the same vector;
-    scoring takes |⟨x, p⟩| and does not depend on it.
-    """
-    a32 = a.detach().to(torch.float32)
-    b32 = b.detach().to(torch.float32)
-    q, r = torch.linalg.qr(a32.T)  # q [in, r], r [r, r]
-    _, _, vh = torch.linalg.svd(b32 @ r.T, full_matrices=False)
-    vector = q @ vh[0]
-    vector = vector / vector.norm().clamp_min(torch.finfo(torch.float32).tiny)
-    if vector[vector.abs().argmax()] < 0:
-        vector = -vector
-    return vector.contiguous()
 
 
 def _shapes_from_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
