@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from routing.merging.services import merge_compute
 from routing.scoreboard.services import scoreboard_compute
 from routing.usage import usage_flush
 
@@ -27,3 +28,16 @@ def score_mixture(board_id: int) -> str:
     """Score one mixture version (queued when it is published, on the evaluation queue).
     Quiet when the board is gone, finished, superseded by a newer one, or taken."""
     return scoreboard_compute(board_id=board_id)
+
+
+@shared_task(
+    name="routing.merge_mixture",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def merge_mixture(merged_id: int) -> str:
+    """Build one mixture version's merged adapter (queued when it is published, on the
+    evaluation queue). Quiet when the row is gone, already built or failed, superseded by a
+    newer mixture's build, or taken by another worker."""
+    return merge_compute(merged_id=merged_id)
