@@ -12,7 +12,8 @@ ordering. DIR defaults to this file's folder.
 
 The file format (one JSON object a line; see evaluation/suite_io.py, which validates it):
 
-    {"suite": slug, "title": ..., "description": ..., "purpose": "skill" | "general"}
+    {"suite": slug, "title": ..., "description": ..., "purpose": "skill" | "general" |
+     "composite"}
     {"task": slug, "title": ..., "description": ..., "tags": [...], "metric": ...,
      "prompt_template": "...{field}...", "max_new_tokens": n}
     {"task": slug, "split": "public" | "hidden", "fields": {...}, "target": "...",
@@ -32,6 +33,14 @@ questions inside a sentence, no "Answer with only ..." line), on keys no other s
 holds, so that routing and scores can be checked away from the training templates. The
 ``general`` suite holds what the base model already does well, so that a harmful adapter
 shows up as a drop there; it has no paraphrase split.
+
+The ``composite`` suite asks for two skills in one prompt (unit conversion and date
+formatting; addition, then converting the sum; number words, then adding to the number;
+sorting and word reversal), each part of the answer on a line of its own and in exactly
+the format that skill's own task answers in. Its ``parts`` metric checks each part apart
+(the target holds them one a line), so a mixture that routes each part to the right adapter
+can be told from one that solves only half. Its keys are drawn afresh, not kept apart from
+the skills' splits: what it judges is the combination. No adapter's admission reads it.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -52,6 +62,8 @@ PARAPHRASE_PER_TASK = 60
 PARAPHRASE_TEMPLATE = "{question}"
 
 NUMBER_ONLY = "\nAnswer with only the number."
+# The composite suite's targets: one part a line (the parts metric's format; suite_io).
+PARTS_SEPARATOR = "\n"
 
 
 # --- Small helpers ----------------------------------------------------------------------------
@@ -1067,6 +1079,265 @@ def general_suite(seed: int) -> str:
     return "".join(lines)
 
 
+# --- The composite suite ------------------------------------------------------------------------
+
+COMPOSITE_HIDDEN_PER_TASK = 60  # the scoreboard's union takes each split's first 60 too
+COMPOSITE_PUBLIC_PER_TASK = 20
+_BOUNDARY = "(?<![0-9A-Za-z])"
+_BOUNDARY_END = "(?![0-9A-Za-z])"
+
+
+def _found(part: str, text: str) -> bool:
+    """Whether ``part`` is in ``text`` as a whole (not run on into a letter or digit), case
+    aside: how the parts metric looks for it (evaluation.worker.scoring.part_found), which
+    this file cannot import (it runs as a plain script)."""
+    pattern = _BOUNDARY + re.escape(part.lower()) + _BOUNDARY_END
+    return re.search(pattern, text.lower()) is not None
+
+
+class Composite:
+    """One composite task: two skills asked in one prompt, the answer on two lines. Each
+    part of the target is exactly what that skill's own task would answer (computed by the
+    skill's own ``fill``), so an adapter trained on one skill can answer its part."""
+
+    slug: str
+    title: str
+    description: str
+    skills: tuple[Skill, Skill]
+    prompt_template: str
+    max_new_tokens: int
+    phrasings: list[str]
+
+    @property
+    def tags(self) -> list[str]:
+        return ["composite", *(skill.slug for skill in self.skills)]
+
+    def draw(self, rng: random.Random) -> tuple: ...
+
+    def fill(self, key, phrasing: str) -> dict: ...
+
+
+def _answer(skill: Skill, key) -> str:
+    """What ``skill``'s own task answers for ``key`` (the phrasing does not matter)."""
+    return skill.fill(key, skill.phrasings[0])["target"]
+
+
+class UnitsAndDates(Composite):
+    slug = "units-and-dates"
+    title = "Convert a unit and reformat a date"
+    description = (
+        "Convert a metric amount to a smaller unit and rewrite an ISO date as "
+        '"Month D, YYYY": the number on one line, the date on the next.'
+    )
+    skills = (UnitConversion(), DateFormatting())
+    prompt_template = (
+        "{question}\nAnswer on two lines: the number on the first line, then the date, "
+        'like "January 5, 2020", on the second.'
+    )
+    max_new_tokens = 32
+    phrasings = [
+        "Convert {value} {source} to {dest}, and rewrite the date {date} in words.",
+        "How many {dest} are in {value} {source}? Also write the ISO date {date} as a month "
+        "name, day and year.",
+        "Do two things: express {value} {source} in {dest}, then format the date {date} for "
+        "a letter.",
+        "First, what is {value} {source} in {dest}? Second, how would you write {date} in "
+        "long form?",
+    ]
+
+    def draw(self, rng):
+        units, dates = self.skills
+        return (units.draw(rng), dates.draw(rng))
+
+    def fill(self, key, phrasing):
+        (unit, value), (year, month, day) = key
+        source, dest, _factor = _UNITS[unit]
+        date = f"{year:04d}-{month:02d}-{day:02d}"
+        question = phrasing.format(value=value, source=source, dest=dest, date=date)
+        fields = {"question": question, "value": value, "from": source, "to": dest, "date": date}
+        return {
+            "fields": fields,
+            "parts": [_answer(self.skills[0], key[0]), _answer(self.skills[1], key[1])],
+        }
+
+
+class SumThenConvert(Composite):
+    slug = "sum-then-convert"
+    title = "Add, then convert the sum"
+    description = (
+        "Add two three-digit numbers, then read the sum as a metric amount and convert it "
+        "to a smaller unit: the sum on one line, the converted number on the next."
+    )
+    skills = (Addition(), UnitConversion())
+    prompt_template = (
+        "{question}\nAnswer on two lines: the sum on the first line, then the converted "
+        "number on the second."
+    )
+    max_new_tokens = 24
+    phrasings = [
+        "Add {a} and {b}, then convert that many {source} to {dest}.",
+        "What is {a} + {b}? Then say how many {dest} are in that many {source}.",
+        "Compute the sum of {a} and {b}; then express the sum, read as {source}, in {dest}.",
+        "Calculate {a} plus {b}, and convert the result from {source} to {dest}.",
+    ]
+
+    def draw(self, rng):
+        # The sum stays within the unit-conversion task's amounts (2 to 999).
+        a = rng.randint(100, 899)
+        return (a, rng.randint(100, 999 - a), rng.randrange(len(_UNITS)))
+
+    def fill(self, key, phrasing):
+        a, b, unit = key
+        source, dest, _factor = _UNITS[unit]
+        question = phrasing.format(a=a, b=b, source=source, dest=dest)
+        fields = {"question": question, "a": a, "b": b, "from": source, "to": dest}
+        total = _answer(self.skills[0], (a, b))
+        return {"fields": fields, "parts": [total, _answer(self.skills[1], (unit, int(total)))]}
+
+
+class WordsThenAdd(Composite):
+    slug = "words-then-add"
+    title = "Read a number in words, then add to it"
+    description = (
+        "Write a three-digit number given in English words as digits, then add a "
+        "three-digit number to it: the number on one line, the sum on the next."
+    )
+    skills = (NumberWords(), Addition())
+    prompt_template = (
+        "{question}\nAnswer on two lines: the number in digits on the first line, then the "
+        "sum on the second."
+    )
+    max_new_tokens = 20
+    phrasings = [
+        "Write {words} as digits, then add {b} to it.",
+        'What number is "{words}"? Add {b} to that number as well.',
+        "Convert the number words to a numeral: {words}. Then compute the sum of that number "
+        "and {b}.",
+        'Turn "{words}" into a number, and then calculate it plus {b}.',
+    ]
+
+    def draw(self, rng):
+        return (rng.randint(100, 999), rng.randint(100, 999))
+
+    def fill(self, key, phrasing):
+        a, b = key
+        words = number_to_words(a)
+        question = phrasing.format(words=words, b=b)
+        fields = {"question": question, "words": words, "b": b}
+        return {
+            "fields": fields,
+            "parts": [_answer(self.skills[0], a), _answer(self.skills[1], key)],
+        }
+
+
+class SortAndReverse(Composite):
+    slug = "sort-and-reverse"
+    title = "Sort numbers and reverse words"
+    description = (
+        "Sort four to six numbers in ascending order and write three to five words in "
+        "reverse order: the sorted numbers on one line, the words on the next."
+    )
+    skills = (Sorting(), WordReversal())
+    prompt_template = (
+        "{question}\nAnswer on two lines: the sorted numbers, separated by commas, on the "
+        "first line, then the words in their new order on the second."
+    )
+    max_new_tokens = 40
+    phrasings = [
+        "Sort these numbers in ascending order: {numbers}. Then reverse the order of these "
+        "words: {words}",
+        "Arrange {numbers} from smallest to largest, and write these words in reverse order: "
+        "{words}",
+        "Two tasks. Put the following numbers in increasing order: {numbers}. List the "
+        "following words from last to first: {words}",
+    ]
+
+    def draw(self, rng):
+        numbers, words = self.skills
+        return (numbers.draw(rng), words.draw(rng))
+
+    def fill(self, key, phrasing):
+        numbers, words = key
+        listed = ", ".join(str(n) for n in numbers)
+        question = phrasing.format(numbers=listed, words=" ".join(words))
+        fields = {"question": question, "numbers": listed, "words": " ".join(words)}
+        parts = [_answer(self.skills[0], numbers), _answer(self.skills[1], words)]
+        return {"fields": fields, "parts": parts}
+
+
+COMPOSITES: list[Composite] = [
+    UnitsAndDates(),
+    SumThenConvert(),
+    WordsThenAdd(),
+    SortAndReverse(),
+]
+
+
+def composite_lines(task: Composite, seed: int) -> list[str]:
+    """The task line, then COMPOSITE_HIDDEN_PER_TASK hidden and COMPOSITE_PUBLIC_PER_TASK
+    public examples on distinct keys, from the task's own random stream. A key is skipped
+    when a part is in the question already (a model repeating the prompt would score) or
+    inside the other part (it would be found whenever that one is; suite_io refuses it)."""
+    rng = random.Random(f"tessera:composite:{task.slug}:{seed}")
+    lines = [
+        _line(
+            {
+                "task": task.slug,
+                "title": task.title,
+                "description": task.description,
+                "tags": task.tags,
+                "metric": "parts",
+                "prompt_template": task.prompt_template,
+                "max_new_tokens": task.max_new_tokens,
+            }
+        )
+    ]
+    seen: set = set()
+    total = COMPOSITE_HIDDEN_PER_TASK + COMPOSITE_PUBLIC_PER_TASK
+    attempts = 0
+    while len(seen) < total:
+        attempts += 1
+        if attempts > total * 200:
+            raise RuntimeError(f"could not draw {total} {task.slug} examples")
+        key = task.draw(rng)
+        if key in seen:
+            continue
+        example = task.fill(key, rng.choice(task.phrasings))
+        first, second = example["parts"]
+        question = example["fields"]["question"]
+        if _found(first, question) or _found(second, question):
+            continue
+        if _found(first, second) or _found(second, first):
+            continue
+        split = "hidden" if len(seen) < COMPOSITE_HIDDEN_PER_TASK else "public"
+        seen.add(key)
+        target = PARTS_SEPARATOR.join(example["parts"])
+        lines.append(
+            _line(
+                {"task": task.slug, "split": split, "fields": example["fields"], "target": target}
+            )
+        )
+    return lines
+
+
+def composite_suite(seed: int) -> str:
+    header = {
+        "suite": "composite",
+        "title": "Two skills in one answer",
+        "description": (
+            "Each prompt asks for two of the skills at once (convert and reformat a date, add "
+            "then convert, read a number then add, sort and reverse), each part in the format "
+            "that skill's own task answers in, on a line of its own. Scored per part; never "
+            "part of an adapter's admission: it judges composed mixtures."
+        ),
+        "purpose": "composite",
+    }
+    lines = [_line(header)]
+    for task in COMPOSITES:
+        lines += composite_lines(task, seed)
+    return "".join(lines)
+
+
 # --- Replay prompts -----------------------------------------------------------------------------
 
 # Everyday requests unrelated to any suite (no capitals, colours, opposites or "write one
@@ -1251,6 +1522,9 @@ def generate(out_dir: Path, *, seed: int = 0) -> list[Path]:
     written.append(path)
     path = out_dir / "general.jsonl"
     path.write_text(general_suite(seed), encoding="utf-8", newline="\n")
+    written.append(path)
+    path = out_dir / "composite.jsonl"
+    path.write_text(composite_suite(seed), encoding="utf-8", newline="\n")
     written.append(path)
     return written
 
