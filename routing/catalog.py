@@ -17,6 +17,8 @@ import numpy as np
 # The model ids that never name an adapter: the routed mixture and the base model alone.
 MIXTURE_MODEL_ID = "tessera"
 BASE_MODEL_ID = "base"
+# The mixture's public members merged into one LoRA (routing.merging): Catalog.merged.
+MERGED_MODEL_ID = "tessera-merged"
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,6 +52,11 @@ class Catalog:
     router: str  # the mixture's default router
     router_settings: dict = field(default_factory=dict)
     adapters: tuple[ServedAdapter, ...] = ()
+    # The active mixture's merged adapter when its build is done and loaded, else None. Not
+    # one of ``adapters`` (no router picks it): it answers requests for MERGED_MODEL_ID.
+    # It is no AdapterVersion: version_id, adapter_id and owner_id are 0, version_number is
+    # the mixture's number, and it is never private.
+    merged: ServedAdapter | None = None
 
     def __iter__(self) -> Iterator[ServedAdapter]:
         return iter(self.adapters)
