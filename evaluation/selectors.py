@@ -60,6 +60,13 @@ def tasks_skill() -> list[Task]:
     return _current_tasks(purpose=Suite.Purpose.SKILL)
 
 
+def tasks_composite() -> list[Task]:
+    """Every task of the current version of each composite suite: two skills in one answer.
+    No admission reads them (tasks_targeted and tasks_general leave them out); they judge
+    composed mixtures only (evaluation.services.outcomes.composite_splits)."""
+    return _current_tasks(purpose=Suite.Purpose.COMPOSITE)
+
+
 def task_tags_available() -> list[str]:
     """The tags an adapter can target now (for the "matches no task" message)."""
     tags: set[str] = set()

@@ -98,6 +98,26 @@ def public_splits() -> list[UnionSplit]:
     return found
 
 
+# The composite suite's parts metric is "how right", 0 to 1, too: the share of parts found.
+COMPOSITE_METRICS = UNION_METRICS | {"parts"}
+
+
+def composite_splits() -> list[UnionSplit]:
+    """The composite suite's tasks' hidden splits (two skills in one answer), by suite and
+    task, with the union's cap. Kept apart from the union: no run measures them (no
+    admission reads them), so outcomes_measure fills them in when a mixture is judged."""
+    found: list[UnionSplit] = []
+    for task in selectors.tasks_composite():
+        if task.metric not in COMPOSITE_METRICS:
+            continue
+        ids, examples = task_examples_with_ids(task=task, split=Example.Split.HIDDEN)
+        ids, examples = ids[: union_examples()], examples[: union_examples()]
+        if examples:
+            template = task_split_template(task=task, split=Example.Split.HIDDEN)
+            found.append(UnionSplit(task, Example.Split.HIDDEN, ids, examples, template))
+    return found
+
+
 def outcomes_table(
     *, base_model_id: int, version_ids: list[int], example_ids: list[int]
 ) -> dict[int | None, dict[int, float]]:
