@@ -9,6 +9,13 @@ Order matters for "served within a second, gone as fast": an added adapter's wei
 the engine before the new catalog makes it routable; a removed adapter leaves the catalog
 first (no new request can be routed to it) and its weights leave the engine one grace
 period later, so requests routed just before the switch still find them.
+
+The active mixture's merged adapter (routing.merging) follows the same order: it is built
+after the mixture is published, so every poll also reads its row's (pk, status) by the
+mixture's unique key, and a build that is done is loaded before the catalog names it; a
+new mixture's catalog drops the previous mixture's merged adapter at once (it may hold a
+member just suspended) and the engine lets go of its weights one grace period later. A
+build that failed or cannot be loaded leaves ``catalog.merged`` None and serving as it was.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -25,7 +33,8 @@ from django.db import close_old_connections, connection
 from contributions.models import AdapterVersion
 from multilora import AdapterLoadError, Engine, LoraRegistry, tensors_from_safetensors
 from routing import selectors
-from routing.catalog import Catalog, ServedAdapter
+from routing.catalog import MERGED_MODEL_ID, Catalog, ServedAdapter
+from routing.models import MergedAdapter
 
 
 def add_adapter_version(registry: LoraRegistry, version: Any, *, key: str) -> int:
@@ -71,6 +80,39 @@ def served_adapter(version: AdapterVersion) -> ServedAdapter:
     )
 
 
+def merged_engine_key(mixture_number: int, merged_id: int) -> str:
+    # The row's pk too: `manage.py merge_mixture` can rebuild a mixture's merged adapter,
+    # and the new weights must load beside the old ones before the catalog switches.
+    return f"merged-{mixture_number}-{merged_id}"
+
+
+def served_merged(merged: MergedAdapter, *, key: str) -> ServedAdapter:
+    """The catalog's description of a built merged adapter: owned by the platform, under
+    its members' common license (or "mixed"), tagged with the union of their tags."""
+    members = list(
+        AdapterVersion.objects.filter(pk__in=merged.version_ids).select_related("adapter")
+    )
+    licenses = {version.adapter.license for version in members}
+    tags = sorted({tag for version in members for tag in version.adapter.task_tags or ()})
+    number = merged.mixture.number
+    return ServedAdapter(
+        key=key,
+        version_id=0,
+        version_number=number,
+        adapter_id=0,
+        model_id=MERGED_MODEL_ID,
+        title=f"Merged mixture v{number}",
+        owner_id=0,
+        owner_username="tessera",
+        license=licenses.pop() if len(licenses) == 1 else "mixed",
+        private=False,
+        task_tags=tuple(tags),
+        signature=None,
+        admitted_at=merged.finished_at,
+        contributor_name="tessera",
+    )
+
+
 def _contributor_name(user) -> str:
     profile = getattr(user, "contributor", None)
     if profile is not None and profile.is_public and profile.display_name:
@@ -93,8 +135,11 @@ class MixtureSync:
         self.on_change = on_change
         self.catalog = Catalog(mixture_number=0, router="embedding")
         self.failed: dict[int, str] = {}  # version id → why it could not be loaded
+        self.merged_failed: dict[int, str] = {}  # MergedAdapter id → why it was not loaded
         self._retiring: list[tuple[float, str]] = []
         self._active: tuple[int, int] | None = None  # (pk, number) of the mixture served
+        # (pk, status) of the served mixture's merged build when last read: None, no row.
+        self._merged_seen: tuple[int, str] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # one refresh at a time (thread or caller)
@@ -131,62 +176,117 @@ class MixtureSync:
                 close_old_connections()
 
     def refresh(self) -> bool:
-        """Catch up with the active mixture; True when the catalog changed."""
+        """Catch up with the active mixture and its merged adapter; True when the catalog
+        changed."""
         with self._lock:
             self._retire_due()
             active = selectors.mixture_active_key()
-            if active is None or active == self._active:
+            if active is None:
                 return False
-            mixture = selectors.mixture_active()
-            if mixture is None:
-                return False
-            started = time.monotonic()
-            wanted = selectors.mixture_member_ids(mixture)
-            current = {adapter.version_id: adapter for adapter in self.catalog}
-            versions = (
-                AdapterVersion.objects.filter(pk__in=wanted - current.keys())
-                .select_related("adapter__owner__contributor", "routing_signature")
-                .order_by("pk")
-            )
-            added = []
-            for version in versions:
-                key = engine_key(version.pk)
-                try:
-                    # Still in the engine when it left a moment ago and is back (a rollback).
-                    if key not in self.engine.registry:
-                        add_adapter_version(self.engine.registry, version, key=key)
-                except (AdapterLoadError, OSError, ValueError) as error:
-                    # One unreadable adapter must not keep the others out.
-                    self.failed[version.pk] = str(error)
-                    logger.error("Could not load %s: %s", version, error)
-                    continue
-                added.append(served_adapter(version))
-            kept = [adapter for pk, adapter in current.items() if pk in wanted]
-            removed = [adapter for pk, adapter in current.items() if pk not in wanted]
-            self._active = (mixture.pk, mixture.number)
-            self.catalog = Catalog(
-                mixture_number=mixture.number,
-                router=mixture.router,
-                router_settings=dict(mixture.router_settings or {}),
-                adapters=tuple(sorted([*kept, *added], key=lambda a: a.version_id)),
-            )
-            due = time.monotonic() + RETIRE_GRACE_SECONDS
-            self._retiring.extend((due, adapter.key) for adapter in removed)
-            logger.info(
-                "Serving mixture v%d: %d adapters (+%d, -%d) in %.2fs",
-                mixture.number,
-                len(self.catalog),
-                len(added),
-                len(removed),
-                time.monotonic() - started,
-            )
-        if self.on_change is not None:
+            changed = self._refresh_merged(*active) if active == self._active else self._switch()
+        if changed and self.on_change is not None:
             self.on_change(self.catalog)
+        return changed
+
+    def _switch(self) -> bool:
+        mixture = selectors.mixture_active()
+        if mixture is None:
+            return False
+        started = time.monotonic()
+        wanted = selectors.mixture_member_ids(mixture)
+        current = {adapter.version_id: adapter for adapter in self.catalog}
+        versions = (
+            AdapterVersion.objects.filter(pk__in=wanted - current.keys())
+            .select_related("adapter__owner__contributor", "routing_signature")
+            .order_by("pk")
+        )
+        added = []
+        for version in versions:
+            key = engine_key(version.pk)
+            try:
+                # Still in the engine when it left a moment ago and is back (a rollback).
+                if key not in self.engine.registry:
+                    add_adapter_version(self.engine.registry, version, key=key)
+            except (AdapterLoadError, OSError, ValueError) as error:
+                # One unreadable adapter must not keep the others out.
+                self.failed[version.pk] = str(error)
+                logger.error("Could not load %s: %s", version, error)
+                continue
+            added.append(served_adapter(version))
+        kept = [adapter for pk, adapter in current.items() if pk in wanted]
+        removed = [adapter for pk, adapter in current.items() if pk not in wanted]
+        self._merged_seen, merged = self._load_merged(mixture.pk)
+        retired = [*removed] + ([self.catalog.merged] if self.catalog.merged is not None else [])
+        self._active = (mixture.pk, mixture.number)
+        self.catalog = Catalog(
+            mixture_number=mixture.number,
+            router=mixture.router,
+            router_settings=dict(mixture.router_settings or {}),
+            adapters=tuple(sorted([*kept, *added], key=lambda a: a.version_id)),
+            merged=merged,
+        )
+        due = time.monotonic() + RETIRE_GRACE_SECONDS
+        self._retiring.extend((due, adapter.key) for adapter in retired)
+        logger.info(
+            "Serving mixture v%d: %d adapters (+%d, -%d)%s in %.2fs",
+            mixture.number,
+            len(self.catalog),
+            len(added),
+            len(removed),
+            " and its merged adapter" if merged is not None else "",
+            time.monotonic() - started,
+        )
         return True
+
+    def _refresh_merged(self, mixture_pk: int, mixture_number: int) -> bool:
+        """The served mixture's merged build, when its row changed since the last poll
+        (one read by the row's unique key): load a done one, then name it in the catalog."""
+        seen = MergedAdapter.objects.filter(mixture_id=mixture_pk).values_list("pk", "status")
+        if seen.first() == self._merged_seen:
+            return False
+        self._merged_seen, merged = self._load_merged(mixture_pk)
+        previous = self.catalog.merged
+        if merged is None and previous is None:
+            return False
+        self.catalog = replace(self.catalog, merged=merged)
+        if previous is not None:
+            self._retiring.append((time.monotonic() + RETIRE_GRACE_SECONDS, previous.key))
+        logger.info(
+            "Serving mixture v%d with %s",
+            mixture_number,
+            "its merged adapter" if merged is not None else "no merged adapter",
+        )
+        return True
+
+    def _load_merged(self, mixture_pk: int) -> tuple[tuple[int, str] | None, ServedAdapter | None]:
+        """(the row's (pk, status), the merged adapter loaded into the engine or None)."""
+        merged = MergedAdapter.objects.select_related("mixture").filter(mixture_id=mixture_pk)
+        row = merged.first()
+        if row is None:
+            return None, None
+        seen = (row.pk, row.status)
+        if row.status != MergedAdapter.Status.DONE or not row.weights_file:
+            return seen, None  # not built yet, failed, or nothing public to merge
+        key = merged_engine_key(row.mixture.number, row.pk)
+        try:
+            if key not in self.engine.registry:
+                with row.weights_file.open("rb") as weights:
+                    data = weights.read()
+                self.engine.registry.add(
+                    key, lora_config=row.adapter_config, tensors=tensors_from_safetensors(data)
+                )
+        except (AdapterLoadError, OSError, ValueError) as error:
+            # The mixture's own adapters are served regardless.
+            self.merged_failed[row.pk] = str(error)
+            logger.error("Could not load the merged adapter of %s: %s", row.mixture, error)
+            return seen, None
+        return seen, served_merged(row, key=key)
 
     def _retire_due(self) -> None:
         now = time.monotonic()
         served = {adapter.key for adapter in self.catalog}
+        if self.catalog.merged is not None:
+            served.add(self.catalog.merged.key)
         keep = []
         for due, key in self._retiring:
             if due > now:
