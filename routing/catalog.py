@@ -11,8 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from routing.router.learned import LearnedRouterModel
 
 # The model ids that never name an adapter: the routed mixture and the base model alone.
 MIXTURE_MODEL_ID = "tessera"
@@ -57,6 +61,9 @@ class Catalog:
     # It is no AdapterVersion: version_id, adapter_id and owner_id are 0, version_number is
     # the mixture's number, and it is never private.
     merged: ServedAdapter | None = None
+    # The mixture version's trained ``learned`` router, or None until it is trained (then
+    # that router answers with the embedding router's pick).
+    learned: LearnedRouterModel | None = None
 
     def __iter__(self) -> Iterator[ServedAdapter]:
         return iter(self.adapters)

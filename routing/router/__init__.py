@@ -16,6 +16,11 @@ Why it is shaped like this:
 - ``arrow`` is PEFT's data-free Arrow routing reduced to one adapter per request (see
   ``routing.router.arrow``): it needs a base-model forward, which the serving process runs
   in its engine thread and hands in as a callback.
+- ``learned`` predicts each candidate's chance of answering correctly from the request's
+  embedding, with a model trained per mixture version on measured outcomes (see
+  ``routing.router.learned``); until one is trained it answers as the embedding router.
+- Routers live in one registry (``routing.router.registry``): a new one is one
+  ``register(name, decide)`` call, and ``ROUTERS`` is what is registered.
 - Every decision carries its best scores and a machine-readable reason, so the API can say
   how sure the router was and why the base model answered when it did.
 
@@ -30,11 +35,13 @@ from routing.router.arrow import (
     capture_module_inputs,
     top_right_singular_vector,
 )
-from routing.router.decision import ArrowScores, candidates, route
+from routing.router.decision import ArrowScores, candidates, route, route_embedded
 from routing.router.embedding import signature_matrix
+from routing.router.learned import LearnedRouterModel, route_learned_embedded
+from routing.router.registry import ROUTERS, Router, RouteRequest, register, unregister
 from routing.router.types import (
+    MAX_COMPOSE,
     MAX_SCORES,
-    ROUTERS,
     RouteScore,
     RoutingDecision,
     RoutingError,
@@ -42,11 +49,15 @@ from routing.router.types import (
 )
 
 __all__ = [
+    "MAX_COMPOSE",
     "MAX_SCORES",
     "ROUTERS",
     "ArrowPrototypeBank",
     "ArrowScores",
+    "LearnedRouterModel",
+    "RouteRequest",
     "RouteScore",
+    "Router",
     "RoutingDecision",
     "RoutingError",
     "RoutingPolicy",
@@ -54,7 +65,11 @@ __all__ = [
     "arrow_request_scores",
     "candidates",
     "capture_module_inputs",
+    "register",
     "route",
+    "route_embedded",
+    "route_learned_embedded",
     "signature_matrix",
     "top_right_singular_vector",
+    "unregister",
 ]

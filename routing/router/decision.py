@@ -6,29 +6,44 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from routing.catalog import BASE_MODEL_ID, MIXTURE_MODEL_ID, Catalog, ServedAdapter
 from routing.router.embedding import embedding_scores, signature_matrix
-from routing.router.types import (
-    MAX_SCORES,
+from routing.router.registry import (
+    MAX_EMBEDDED_CHARS,
     ROUTERS,
+    ArrowScores,
+    RouteRequest,
+    register,
+    router_get,
+)
+from routing.router.types import (
+    MAX_COMPOSE,
+    MAX_SCORES,
     RouteScore,
     RoutingDecision,
     RoutingError,
     RoutingPolicy,
 )
 
+__all__ = [
+    "MAX_EMBEDDED_CHARS",
+    "ArrowScores",
+    "candidates",
+    "decide_arrow",
+    "decide_embedding",
+    "decide_explicit",
+    "ranking",
+    "route",
+    "route_embedded",
+]
+
 # "<owner>/<slug>@v<N>": N as the portal prints it (no sign, no leading zero).
 _VERSIONED = re.compile(r"^(?P<model_id>.+)@v(?P<number>[1-9][0-9]*)$")
-# all-MiniLM-L6-v2 reads the first 256 word pieces only; cutting the text first keeps the
-# tokenizer's cost bounded for a huge prompt without changing what the model sees.
-MAX_EMBEDDED_CHARS = 8192
-
-ArrowScores = Callable[[list[ServedAdapter]], np.ndarray]
 
 
 def candidates(
@@ -62,11 +77,12 @@ def route(
     ``model`` is the request's OpenAI "model" field: ``"base"`` (the base model alone),
     ``"tessera"`` (the mixture: the router picks), or an adapter's model id
     ``"<owner>/<slug>"`` (optionally ``@v<N>``, accepted only when N is the version served).
-    ``text`` is what the embedding router embeds (the caller picks it from the messages).
-    ``router`` overrides the mixture's default router and ``threshold`` its threshold, in
-    that router's score units. ``arrow_scores`` computes Arrow scores for a list of
-    candidates; the serving process supplies it because the scores need a forward of the
-    base model, which only its engine thread may run.
+    ``text`` is what the embedding and learned routers embed (the caller picks it from the
+    messages). ``router`` overrides the mixture's default router (any name in the registry,
+    routing.router.registry) and ``threshold`` its threshold, in that router's score units.
+    ``arrow_scores`` computes Arrow scores for a list of candidates; the serving process
+    supplies it because the scores need a forward of the base model, which only its engine
+    thread may run.
 
     Raises RoutingError (see its codes). Under the ``explicit`` router the mixture picks
     nothing by itself, so a request for ``"tessera"`` gets the base model with reason
@@ -83,51 +99,54 @@ def route(
                 f"The model {model!r} is excluded by this request's routing policy.",
             )
         return RoutingDecision(
-            router="explicit", adapter=adapter, scores=(), threshold=None, reason="explicit"
+            router="explicit",
+            adapter=adapter,
+            scores=(),
+            threshold=None,
+            reason="explicit",
+            ranked=((adapter, 1.0),),
         )
 
     name = catalog.router if router is None else router
-    if name not in ROUTERS:
+    chosen = router_get(name)
+    if chosen is None:
         raise RoutingError(
             "invalid_router", f"Unknown router {name!r}; use one of {', '.join(sorted(ROUTERS))}."
         )
     _check_threshold(threshold, "threshold")
     if policy.base_only:
         return _base(router="base", reason="base_only")
-    if name == "explicit":
-        return _base(router="explicit", reason="no_candidates")
-    if name == "embedding":
-        return _route_by_embedding(
+    return chosen.decide(
+        RouteRequest(
             catalog=catalog,
             text=text,
-            allowed=candidates(catalog=catalog, user_id=user_id, policy=policy),
-            threshold=_embedding_threshold(catalog, threshold),
+            candidates=candidates(catalog=catalog, user_id=user_id, policy=policy),
+            threshold=None if threshold is None else float(threshold),
+            arrow_scores=arrow_scores,
         )
-    # Arrow scores live on another scale than cosines: no threshold unless the mixture (or
-    # the request) sets one for it.
-    if threshold is None:
-        threshold = _setting_threshold(catalog, "arrow_threshold")
-    return _route_by_arrow(
-        allowed=candidates(catalog=catalog, user_id=user_id, policy=policy),
-        threshold=None if threshold is None else float(threshold),
-        arrow_scores=arrow_scores,
     )
 
 
 # --- The routers -------------------------------------------------------------------------------
 
 
-def _route_by_embedding(
-    *, catalog: Catalog, text: str, allowed: list[ServedAdapter], threshold: float
-) -> RoutingDecision:
+def decide_explicit(request: RouteRequest) -> RoutingDecision:
+    return _base(router="explicit", reason="no_candidates")
+
+
+def decide_embedding(request: RouteRequest) -> RoutingDecision:
+    catalog = request.catalog
+    threshold = _embedding_threshold(catalog, request.threshold)
     # Checked before embedding: a request no adapter could win costs no model call.
     row_of = signature_matrix(catalog).row_of
-    if not any(adapter in row_of for adapter in allowed):
+    if not any(adapter in row_of for adapter in request.candidates):
         return _base(router="embedding", reason="no_candidates", threshold=threshold)
-    from evaluation.worker.signatures import embed  # loads sentence-transformers on first use
-
-    query = embed([str(text)[:MAX_EMBEDDED_CHARS]])[0]
-    return route_embedded(catalog=catalog, query=query, allowed=allowed, threshold=threshold)
+    return route_embedded(
+        catalog=catalog,
+        query=request.embedding(),
+        allowed=request.candidates,
+        threshold=threshold,
+    )
 
 
 def route_embedded(
@@ -148,18 +167,22 @@ def route_embedded(
     return _pick(router="embedding", scored=scored, values=cosines, threshold=threshold)
 
 
-def _route_by_arrow(
-    *, allowed: list[ServedAdapter], threshold: float | None, arrow_scores: ArrowScores | None
-) -> RoutingDecision:
+def decide_arrow(request: RouteRequest) -> RoutingDecision:
     # Checked before the candidates: a process that cannot score Arrow should fail the
     # same way on every request, not only on those that happen to have candidates.
-    if arrow_scores is None:
+    if request.arrow_scores is None:
         raise RoutingError(
             "arrow_unavailable", "The arrow router is not available in this process."
         )
+    # Arrow scores live on another scale than cosines: no threshold unless the mixture (or
+    # the request) sets one for it.
+    threshold = request.threshold
+    if threshold is None:
+        threshold = _setting_threshold(request.catalog, "arrow_threshold")
+    allowed = request.candidates
     if not allowed:
         return _base(router="arrow", reason="no_candidates", threshold=threshold)
-    values = np.asarray(arrow_scores(list(allowed)), dtype=np.float64).reshape(-1)
+    values = np.asarray(request.arrow_scores(list(allowed)), dtype=np.float64).reshape(-1)
     if values.shape[0] != len(allowed) or not np.isfinite(values).all():
         raise RoutingError(
             "arrow_failed",
@@ -169,25 +192,50 @@ def _route_by_arrow(
     return _pick(router="arrow", scored=allowed, values=values, threshold=threshold)
 
 
+def ranking(
+    scored: Sequence[ServedAdapter], values: np.ndarray
+) -> tuple[int, tuple[RouteScore, ...], tuple[tuple[ServedAdapter, float], ...]]:
+    """(the best one's index, the best MAX_SCORES as RouteScores, the best MAX_COMPOSE with
+    their values); NaN ranks last. Stable: among equal scores the adapter earlier in the
+    catalog wins, every time."""
+    values = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=-np.inf)
+    order = np.argsort(-values, kind="stable")[:MAX_COMPOSE].tolist()
+    ranked = tuple((scored[i], float(values[i])) for i in order)
+    scores = tuple(
+        RouteScore(model_id=adapter.model_id, score=value) for adapter, value in ranked[:MAX_SCORES]
+    )
+    return order[0], scores, ranked
+
+
 def _pick(
     *, router: str, scored: Sequence[ServedAdapter], values: np.ndarray, threshold: float | None
 ) -> RoutingDecision:
     """Top-1 if it meets the threshold (or there is none), else the base model; the best
     scores go with the decision either way, so a caller sees how close it was."""
-    values = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=-np.inf)
-    # Stable: among equal scores the adapter earlier in the catalog wins, every time.
-    order = np.argsort(-values, kind="stable")[:MAX_SCORES]
-    scores = tuple(RouteScore(model_id=scored[i].model_id, score=float(values[i])) for i in order)
-    best = int(order[0])
-    if threshold is None or values[best] >= threshold:
+    best, scores, ranked = ranking(scored, values)
+    if threshold is None or ranked[0][1] >= threshold:
         return RoutingDecision(
             router=router,
             adapter=scored[best],
             scores=scores,
             threshold=threshold,
             reason="above_threshold",
+            ranked=ranked,
         )
-    return _base(router=router, reason="below_threshold", threshold=threshold, scores=scores)
+    return _base(
+        router=router, reason="below_threshold", threshold=threshold, scores=scores, ranked=ranked
+    )
+
+
+register(
+    "embedding",
+    decide_embedding,
+    description="cosine of the request's embedding with each adapter's signature",
+)
+register(
+    "arrow", decide_arrow, description="request-level Arrow: the prompt's base-model activations"
+)
+register("explicit", decide_explicit, description="only adapters a request names; none by itself")
 
 
 # --- Helpers -----------------------------------------------------------------------------------
@@ -199,9 +247,15 @@ def _base(
     reason: str,
     threshold: float | None = None,
     scores: tuple[RouteScore, ...] = (),
+    ranked: tuple[tuple[ServedAdapter, float], ...] = (),
 ) -> RoutingDecision:
     return RoutingDecision(
-        router=router, adapter=None, scores=scores, threshold=threshold, reason=reason
+        router=router,
+        adapter=None,
+        scores=scores,
+        threshold=threshold,
+        reason=reason,
+        ranked=ranked,
     )
 
 

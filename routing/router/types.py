@@ -6,13 +6,12 @@ from dataclasses import dataclass
 
 from routing.catalog import ServedAdapter
 
-# Routers a mixture or a request may name. "base" appears only in decisions: it marks a
-# request the base model answers without any router having been consulted.
-ROUTERS = frozenset({"embedding", "arrow", "explicit"})
-
 # How many scores a decision carries: enough to show how close the runner-up was, few enough
 # to put in every response.
 MAX_SCORES = 5
+# How many ranked candidates a decision carries for composing an answer from several
+# adapters (TESSERA_COMPOSITION_K is at most this).
+MAX_COMPOSE = 16
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,9 @@ _OPEN = RoutingPolicy()
 @dataclass(frozen=True)
 class RouteScore:
     model_id: str
-    score: float  # in the router's own units: cosine for embedding, mean |cos| for arrow
+    # In the router's own units: cosine for embedding, mean |cos| for arrow, the predicted
+    # chance of answering correctly for learned.
+    score: float
 
 
 @dataclass(frozen=True)
@@ -77,14 +78,24 @@ class RoutingDecision:
       caller passed the policy, none had what the router needs, or the router is
       ``explicit``, which never picks on its own), so the base model answers;
     - ``base_only``: the policy asked for the base model;
-    - ``base_requested``: the request named the base model.
+    - ``base_requested``: the request named the base model;
+    - ``no_learned_router``: the ``learned`` router was asked for but the mixture has no
+      trained one (yet): the embedding router decided instead, and ``adapter``, ``scores``,
+      ``ranked`` and ``threshold`` are its (``router`` still says ``learned``).
+
+    ``ranked`` is what a composition of several adapters reads: the candidates the router
+    scored, best first, at most MAX_COMPOSE, each with its score in the router's units
+    (whatever the reason, so a caller may weigh the top k even when the base model
+    answers alone); an explicitly named adapter is ranked alone, at 1.0. ``scores`` is the
+    first MAX_SCORES of the router's ranking as model ids, for responses.
     """
 
-    router: str  # "embedding" | "arrow" | "explicit" | "base"
+    router: str  # a registered router's name (routing.router.registry), or "base"
     adapter: ServedAdapter | None  # None: the base model answers
     scores: tuple[RouteScore, ...]  # best first, at most MAX_SCORES, candidates only
     threshold: float | None
     reason: str
+    ranked: tuple[tuple[ServedAdapter, float], ...] = ()
 
 
 class RoutingError(ValueError):
