@@ -82,25 +82,66 @@ def _increments(
     prompt_tokens: int,
     completion_tokens: int,
     day: dt.date,
+    weights: Sequence[float] | None = None,
 ) -> list[tuple[str, int]]:
     if prompt_tokens < 0 or completion_tokens < 0:
         raise ValueError("token counts cannot be negative")
-    owners: list[tuple[str, int]] = []
+    owners: list[tuple[str, dict[str, int]]] = []
+    amounts = {"r": 1, "p": prompt_tokens, "c": completion_tokens}
     if token_id is not None:
-        owners.append((KIND_KEY, token_id))
+        owners.append((f"{KIND_KEY}:{token_id}", amounts))
     elif user_id is not None:
         # A key's owner is known from the key; a user id matters only without one.
-        owners.append((KIND_USER, user_id))
-    # Each version that served the request is credited with all of it; none: the base.
-    versions = list(dict.fromkeys(version_ids)) or [BASE_MODEL_VERSION_ID]
-    owners.extend((KIND_VERSION, version_id) for version_id in versions)
-    amounts = {"r": 1, "p": prompt_tokens, "c": completion_tokens}
+        owners.append((f"{KIND_USER}:{user_id}", amounts))
+    shares = _version_shares(version_ids, weights)
+    if not shares:  # none: the base model answered alone and gets all of it
+        shares = {BASE_MODEL_VERSION_ID: 1.0}
+    # Each version that took part counts the request once and is credited its share of the
+    # tokens; the shares of a request's tokens add up to its tokens exactly.
+    prompt_split = apportion(prompt_tokens, shares)
+    completion_split = apportion(completion_tokens, shares)
+    for version_id in shares:
+        split = {"r": 1, "p": prompt_split[version_id], "c": completion_split[version_id]}
+        owners.append((f"{KIND_VERSION}:{version_id}", split))
     return [
-        (f"{day.isoformat()}:{kind}:{ident}:{metric}", amount)
-        for kind, ident in owners
-        for metric, amount in amounts.items()
+        (f"{day.isoformat()}:{owner}:{metric}", amount)
+        for owner, counts in owners
+        for metric, amount in counts.items()
         if amount
     ]
+
+
+def _version_shares(
+    version_ids: Sequence[int], weights: Sequence[float] | None
+) -> dict[int, float]:
+    """{version id: weight}, the weights normalised to sum 1 (equal without weights)."""
+    if weights is None:
+        weights = [1.0] * len(version_ids)
+    if len(weights) != len(version_ids):
+        raise ValueError("give one weight per version")
+    shares: dict[int, float] = {}
+    for version_id, weight in zip(version_ids, weights, strict=True):
+        if not weight >= 0:  # also refuses NaN
+            raise ValueError("weights cannot be negative")
+        shares[version_id] = shares.get(version_id, 0.0) + float(weight)
+    total = sum(shares.values())
+    if total > 0:  # a version weighted 0 (an Arrow candidate never picked) took no part
+        shares = {version_id: weight for version_id, weight in shares.items() if weight > 0}
+    if total <= 0:
+        return {version_id: 1.0 / len(shares) for version_id in shares} if shares else {}
+    return {version_id: weight / total for version_id, weight in shares.items()}
+
+
+def apportion(total: int, shares: dict[int, float]) -> dict[int, int]:
+    """Split ``total`` into whole parts proportional to ``shares`` that add up to ``total``
+    (largest remainders get the leftover units; ties go to the earlier entry)."""
+    exact = {key: total * share for key, share in shares.items()}
+    parts = {key: int(value) for key, value in exact.items()}
+    leftover = total - sum(parts.values())
+    by_remainder = sorted(exact, key=lambda key: -(exact[key] - parts[key]))
+    for key in by_remainder[:leftover]:
+        parts[key] += 1
+    return parts
 
 
 def _queue_increments(
@@ -127,6 +168,7 @@ def _queue_request(
     version_ids: Sequence[int],
     prompt_tokens: int,
     completion_tokens: int,
+    weights: Sequence[float] | None = None,
 ) -> list[tuple[str, int]]:
     """Queue one request's counts on ``pipe`` (sync or async); return the increments."""
     day = utc_today()
@@ -137,6 +179,7 @@ def _queue_request(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         day=day,
+        weights=weights,
     )
     _queue_increments(
         pipe,
@@ -155,8 +198,10 @@ async def usage_record(
     version_ids: Sequence[int],
     prompt_tokens: int,
     completion_tokens: int,
+    weights: Sequence[float] | None = None,
 ) -> None:
-    """Count one answered request for its key (or user) and every version that served it.
+    """Count one answered request for its key (or user) and every version that served it;
+    ``weights`` (one per version) split the request's tokens between those versions.
 
     Redis unreachable (a connection error, in practice refused or reset before EXEC): the
     counts go straight to the database instead, the one slow path. Redis timing out: they
@@ -171,6 +216,7 @@ async def usage_record(
         version_ids=version_ids,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
+        weights=weights,
     )
     try:
         await pipe.execute()
@@ -188,6 +234,7 @@ def usage_record_sync(
     version_ids: Sequence[int],
     prompt_tokens: int,
     completion_tokens: int,
+    weights: Sequence[float] | None = None,
 ) -> None:
     """``usage_record`` for synchronous callers."""
     pipe = redis_sync().pipeline(transaction=True)
@@ -198,6 +245,7 @@ def usage_record_sync(
         version_ids=version_ids,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
+        weights=weights,
     )
     try:
         pipe.execute()

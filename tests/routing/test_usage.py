@@ -95,6 +95,46 @@ def redis_is_drained(client) -> bool:
 # --- recording and flushing ---------------------------------------------------------------
 
 
+def test_each_version_is_credited_its_weighted_share_of_a_composed_answer(
+    api_redis_db, token, contributor, versions
+):
+    v1, v2 = versions
+    record(
+        token_id=token.pk,
+        version_ids=[v1.pk, v2.pk],
+        weights=[0.75, 0.25],
+        prompt_tokens=10,
+        completion_tokens=7,
+    )
+    # An Arrow candidate that never received weight took no part: it is not credited.
+    record(token_id=token.pk, version_ids=[v1.pk, v2.pk], weights=[1.0, 0.0], prompt_tokens=3)
+    usage.usage_flush()
+    assert key_row(token) == (2, 13, 7)
+    assert version_row(v1) == (2, 8 + 3, 5)  # 7.5 -> 8 and 5.25 -> 5: the parts add up
+    assert version_row(v2) == (1, 2, 2)
+
+
+@pytest.mark.parametrize(
+    ("total", "shares", "parts"),
+    [
+        (10, {1: 0.5, 2: 0.5}, {1: 5, 2: 5}),
+        (7, {1: 0.5, 2: 0.5}, {1: 4, 2: 3}),
+        (1, {1: 1 / 3, 2: 1 / 3, 3: 1 / 3}, {1: 1, 2: 0, 3: 0}),
+        (100, {1: 0.667, 2: 0.333}, {1: 67, 2: 33}),
+        (0, {1: 0.2, 2: 0.8}, {1: 0, 2: 0}),
+    ],
+)
+def test_apportioned_tokens_always_add_up_to_the_total(total, shares, parts):
+    assert usage.apportion(total, shares) == parts
+    assert sum(usage.apportion(total, shares).values()) == total
+
+
+@pytest.mark.parametrize("weights", [[0.5], [-1.0, 2.0], [float("nan"), 1.0]])
+def test_weights_that_do_not_fit_the_versions_are_refused(weights):
+    with pytest.raises(ValueError):
+        usage._version_shares([1, 2], weights)
+
+
 def test_recorded_usage_lands_in_the_daily_tables_with_exact_sums(
     api_redis_db, token, contributor, versions
 ):
@@ -112,8 +152,10 @@ def test_recorded_usage_lands_in_the_daily_tables_with_exact_sums(
     row = KeyUsageDaily.objects.get(api_token=token)
     assert (row.day, row.user_id) == (today, contributor.pk)
     assert key_row(token) == (3, 19, 9)
-    assert version_row(v1) == (2, 17, 8)
-    assert version_row(v2) == (1, 7, 3)
+    # Two versions answering together split the tokens (equal shares without weights; the
+    # odd token goes to the first), and each counts the request.
+    assert version_row(v1) == (2, 14, 7)
+    assert version_row(v2) == (1, 3, 1)
     base = AdapterUsageDaily.objects.get(adapter_version=None)
     assert (base.day, base.requests, base.prompt_tokens) == (today, 1, 2)
     assert base.completion_tokens == 1
