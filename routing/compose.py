@@ -107,7 +107,11 @@ def compose(
             "invalid_composition", f"k must be an integer from 1 to {MAX_K}.", param="tessera.k"
         )
     if temperature is None:
-        temperature = settings.TESSERA_COMPOSITION_TEMPERATURE
+        temperature = (
+            settings.TESSERA_ARROW_TEMPERATURE
+            if method == "arrow"
+            else settings.TESSERA_COMPOSITION_TEMPERATURE
+        )
     number = isinstance(temperature, int | float) and not isinstance(temperature, bool)
     if not (number and math.isfinite(temperature) and temperature > 0):
         raise CompositionRefused(
@@ -141,7 +145,11 @@ def compose(
     ranked = _eligible(decision)
     if method == "arrow":
         candidates = [adapter for adapter, _ in ranked[:MAX_CANDIDATES]]
-        weights = softmax_weights([score for _, score in ranked[:MAX_CANDIDATES]], temperature)
+        # Until the engine reports the per-token shares, the router's view of the mix.
+        weights = softmax_weights(
+            [score for _, score in ranked[:MAX_CANDIDATES]],
+            settings.TESSERA_COMPOSITION_TEMPERATURE,
+        )
         return Composed(
             method="arrow",
             parts=tuple(zip(candidates, weights, strict=True)),

@@ -302,11 +302,17 @@ if TESSERA_COMPOSITION not in {"top1", "topk", "arrow", "logit", "merged"}:
         "TESSERA_COMPOSITION must be one of top1, topk, arrow, logit, merged."
     )
 TESSERA_COMPOSITION_K = env.int("TESSERA_COMPOSITION_K", default=2)
-TESSERA_COMPOSITION_TEMPERATURE = env.float("TESSERA_COMPOSITION_TEMPERATURE", default=1.0)
+# topk and logit weigh their adapters by softmax(router score / temperature); router scores
+# differ by tenths (cosines, predicted chances), so a small temperature lets the best lead.
+TESSERA_COMPOSITION_TEMPERATURE = env.float("TESSERA_COMPOSITION_TEMPERATURE", default=0.05)
+# Arrow's per-token softmax over |<x, prototype>|, PEFT's default temperature.
+TESSERA_ARROW_TEMPERATURE = env.float("TESSERA_ARROW_TEMPERATURE", default=1.0)
 if not 1 <= TESSERA_COMPOSITION_K <= 16:
     raise ImproperlyConfigured("TESSERA_COMPOSITION_K must be between 1 and 16.")
-if not TESSERA_COMPOSITION_TEMPERATURE > 0:
-    raise ImproperlyConfigured("TESSERA_COMPOSITION_TEMPERATURE must be positive.")
+if not TESSERA_COMPOSITION_TEMPERATURE > 0 or not TESSERA_ARROW_TEMPERATURE > 0:
+    raise ImproperlyConfigured(
+        "TESSERA_COMPOSITION_TEMPERATURE and TESSERA_ARROW_TEMPERATURE must be positive."
+    )
 
 CELERY_BEAT_SCHEDULE = {
     "reap-evaluation-runs": {"task": "evaluation.reap_runs", "schedule": 30.0},
