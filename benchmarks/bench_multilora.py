@@ -374,11 +374,14 @@ def hf_generate(
 def engine_generate(
     engine: Any, prompts: list[list[int]], adapters: Sequence[str | None], new_tokens: int
 ) -> None:
-    from multilora import GenerationRequest
+    from multilora import Composition, GenerationRequest
 
     requests = [
         GenerationRequest(
-            prompt_ids=ids, adapter=adapter, max_new_tokens=new_tokens, ignore_eos=True
+            prompt_ids=ids,
+            composition=Composition.single(adapter),
+            max_new_tokens=new_tokens,
+            ignore_eos=True,
         )
         for ids, adapter in zip(prompts, adapters, strict=True)
     ]

@@ -1,5 +1,7 @@
 """The multi-LoRA engine: one base model, every loaded LoRA adapter stacked per module, and
-batched generation where each row of a batch may use a different adapter in one forward.
+batched generation where each request of a batch may use a different composition of
+adapters (one adapter, a weighted sum, Arrow's per-token routing, or logit fusion), all in
+one forward per decoding step.
 
 Pure PyTorch (with transformers models and safetensors files): no Django, no app of the
 project. evaluation scores with it in the sandboxed child and routing serves with it, so
@@ -7,9 +9,23 @@ what was measured is what is served.
 
     engine = Engine(model, tokenizer)
     engine.add_adapter("math-v3", lora_config=version.adapter_config, tensors=tensors)
-    engine.generate([GenerationRequest(messages=[...], adapter="math-v3"), ...])
+    engine.add_adapter("code-v1", lora_config=..., tensors=...)
+    engine.generate([
+        GenerationRequest(messages=[...], composition=Composition.single("math-v3")),
+        GenerationRequest(messages=[...], composition=Composition.topk(("math-v3", "code-v1"),
+                                                                       (0.7, 0.3))),
+        GenerationRequest(messages=[...], composition=Composition.arrow(("math-v3", "code-v1"),
+                                                                        k=1)),
+        GenerationRequest(messages=[...], composition=Composition.logit(("math-v3", "code-v1"))),
+        GenerationRequest(messages=[...]),  # BASE: the base model alone
+    ])  # each result carries its composition and each adapter's share of the answer
+
+Callers that run the forwards themselves (``model.generate``) bind one composition per row
+with ``engine.lora.compositions([...])`` (top1, topk and arrow).
 """
 
+from multilora.bound import ArrowRow, BoundRow, WeightedRow
+from multilora.composition import BASE, METHODS, Composition, CompositionError
 from multilora.generate import (
     Engine,
     FinishReason,
@@ -23,8 +39,14 @@ from multilora.lora import NO_ADAPTER, AdapterLoadError, LoraRegistry, parse_ada
 from multilora.model import LoraLinear, MultiLoraModel
 
 __all__ = [
+    "BASE",
+    "METHODS",
     "NO_ADAPTER",
     "AdapterLoadError",
+    "ArrowRow",
+    "BoundRow",
+    "Composition",
+    "CompositionError",
     "Engine",
     "FinishReason",
     "GenerationError",
@@ -34,6 +56,7 @@ __all__ = [
     "LoraRegistry",
     "MultiLoraModel",
     "StreamEvent",
+    "WeightedRow",
     "parse_adapter",
     "tensors_from_safetensors",
 ]

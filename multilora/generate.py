@@ -1,9 +1,19 @@
 """Batched generation over the multi-LoRA model: one forward per decoding step for the whole
-batch, each row with its own adapter, sampling settings, stop sequences and limits.
+batch, each request with its own composition of adapters, sampling settings, stop sequences
+and limits.
 
-The loop is ours rather than ``model.generate`` because every row needs its own adapter (a
-binding, see multilora.model), its own temperature/top-p/seed, its own stop strings and
-its own cancellation, and because the streaming form must hand out text as it is made.
+A request's ``composition`` (multilora.composition) says who answers it: the base model, one
+adapter (``top1``), a weighted sum of adapters (``topk``), Arrow's per-token mix (``arrow``),
+each of them one row of the batch (see multilora.bound); or ``logit``: one row per adapter
+(a ``top1`` of each, same prompt), whose next-token log-probabilities are combined as
+Σ wᵢ log pᵢ at every step; the request's sampler draws one token from that and the token is
+fed to all its rows, which finish, stream and leave the batch together as one request.
+Whatever the mix, a step is still one forward for the whole batch.
+
+The loop is ours rather than ``model.generate`` because every row needs its own composition
+(a binding, see multilora.model), its own temperature/top-p/seed, its own stop strings and
+its own cancellation, because ``logit`` requests combine rows per step, and because the
+streaming form must hand out text as it is made.
 
 One generation runs at a time per engine (the LoRA binding lives on the shared modules); a
 server batches its waiting requests into one call. Registry changes may happen meanwhile:
@@ -22,7 +32,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from multilora.lora import NO_ADAPTER, LoraRegistry
+from multilora.bound import ArrowRow, BoundRow
+from multilora.composition import BASE, Composition
+from multilora.lora import LoraRegistry
 from multilora.model import DEFAULT_MAX_BOUND_BYTES, Binding, MultiLoraModel
 from multilora.sampling import Sampler
 
@@ -34,6 +46,10 @@ class GenerationError(ValueError):
     """A request the engine cannot run (no prompt, unknown adapter, too long, bad settings)."""
 
 
+def _lanes_of(rows: Sequence[_Row]) -> list[BoundRow]:
+    return [member for row in rows for member in row.members]
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One completion to make. Give exactly one of ``prompt_ids``, ``messages`` (chat
@@ -43,7 +59,7 @@ class GenerationRequest:
     prompt_ids: Sequence[int] | None = None
     messages: Sequence[Mapping[str, Any]] | None = None
     prompt: str | None = None
-    adapter: str | None = None  # a registry key; None runs the base model
+    composition: Composition = BASE  # who answers, by registry key; BASE: the base model
     max_new_tokens: int | None = None  # None: up to DEFAULT_MAX_NEW_TOKENS, within the context
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
@@ -56,7 +72,10 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class GenerationResult:
     request_id: str
-    adapter: str | None
+    composition: Composition
+    # Each adapter's share of the answer: its weight for top1, topk and logit; for arrow the
+    # mean routing weight it got over the generated tokens and the adapted modules.
+    shares: dict[str, float]
     text: str  # the completion, cut before the first stop sequence; special tokens left out
     token_ids: list[int]  # every generated token, the end-of-sequence one included
     finish_reason: FinishReason
@@ -81,7 +100,7 @@ class _Row:
     index: int
     request: GenerationRequest
     prompt_ids: list[int]
-    slot: int
+    members: list[BoundRow]  # the row's batch rows: one, or one per adapter for logit
     max_new_tokens: int
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -91,6 +110,46 @@ class _Row:
     prefix_offset: int = 0
     read_offset: int = 0
     finish_reason: FinishReason | None = None
+    routed: list[float] | None = None  # arrow: the binding's summed routing weights
+
+
+class _Lanes:
+    """The batch's rows (lanes) of its requests, and how lane logits become request ones."""
+
+    def __init__(self, rows: Sequence[_Row], device: torch.device) -> None:
+        self.count = len(rows)
+        self.owner = [i for i, row in enumerate(rows) for _ in row.members]
+        self.first = [self.owner.index(i) for i in range(len(rows))]
+        methods = [rows[i].request.composition.method for i in self.owner]
+        fused = [lane for lane, method in enumerate(methods) if method == "logit"]
+        self.fused = None
+        if fused:
+            weights = [
+                weight
+                for row in rows
+                if row.request.composition.method == "logit"
+                for weight in row.request.composition.weights
+            ]
+            self.fused = (
+                torch.tensor(fused, device=device),
+                torch.tensor(weights, device=device).unsqueeze(1),
+                torch.tensor(self.owner, device=device),
+            )
+
+    def of(self, rows: Sequence[int]) -> list[int]:
+        """The lanes of these requests (indices into the batch), in order."""
+        return [lane for i in rows for lane, owner in enumerate(self.owner) if owner == i]
+
+    def combine(self, logits: torch.Tensor) -> torch.Tensor:
+        """Lane logits [lanes, V] -> one row per request [requests, V]: a logit request's
+        Σ wᵢ log_softmax(logitsᵢ), every other request's own logits unchanged."""
+        if self.fused is None:
+            return logits
+        lanes, weights, owner = self.fused
+        logits = logits.float()
+        weighted = torch.log_softmax(logits.index_select(0, lanes), dim=-1) * weights
+        logits = logits.index_copy(0, lanes, weighted)
+        return logits.new_zeros(self.count, logits.shape[1]).index_add_(0, owner, logits)
 
 
 class Engine:
@@ -184,11 +243,13 @@ class Engine:
 
     def next_token_logits(self, requests: Sequence[GenerationRequest]) -> torch.Tensor:
         """The logits [B, vocab] of each request's first generated token (the prefill only),
-        with the same batching, padding and adapters as ``generate``."""
+        with the same batching, padding and compositions as ``generate``. For a ``logit``
+        request, its row is the combined log-probabilities Σ wᵢ log pᵢ that its token is
+        sampled from (float32)."""
         rows = self._rows(requests)
-        with self._generation_lock, self.lora.adapters([row.slot for row in rows]):
+        with self._generation_lock, self.lora.adapters(_lanes_of(rows)):
             logits, *_ = self._prefill(rows)
-        return logits
+        return _Lanes(rows, self.device).combine(logits)
 
     # --- The loop ---------------------------------------------------------------------------
 
@@ -199,37 +260,44 @@ class Engine:
             seeds=[row.request.seed for row in rows],
             device=self.device,
         )
-        with self.lora.adapters([row.slot for row in rows]) as binding:
+        with self.lora.adapters(_lanes_of(rows)) as binding:
             logits, cache, mask, positions = self._prefill(rows)
-            batch = list(rows)  # the rows still in the batch, in batch order
+            batch = list(rows)  # the requests still in the batch, in batch order
+            lanes = _Lanes(batch, self.device)
             while True:
-                tokens = sampler.sample(logits).tolist()  # the step's one device sync
+                tokens = sampler.sample(lanes.combine(logits)).tolist()  # the step's one sync
                 cancelled = self._take_cancelled(batch)
-                for row, token in zip(batch, tokens, strict=True):
+                for i, (row, token) in enumerate(zip(batch, tokens, strict=True)):
                     if row.finish_reason is not None:
                         continue  # finished earlier, waiting to be dropped from the batch
+                    made: int | None = token
                     if row.request.request_id in cancelled:
-                        row.finish_reason = "cancelled"
-                        yield self._event(row, None)
-                        continue
-                    self._advance(row, token)
-                    yield self._event(row, token)
+                        row.finish_reason, made = "cancelled", None
+                    else:
+                        self._advance(row, token)
+                    arrow = binding.shares is not None and isinstance(row.members[0], ArrowRow)
+                    if arrow and row.finish_reason is not None:  # the row's one sync for it
+                        row.routed = binding.shares[lanes.first[i]].tolist()
+                    yield self._event(row, made)
                 if all(row.finish_reason is not None for row in batch):
                     return
                 done = sum(row.finish_reason is not None for row in batch)
                 if done and done >= self.compact_fraction * len(batch):
                     keep = [i for i, row in enumerate(batch) if row.finish_reason is None]
+                    state = (batch, tokens, cache, mask, positions)
                     batch, tokens, cache, mask, positions = self._compact(
-                        keep, batch, tokens, cache, mask, positions, binding, sampler
+                        keep, lanes.of(keep), *state, binding, sampler
                     )
-                # Rows already finished but not yet dropped are fed padding: their outputs
-                # are never read, and this keeps the step one forward for the whole batch.
+                    lanes = _Lanes(batch, self.device)
+                # Requests already finished but not yet dropped are fed padding: their outputs
+                # are never read, and this keeps the step one forward for the whole batch. A
+                # logit request's token goes to each of its lanes.
                 step_ids = [
-                    token if row.finish_reason is None else self.pad_id
-                    for row, token in zip(batch, tokens, strict=True)
+                    tokens[i] if batch[i].finish_reason is None else self.pad_id
+                    for i in lanes.owner
                 ]
                 positions = positions + 1
-                mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)
+                mask = torch.cat([mask, mask.new_ones(len(step_ids), 1)], dim=1)
                 with torch.inference_mode():
                     output = self.model(
                         input_ids=torch.tensor(step_ids, device=self.device).unsqueeze(1),
@@ -243,13 +311,15 @@ class Engine:
     def _prefill(
         self, rows: list[_Row]
     ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
-        """Left-pad the prompts and run them: (last logits, cache, mask, last positions)."""
-        width = max(len(row.prompt_ids) for row in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            n = len(row.prompt_ids)
-            ids[i, width - n :] = torch.tensor(row.prompt_ids, dtype=torch.long)
+        """Left-pad the lanes' prompts and run them: (last logits, cache, mask, last
+        positions), one row per lane."""
+        prompts = [row.prompt_ids for row in rows for _ in row.members]
+        width = max(len(prompt_ids) for prompt_ids in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt_ids in enumerate(prompts):
+            n = len(prompt_ids)
+            ids[i, width - n :] = torch.tensor(prompt_ids, dtype=torch.long)
             mask[i, width - n :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         # Positions count real tokens only, so a left-padded row sees the same positions as
@@ -270,6 +340,7 @@ class Engine:
     def _compact(
         self,
         keep: list[int],
+        keep_lanes: list[int],
         batch: list[_Row],
         tokens: list[int],
         cache: DynamicCache,
@@ -278,10 +349,10 @@ class Engine:
         binding: Binding,
         sampler: Sampler,
     ) -> tuple[list[_Row], list[int], DynamicCache, torch.Tensor, torch.Tensor]:
-        index = torch.tensor(keep, device=self.device)
+        index = torch.tensor(keep_lanes, device=self.device)
         with torch.inference_mode():
             cache.batch_select_indices(index)
-        binding.select_rows(keep)
+        binding.select_rows(keep_lanes)
         sampler.select_rows(keep)
         return (
             [batch[i] for i in keep],
@@ -360,7 +431,8 @@ class Engine:
         if row.finish_reason is not None:
             result = GenerationResult(
                 request_id=row.request.request_id,
-                adapter=row.request.adapter,
+                composition=row.request.composition,
+                shares=self._shares(row),
                 text=row.text,
                 token_ids=list(row.token_ids),
                 finish_reason=row.finish_reason,
@@ -375,6 +447,16 @@ class Engine:
             finish_reason=row.finish_reason,
             result=result,
         )
+
+    def _shares(self, row: _Row) -> dict[str, float]:
+        composition = row.request.composition
+        if row.routed is None:
+            return dict(zip(composition.adapters, composition.weights, strict=True))
+        routed = row.routed[: len(composition.adapters)]
+        total = sum(routed)
+        if total <= 0:  # not one forward routed (cannot happen after a prefill)
+            return {key: 1.0 / len(routed) for key in composition.adapters}
+        return {key: value / total for key, value in zip(composition.adapters, routed, strict=True)}
 
     # --- Requests ---------------------------------------------------------------------------
 
@@ -406,22 +488,26 @@ class Engine:
                 raise GenerationError("top_p must be in (0, 1].")
             if any(not isinstance(stop, str) or not stop for stop in request.stop):
                 raise GenerationError("Stop sequences must be non-empty strings.")
-            slot = NO_ADAPTER
-            if request.adapter is not None:
-                try:
-                    slot = self.registry.slot_of(request.adapter)
-                except KeyError as exc:
-                    raise GenerationError(str(exc.args[0])) from None
             rows.append(
                 _Row(
                     index=index,
                     request=request,
                     prompt_ids=prompt_ids,
-                    slot=slot,
+                    members=self._members(request.composition),
                     max_new_tokens=max_new_tokens,
                 )
             )
         return rows
+
+    def _members(self, composition: Composition) -> list[BoundRow]:
+        if not isinstance(composition, Composition):
+            raise GenerationError(f"composition must be a Composition, not {composition!r}.")
+        try:
+            if composition.method == "logit":
+                return [self.registry.slot_of(key) for key in composition.adapters]
+            return [self.lora.bound_row(composition)]
+        except KeyError as exc:
+            raise GenerationError(str(exc.args[0])) from None
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         given = [

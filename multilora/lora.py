@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from multilora.arrow import top_right_singular_vector
+
 # What PEFT's save_pretrained puts before each module path, and after it.
 _PREFIX = "base_model.model."
 _A_SUFFIX = ".lora_A.weight"
@@ -150,6 +152,8 @@ class LoraRegistry:
         self._lock = threading.RLock()
         # Bumped on every change, so a caller can tell whether what it copied is current.
         self.version = 0
+        # Arrow prototypes by (slot, module path), computed on first use, dropped on release.
+        self._prototypes: dict[tuple[int, str], torch.Tensor] = {}
 
     @classmethod
     def for_model(cls, model: nn.Module, **kwargs: Any) -> LoraRegistry:
@@ -196,6 +200,28 @@ class LoraRegistry:
                 return self._slots[key]
             except KeyError:
                 raise KeyError(f"No adapter {key!r} is loaded.") from None
+
+    def prototypes(self, path: str, slots: Sequence[int]) -> torch.Tensor:
+        """[len(slots), in] Arrow prototypes of these slots on one module (multilora.arrow),
+        in the registry's dtype; a zero row for a slot whose adapter does not target it.
+
+        Each (slot, module) is computed once and kept until the slot is released.
+        """
+        with self._lock:
+            stack = self.stacks[path]
+            vectors = []
+            for slot in slots:
+                vector = self._prototypes.get((slot, path))
+                if vector is None:
+                    rank = stack.rank_of[slot]
+                    if rank:
+                        a, b = stack.A[slot, :rank], stack.B[slot, :, :rank]
+                        vector = top_right_singular_vector(a, b).to(self.dtype)
+                    else:
+                        vector = stack.A.new_zeros(stack.in_features)
+                    self._prototypes[(slot, path)] = vector
+                vectors.append(vector)
+            return torch.stack(vectors)
 
     # --- Changing ---------------------------------------------------------------------------
 
@@ -272,6 +298,8 @@ class LoraRegistry:
     def _release(self, slot: int) -> None:
         for stack in self.stacks.values():
             stack.clear(slot)
+        for path in self.stacks:
+            self._prototypes.pop((slot, path), None)
         heapq.heappush(self._free, slot)
 
 

@@ -28,71 +28,33 @@ included, while the bfloat16 base linear itself costs 86 µs.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from multilora.bound import (
+    ArrowRouter,
+    ArrowRow,
+    Bound,
+    BoundRow,
+    GatheredLora,
+    LazyConcatLora,
+    LazyLora,
+    SharedLora,
+    WeightedRow,
+    row_segments,
+    row_slots,
+)
+from multilora.composition import Composition, CompositionError
 from multilora.lora import NO_ADAPTER, LoraRegistry, ModuleStack
 
+# The forms under their former names, which tests and tools import.
+_SharedLora, _GatheredLora, _LazyLora = SharedLora, GatheredLora, LazyLora
+
 DEFAULT_MAX_BOUND_BYTES = 512 * 1024 * 1024
-
-
-class _SharedLora:
-    """Every row uses the same adapter: 2-D weights, works for any input shape."""
-
-    __slots__ = ("A_t", "B_t")
-
-    def __init__(self, A_t: torch.Tensor, B_t: torch.Tensor) -> None:
-        self.A_t = A_t  # [in, r]
-        self.B_t = B_t  # [r, out]
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.A_t.dtype:  # a half-precision base with float32 LoRA (see below)
-            delta = (x.reshape(-1, x.shape[-1]).to(self.A_t.dtype) @ self.A_t) @ self.B_t
-            return (y + delta.view(y.shape)).to(y.dtype)  # added in float32, as PEFT does
-        shrunk = x.reshape(-1, x.shape[-1]) @ self.A_t
-        return torch.addmm(y.reshape(-1, y.shape[-1]), shrunk, self.B_t).view_as(y)
-
-
-class _GatheredLora:
-    """Rows differ; each row's weights were copied out of the stacks when the batch bound."""
-
-    __slots__ = ("A_t", "B_t")
-
-    def __init__(self, A_t: torch.Tensor, B_t: torch.Tensor) -> None:
-        self.A_t = A_t  # [B, in, r]
-        self.B_t = B_t  # [B, r, out]
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # x [B, T, in] -> [B, T, r] -> y + [B, T, out]; out-of-place, so nothing aliases y.
-        if x.dtype != self.A_t.dtype:  # a half-precision base with float32 LoRA (see below)
-            delta = torch.bmm(torch.bmm(x.to(self.A_t.dtype), self.A_t), self.B_t)
-            return (y + delta).to(y.dtype)  # added in float32, as PEFT does
-        return torch.baddbmm(y, torch.bmm(x, self.A_t), self.B_t)
-
-
-class _LazyLora:
-    """Rows differ and their gathered copies would be too big to keep: gather every call."""
-
-    __slots__ = ("A", "B", "index")
-
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, index: torch.Tensor) -> None:
-        self.A = A  # [capacity, r, in], a view trimmed to the batch's rank
-        self.B = B  # [capacity, out, r]
-        self.index = index  # [B] slots
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        A = self.A.index_select(0, self.index).transpose(1, 2)
-        B = self.B.index_select(0, self.index).transpose(1, 2)
-        # bmm reads the transposed views directly (BLAS transpose flags), no extra copy.
-        if x.dtype != A.dtype:  # a half-precision base with float32 LoRA (see below)
-            return (y + torch.bmm(torch.bmm(x.to(A.dtype), A), B)).to(y.dtype)
-        return torch.baddbmm(y, torch.bmm(x, A), B)
-
-
-_Bound = _SharedLora | _GatheredLora | _LazyLora
 
 
 class LoraLinear(nn.Module):
@@ -103,7 +65,7 @@ class LoraLinear(nn.Module):
         self.base = base
         self.in_features = base.in_features
         self.out_features = base.out_features
-        self.lora: _Bound | None = None
+        self.lora: Bound | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -115,16 +77,29 @@ class LoraLinear(nn.Module):
 
 @dataclass
 class Binding:
-    """The per-row slots a batch runs with; ``select_rows`` follows the batch as rows leave."""
+    """The rows a batch runs with; ``select_rows`` follows the batch as rows leave.
+
+    ``shares`` [rows, candidates] (float32, on the model's device; None without Arrow rows):
+    each Arrow row's routing weights summed over the adapted modules and the forwards so far,
+    in the row's candidate order (normalise a row by its sum for its shares).
+    """
 
     owner: MultiLoraModel
-    slots: list[int]
+    rows: list[BoundRow]
     pinned: list[int]
+    shares: torch.Tensor | None = None
+
+    @property
+    def slots(self) -> list[BoundRow]:
+        return self.rows
 
     def select_rows(self, rows: Sequence[int]) -> None:
         """Keep only these rows (indices into the current batch), in this order."""
-        self.slots = [self.slots[row] for row in rows]
-        self.owner._bind(self.slots)
+        self.rows = [self.rows[row] for row in rows]
+        if self.shares is not None:
+            index = torch.tensor(list(rows), device=self.shares.device, dtype=torch.long)
+            self.shares = self.shares.index_select(0, index)
+        self.owner._bind(self.rows, self.shares)
 
 
 class MultiLoraModel:
@@ -158,68 +133,231 @@ class MultiLoraModel:
             setattr(self.model.get_submodule(parent_path), name, wrapped.base)
         self.modules = {}
 
+    def bound_row(self, composition: Composition) -> BoundRow:
+        """The row that runs ``composition`` (registry keys to slots). KeyError for a key not
+        loaded; CompositionError for ``logit``, which is several rows whose next-token
+        distributions are combined: only the engine's own loop does that."""
+        slots = tuple(self.registry.slot_of(key) for key in composition.adapters)
+        if composition.method == "logit":
+            raise CompositionError("logit is several rows combined per step; use the Engine.")
+        if composition.method == "arrow":
+            k = composition.k if composition.k is not None else len(slots)
+            return ArrowRow(slots=slots, k=k, temperature=composition.temperature)
+        if composition.method == "topk" and len(slots) > 1:
+            return WeightedRow(slots=slots, weights=composition.weights)
+        return slots[0] if slots else NO_ADAPTER
+
     @contextlib.contextmanager
-    def adapters(self, slots: Sequence[int] | torch.Tensor) -> Iterator[Binding]:
-        """Run the model's forwards inside with row ``i`` using registry slot ``slots[i]``
-        (0: the base alone). Not reentrant: one batch at a time per model."""
-        slot_list = [int(s) for s in (slots.tolist() if torch.is_tensor(slots) else slots)]
+    def compositions(self, compositions: Sequence[Composition]) -> Iterator[Binding]:
+        """``adapters`` for one composition per row, by registry key (top1, topk or arrow),
+        for callers that run the model's forwards themselves (e.g. ``model.generate``)."""
+        with self.adapters([self.bound_row(c) for c in compositions]) as binding:
+            yield binding
+
+    @contextlib.contextmanager
+    def adapters(self, rows: Sequence[BoundRow] | torch.Tensor) -> Iterator[Binding]:
+        """Run the model's forwards inside with row ``i`` bound to ``rows[i]``: a registry
+        slot (0: the base alone), a ``WeightedRow`` or an ``ArrowRow`` (multilora.bound).
+        Not reentrant: one batch at a time per model."""
+        if torch.is_tensor(rows):
+            rows = rows.tolist()
+        row_list: list[BoundRow] = [
+            row if isinstance(row, WeightedRow | ArrowRow) else int(row) for row in rows
+        ]
+        pinned = [slot for row in row_list for slot in row_slots(row)]
+        shares = None
+        if any(isinstance(row, ArrowRow) for row in row_list):
+            width = max(len(row.slots) if isinstance(row, ArrowRow) else 1 for row in row_list)
+            shares = torch.zeros(len(row_list), width, device=self.registry.device)
         with self.registry.lock:
-            self.registry.pin(slot_list)
+            self.registry.pin(pinned)
             try:
-                self._bind(slot_list)
+                self._bind(row_list, shares)
             except BaseException:
-                self.registry.unpin(slot_list)
+                self.registry.unpin(pinned)
                 raise
         try:
-            yield Binding(owner=self, slots=slot_list, pinned=slot_list)
+            yield Binding(owner=self, rows=row_list, pinned=pinned, shares=shares)
         finally:
             self._unbind()
-            self.registry.unpin(slot_list)
+            self.registry.unpin(pinned)
 
     def _unbind(self) -> None:
         for module in self.modules.values():
             module.lora = None
 
-    def _bind(self, slots: list[int]) -> None:
+    def _bind(self, rows: list[BoundRow], shares: torch.Tensor | None = None) -> None:
         """Choose and build each module's LoRA form for these rows (see the module docstring).
 
         The caller holds the batch's pins, so the slots' weights cannot change underneath.
         """
         self._unbind()
-        adapters = set(slots) - {NO_ADAPTER}
-        if not adapters:
+        used = {slot for row in rows for slot in row_slots(row)} - {NO_ADAPTER}
+        if not used:
             return
         with self.registry.lock:
-            stacks = dict(self.registry.stacks)
-            device = self.registry.device
             plan: list[tuple[str, ModuleStack, int]] = []
-            for path, stack in stacks.items():
-                rank = max(stack.rank_of[slot] for slot in slots)
+            for path, stack in self.registry.stacks.items():
+                rank = max(stack.rank_of[slot] for slot in used)
                 if rank:  # otherwise no row's adapter targets this module: skip it entirely
                     plan.append((path, stack, rank))
-            if len(adapters) == 1 and NO_ADAPTER not in slots:
-                (slot,) = adapters
-                for path, stack, rank in plan:
-                    self.modules[path].lora = _SharedLora(
-                        stack.A[slot, :rank].t().contiguous(),
-                        stack.B[slot, :, :rank].t().contiguous(),
-                    )
-                return
-            index = torch.tensor(slots, device=device)
-            itemsize = torch.empty((), dtype=self.registry.dtype).element_size()
-            gathered_bytes = sum(
-                len(slots) * rank * (stack.in_features + stack.out_features) * itemsize
-                for _, stack, rank in plan
+            if all(row == rows[0] for row in rows) and not isinstance(rows[0], ArrowRow):
+                self._bind_shared(rows[0], plan)
+            elif all(isinstance(row, int) for row in rows):
+                self._bind_slots(rows, plan)  # type: ignore[arg-type]
+            else:
+                _ConcatBinder(self, rows, shares).bind(plan)
+
+    def _bind_shared(self, row: BoundRow, plan: list[tuple[str, ModuleStack, int]]) -> None:
+        segments = row_segments(row)
+        for path, stack, _ in plan:
+            a_parts, b_parts = [], []
+            for slot, weight in segments:
+                rank = stack.rank_of[slot]
+                if rank:
+                    a_parts.append(stack.A[slot, :rank])
+                    b = stack.B[slot, :, :rank]
+                    b_parts.append(b if weight == 1.0 else b * weight)
+            self.modules[path].lora = SharedLora(
+                torch.cat(a_parts).t().contiguous(), torch.cat(b_parts, dim=1).t().contiguous()
             )
-            lazy = gathered_bytes > self.max_bound_bytes
-            for path, stack, rank in plan:
-                A, B = stack.A[:, :rank], stack.B[:, :, :rank]
-                if lazy:
-                    # Keeps references to this stack's tensors: a later capacity growth
-                    # allocates new ones and the pinned slots are unchanged in these.
-                    self.modules[path].lora = _LazyLora(A, B, index)
-                else:
-                    self.modules[path].lora = _GatheredLora(
-                        A.index_select(0, index).transpose(1, 2).contiguous(),
-                        B.index_select(0, index).transpose(1, 2).contiguous(),
-                    )
+
+    def _bind_slots(self, slots: list[int], plan: list[tuple[str, ModuleStack, int]]) -> None:
+        index = torch.tensor(slots, device=self.registry.device)
+        itemsize = torch.empty((), dtype=self.registry.dtype).element_size()
+        gathered_bytes = sum(
+            len(slots) * rank * (stack.in_features + stack.out_features) * itemsize
+            for _, stack, rank in plan
+        )
+        lazy = gathered_bytes > self.max_bound_bytes
+        for path, stack, rank in plan:
+            A, B = stack.A[:, :rank], stack.B[:, :, :rank]
+            if lazy:
+                # Keeps references to this stack's tensors: a later capacity growth
+                # allocates new ones and the pinned slots are unchanged in these.
+                self.modules[path].lora = LazyLora(A, B, index)
+            else:
+                self.modules[path].lora = GatheredLora(
+                    A.index_select(0, index).transpose(1, 2).contiguous(),
+                    B.index_select(0, index).transpose(1, 2).contiguous(),
+                )
+
+
+class _ConcatBinder:
+    """Binds a batch with weighted or Arrow rows: every row one LoRA of concatenated rank.
+
+    Modules on which the used adapters have the same ranks share one column layout (its index
+    tensors are built once), so binding costs a few small tensors per distinct rank pattern
+    plus the gathers per module.
+    """
+
+    def __init__(self, owner: MultiLoraModel, rows: list[BoundRow], shares: torch.Tensor | None):
+        self.owner = owner
+        self.rows = rows
+        self.shares = shares
+        self.device = owner.registry.device
+        self.dtype = owner.registry.dtype
+        self.used = sorted({slot for row in rows for slot in row_slots(row)} - {NO_ADAPTER})
+        self.layouts: dict[tuple[int, ...], dict[str, object]] = {}
+
+    def bind(self, plan: list[tuple[str, ModuleStack, int]]) -> None:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        layouts = [self._layout(stack) for _, stack, _ in plan]
+        gathered_bytes = sum(
+            len(self.rows) * layout["width"] * (stack.in_features + stack.out_features) * itemsize
+            for (_, stack, _), layout in zip(plan, layouts, strict=True)
+        )
+        lazy = gathered_bytes > self.owner.max_bound_bytes
+        for (path, stack, _), layout in zip(plan, layouts, strict=True):
+            slot_index, rank_index, scale = layout["slot"], layout["rank"], layout["scale"]
+            router = self._router(path, layout) if self.shares is not None else None
+            if lazy:
+                lora: Bound = LazyConcatLora(
+                    stack.A, stack.B, slot_index, rank_index, scale.unsqueeze(-1), router
+                )
+            else:
+                A_t = stack.A[slot_index, rank_index].transpose(1, 2).contiguous()
+                B_t = stack.B[slot_index, :, rank_index] * scale.unsqueeze(-1)
+                lora = GatheredLora(A_t, B_t, router)
+            self.owner.modules[path].lora = lora
+
+    def _layout(self, stack: ModuleStack) -> dict[str, object]:
+        ranks = tuple(stack.rank_of[slot] for slot in self.used)
+        layout = self.layouts.get(ranks)
+        if layout is not None:
+            return layout
+        columns = []  # per row: (slot, rank position, weight, candidate) of each rank column
+        for row in self.rows:
+            row_columns = []
+            for candidate, (slot, weight) in enumerate(row_segments(row)):
+                for position in range(stack.rank_of[slot]):
+                    row_columns.append((slot, position, weight, candidate))
+            columns.append(row_columns)
+        width = max(len(row_columns) for row_columns in columns)
+        pad = (NO_ADAPTER, 0, 0.0, 0)  # slot 0 is all zeros
+        table = [row_columns + [pad] * (width - len(row_columns)) for row_columns in columns]
+        layout = {
+            "width": width,
+            "slot": torch.tensor([[c[0] for c in r] for r in table], device=self.device),
+            "rank": torch.tensor([[c[1] for c in r] for r in table], device=self.device),
+            "scale": torch.tensor(
+                [[c[2] for c in r] for r in table], device=self.device, dtype=self.dtype
+            ),
+            "seg": torch.tensor([[c[3] for c in r] for r in table], device=self.device),
+        }
+        if self.shares is not None:
+            layout.update(self._routing(stack))
+        self.layouts[ranks] = layout
+        return layout
+
+    def _routing(self, stack: ModuleStack) -> dict[str, object]:
+        """The rank-pattern part of an ArrowRouter: which candidates count, k, temperature."""
+        assert self.shares is not None
+        width = self.shares.shape[1]
+        bias, kth, temperature, mask, candidates = [], [], [], [], []
+        for row in self.rows:
+            row_bias = [-math.inf] * width
+            if isinstance(row, ArrowRow):
+                present = [j for j, slot in enumerate(row.slots) if stack.rank_of[slot]]
+                for j in present or [0]:  # none here: one finite score, all-zero weights
+                    row_bias[j] = 0.0
+                kth.append(row.k - 1)
+                temperature.append(row.temperature)
+                mask.append(1.0 if present else 0.0)
+                candidates.append(list(row.slots) + [NO_ADAPTER] * (width - len(row.slots)))
+            else:
+                row_bias[0] = 0.0  # one candidate: its weight is exactly 1
+                kth.append(0)
+                temperature.append(1.0)
+                mask.append(1.0)
+                candidates.append([NO_ADAPTER] * width)
+            bias.append(row_bias)
+        needs_top_k = any(isinstance(row, ArrowRow) and row.k < len(row.slots) for row in self.rows)
+        device, dtype = self.device, self.dtype
+        return {
+            "bias": torch.tensor(bias, device=device, dtype=dtype).unsqueeze(1),
+            "kth": torch.tensor(kth, device=device).view(-1, 1, 1) if needs_top_k else None,
+            "kmax": max(kth) + 1,
+            "temperature": torch.tensor(temperature, device=device, dtype=dtype).view(-1, 1, 1),
+            "mask": None if all(mask) else torch.tensor(mask, device=device).unsqueeze(1),
+            "candidates": candidates,
+        }
+
+    def _router(self, path: str, layout: dict[str, object]) -> ArrowRouter:
+        assert self.shares is not None
+        candidates: list[list[int]] = layout["candidates"]  # type: ignore[assignment]
+        distinct = sorted({slot for row in candidates for slot in row})
+        table = self.owner.registry.prototypes(path, distinct)  # [n, in]
+        where = {slot: i for i, slot in enumerate(distinct)}
+        index = torch.tensor([[where[s] for s in row] for row in candidates], device=self.device)
+        P = table[index].transpose(1, 2).contiguous()  # [B, in, K]
+        return ArrowRouter(
+            P=P,
+            bias=layout["bias"],  # type: ignore[arg-type]
+            seg=layout["seg"].unsqueeze(1),  # type: ignore[union-attr]
+            kth=layout["kth"],  # type: ignore[arg-type]
+            kmax=layout["kmax"],  # type: ignore[arg-type]
+            temperature=layout["temperature"],  # type: ignore[arg-type]
+            shares=self.shares,
+            row_mask=layout["mask"],  # type: ignore[arg-type]
+        )

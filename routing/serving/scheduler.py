@@ -217,9 +217,11 @@ class Scheduler:
         # sync retires it a little later, but not never): fail that request alone.
         runnable = []
         for job in batch:
-            adapter = job.request.adapter
-            if adapter is not None and adapter not in self.engine.registry:
-                job._deliver(Failure("adapter_unavailable", f"Adapter {adapter} is not loaded."))
+            composition = job.request.composition
+            missing = [key for key in composition.adapters if key not in self.engine.registry]
+            if missing:
+                names = ", ".join(missing)
+                job._deliver(Failure("adapter_unavailable", f"Adapter {names} is not loaded."))
             else:
                 runnable.append(job)
         if not runnable:

@@ -29,6 +29,7 @@ from contributions.intake.config import parse_config
 from multilora import (
     NO_ADAPTER,
     AdapterLoadError,
+    Composition,
     Engine,
     GenerationError,
     GenerationRequest,
@@ -190,7 +191,9 @@ def assert_rows_match_peft(
     """One mixed batch through the engine; each row against PEFT with its adapter alone."""
     requests = [
         GenerationRequest(
-            prompt_ids=ids, adapter=adapter and adapter.key, max_new_tokens=new_tokens
+            prompt_ids=ids,
+            composition=Composition.single(adapter and adapter.key),
+            max_new_tokens=new_tokens,
         )
         for adapter, ids in rows
     ]
@@ -457,7 +460,7 @@ def test_a_removed_adapter_frees_its_slot_which_then_runs_as_the_base(
     engine.remove_adapter("gone")
 
     with pytest.raises(GenerationError, match="gone"):
-        engine.generate([GenerationRequest(prompt_ids=ids, adapter="gone")])
+        engine.generate([GenerationRequest(prompt_ids=ids, composition=Composition.single("gone"))])
     base_logits, _ = peft_reference(tiny_dir, None, tuple(ids), 1)
     with torch.inference_mode(), engine.lora.adapters([slot]):
         logits = engine.model(input_ids=torch.tensor([ids])).logits[0, -1]
@@ -471,7 +474,9 @@ def test_an_adapter_removed_mid_batch_keeps_its_weights_until_the_batch_ends(
     newcomer = random_adapter("newcomer", seed=42, rank=8, targets=MLP)
     load_into(engine, adapter)
     ids = prompt(tokenizer, 1)
-    request = GenerationRequest(prompt_ids=ids, adapter="busy", max_new_tokens=10)
+    request = GenerationRequest(
+        prompt_ids=ids, composition=Composition.single("busy"), max_new_tokens=10
+    )
 
     events = engine.generate_stream([request])
     tokens = [next(events).token_id]
@@ -539,7 +544,11 @@ def test_streaming_yields_the_same_tokens_and_text_as_generate(engine: Engine, t
 
     def requests():
         return [
-            GenerationRequest(prompt_ids=prompt(tokenizer, i), adapter=adapter_key, **extra)
+            GenerationRequest(
+                prompt_ids=prompt(tokenizer, i),
+                composition=Composition.single(adapter_key),
+                **extra,
+            )
             for i, (adapter_key, extra) in enumerate(
                 [
                     ("s", {"max_new_tokens": 12}),
@@ -638,7 +647,9 @@ def test_a_request_waiting_for_the_running_batch_can_be_cancelled(engine: Engine
 
 def test_a_stream_checks_its_requests_before_the_first_event(engine: Engine):
     with pytest.raises(GenerationError, match="nobody"):
-        engine.generate_stream([GenerationRequest(prompt_ids=[5], adapter="nobody")])
+        engine.generate_stream(
+            [GenerationRequest(prompt_ids=[5], composition=Composition.single("nobody"))]
+        )
 
 
 def test_rows_that_finish_early_leave_the_batch_and_the_rest_still_match_peft(
@@ -648,15 +659,19 @@ def test_rows_that_finish_early_leave_the_batch_and_the_rest_still_match_peft(
     load_into(engine, *adapters)
     lengths = [2, 3, 14, 14, 5]
     requests = [
-        GenerationRequest(prompt_ids=prompt(tokenizer, i), adapter=key, max_new_tokens=n)
+        GenerationRequest(
+            prompt_ids=prompt(tokenizer, i),
+            composition=Composition.single(key),
+            max_new_tokens=n,
+        )
         for i, (key, n) in enumerate(zip(["c0", "c1", "c1", None, "c0"], lengths, strict=True))
     ]
     bound = []
     original = engine.lora._bind
 
-    def spy(slots: list[int]) -> None:
+    def spy(slots: list[int], *args) -> None:
         bound.append(list(slots))
-        original(slots)
+        original(slots, *args)
 
     engine.lora._bind = spy
     results = engine.generate(requests)
@@ -664,7 +679,10 @@ def test_rows_that_finish_early_leave_the_batch_and_the_rest_still_match_peft(
     by_key = {"c0": adapters[0], "c1": adapters[1], None: None}
     for request, result in zip(requests, results, strict=True):
         expected = peft_reference(
-            tiny_dir, by_key[request.adapter], tuple(request.prompt_ids), request.max_new_tokens
+            tiny_dir,
+            by_key[request.composition.adapter],
+            tuple(request.prompt_ids),
+            request.max_new_tokens,
         )[1]
         assert result.token_ids == expected
     # Two of five done after step 3 (>= a quarter): the batch shrinks to three rows; the
@@ -696,7 +714,7 @@ def test_chat_messages_are_formatted_with_the_chat_template(engine: Engine, toke
         ({"prompt": "hi", "prompt_ids": [5]}, "exactly one"),
         ({"prompt_ids": []}, "empty"),
         ({"prompt_ids": [10_000]}, "vocabulary"),
-        ({"prompt_ids": [5], "adapter": "nobody"}, "nobody"),
+        ({"prompt_ids": [5], "composition": Composition.single("nobody")}, "nobody"),
         ({"prompt_ids": [5], "max_new_tokens": 0}, "max_new_tokens"),
         ({"prompt_ids": [5], "max_new_tokens": 300}, "context"),
         ({"prompt_ids": [5], "top_p": 0.0}, "top_p"),

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from multilora import Engine, GenerationRequest
+from multilora import Composition, Engine, GenerationRequest
 from routing.serving.scheduler import Failure, Job, QueueFull, Scheduler
 from tests.support.tiny_model import tiny_llama_config, tiny_tokenizer
 
@@ -119,7 +119,7 @@ def test_a_waiting_request_that_is_cancelled_never_runs(scheduler):
 def test_a_request_for_an_adapter_that_left_fails_alone(scheduler):
     async def main():
         loop = asyncio.get_running_loop()
-        gone = scheduler.submit(request(2, adapter="v999"), loop=loop)
+        gone = scheduler.submit(request(2, composition=Composition.single("v999")), loop=loop)
         fine = scheduler.submit(request(2), loop=loop)
         scheduler.start()
         return await drain(gone), await drain(fine)
