@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from contributions.models import AdapterVersion, BaseModel
 from contributions.services import VersionTransition, adapter_version_transition
+from routing.learned.services import learned_router_request
 from routing.merging.services import merge_request
 from routing.models import MixtureMember, MixtureVersion
 from routing.scoreboard.services import scoreboard_request
@@ -59,6 +60,7 @@ def mixture_publish(*, reason: str, actor: AbstractBaseUser | None = None) -> Mi
         )
         _activate(mixture)
         scoreboard_request(mixture=mixture)
+        learned_router_request(mixture=mixture)
         merge_request(mixture=mixture)
     return mixture
 

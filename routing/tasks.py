@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from routing.learned.services import learned_router_train
 from routing.merging.services import merge_compute
 from routing.scoreboard.services import scoreboard_compute
 from routing.usage import usage_flush
@@ -41,3 +42,16 @@ def merge_mixture(merged_id: int) -> str:
     evaluation queue). Quiet when the row is gone, already built or failed, superseded by a
     newer mixture's build, or taken by another worker."""
     return merge_compute(merged_id=merged_id)
+
+
+@shared_task(
+    name="routing.train_router",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def train_router(router_id: int) -> str:
+    """Train one mixture version's learned router (queued when it is published, on the
+    evaluation queue). Quiet when the router (or its mixture) is gone, trained already, or
+    taken by another worker."""
+    return learned_router_train(router_id=router_id)

@@ -118,6 +118,8 @@ class LearnedRouterModel:
     def _knn(self, queries: np.ndarray) -> np.ndarray:
         points, correct, known = self.points, self.correct, self.known
         n, dense = len(queries), len(correct)
+        if not len(points):  # trained on nothing: every column at its prior
+            return np.broadcast_to(self.prior, (n, self.columns)).astype(np.float32)
         k = min(self.k, len(points))
         similarity = queries @ points.T  # [n, N]: the one product
         if k < len(points):
@@ -129,8 +131,12 @@ class LearnedRouterModel:
         is_dense = top < dense
         rows = np.where(is_dense, top, 0)
         dense_weight = np.where(is_dense, weight, 0.0)
-        numerator = np.einsum("nk,nkc->nc", dense_weight, correct[rows])
-        denominator = np.einsum("nk,nkc->nc", dense_weight, known[rows])
+        if dense:
+            numerator = np.einsum("nk,nkc->nc", dense_weight, correct[rows])
+            denominator = np.einsum("nk,nkc->nc", dense_weight, known[rows])
+        else:
+            numerator = np.zeros((n, self.columns), dtype=np.float64)
+            denominator = np.zeros((n, self.columns), dtype=np.float64)
         if self.owner is not None and len(self.owner) and not is_dense.all():
             prompt_weight = np.where(is_dense, 0.0, weight)
             owners = self.owner[np.where(is_dense, 0, top - dense)]

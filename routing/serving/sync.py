@@ -16,6 +16,11 @@ mixture's unique key, and a build that is done is loaded before the catalog name
 new mixture's catalog drops the previous mixture's merged adapter at once (it may hold a
 member just suspended) and the engine lets go of its weights one grace period later. A
 build that failed or cannot be loaded leaves ``catalog.merged`` None and serving as it was.
+
+The mixture's learned router (routing.learned) is trained after it is published too: every
+poll reads its row's (pk, status) the same way, and a trained one is read from its file
+into ``catalog.learned`` (until then, or if the file cannot be read, the learned router
+answers with the embedding router's pick).
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from contributions.models import AdapterVersion
 from multilora import AdapterLoadError, Engine, LoraRegistry, tensors_from_safetensors
 from routing import selectors
 from routing.catalog import MERGED_MODEL_ID, Catalog, ServedAdapter
-from routing.models import MergedAdapter
+from routing.learned.services import learned_router_load
+from routing.models import LearnedRouter, MergedAdapter
+from routing.router.learned import LearnedRouterModel
 
 
 def add_adapter_version(registry: LoraRegistry, version: Any, *, key: str) -> int:
@@ -140,6 +147,7 @@ class MixtureSync:
         self._active: tuple[int, int] | None = None  # (pk, number) of the mixture served
         # (pk, status) of the served mixture's merged build when last read: None, no row.
         self._merged_seen: tuple[int, str] | None = None
+        self._learned_seen: tuple[int, str] | None = None  # likewise, its learned router's
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # one refresh at a time (thread or caller)
@@ -183,7 +191,11 @@ class MixtureSync:
             active = selectors.mixture_active_key()
             if active is None:
                 return False
-            changed = self._refresh_merged(*active) if active == self._active else self._switch()
+            if active == self._active:
+                merged = self._refresh_merged(*active)
+                changed = self._refresh_learned(*active) or merged
+            else:
+                changed = self._switch()
         if changed and self.on_change is not None:
             self.on_change(self.catalog)
         return changed
@@ -216,6 +228,7 @@ class MixtureSync:
         kept = [adapter for pk, adapter in current.items() if pk in wanted]
         removed = [adapter for pk, adapter in current.items() if pk not in wanted]
         self._merged_seen, merged = self._load_merged(mixture.pk)
+        self._learned_seen, learned = self._load_learned(mixture.pk)
         retired = [*removed] + ([self.catalog.merged] if self.catalog.merged is not None else [])
         self._active = (mixture.pk, mixture.number)
         self.catalog = Catalog(
@@ -224,6 +237,7 @@ class MixtureSync:
             router_settings=dict(mixture.router_settings or {}),
             adapters=tuple(sorted([*kept, *added], key=lambda a: a.version_id)),
             merged=merged,
+            learned=learned,
         )
         due = time.monotonic() + RETIRE_GRACE_SECONDS
         self._retiring.extend((due, adapter.key) for adapter in retired)
@@ -281,6 +295,33 @@ class MixtureSync:
             logger.error("Could not load the merged adapter of %s: %s", row.mixture, error)
             return seen, None
         return seen, served_merged(row, key=key)
+
+    def _refresh_learned(self, mixture_pk: int, mixture_number: int) -> bool:
+        """The served mixture's learned router, when its row changed since the last poll."""
+        seen = LearnedRouter.objects.filter(mixture_id=mixture_pk).values_list("pk", "status")
+        if seen.first() == self._learned_seen:
+            return False
+        self._learned_seen, learned = self._load_learned(mixture_pk)
+        if learned is None and self.catalog.learned is None:
+            return False
+        self.catalog = replace(self.catalog, learned=learned)
+        logger.info(
+            "Serving mixture v%d with %s",
+            mixture_number,
+            f"its learned router ({learned.kind})" if learned is not None else "no learned router",
+        )
+        return True
+
+    def _load_learned(
+        self, mixture_pk: int
+    ) -> tuple[tuple[int, str] | None, LearnedRouterModel | None]:
+        """(the row's (pk, status), its trained model or None)."""
+        seen = (
+            LearnedRouter.objects.filter(mixture_id=mixture_pk).values_list("pk", "status").first()
+        )
+        if seen is None or seen[1] != LearnedRouter.Status.DONE:
+            return seen, None
+        return seen, learned_router_load(mixture_id=mixture_pk)
 
     def _retire_due(self) -> None:
         now = time.monotonic()

@@ -1,0 +1,372 @@
+"""The router registry and the learned router: registering a router, fitting on synthetic
+embeddings and outcomes whose right answer is known, storing it without pickle, training it
+from the database's public outcomes only, the Celery job, and the serving catalog."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from evaluation.models import Example, Outcome
+from evaluation.worker.signatures import DIMENSIONS
+from multilora import Engine
+from routing.catalog import MIXTURE_MODEL_ID, Catalog
+from routing.learned.fit import TrainingSet, fit_best
+from routing.learned.services import (
+    learned_router_load,
+    learned_router_train,
+    learned_router_train_now,
+    training_set,
+)
+from routing.models import LearnedRouter, MixtureVersion
+from routing.router import (
+    ROUTERS,
+    LearnedRouterModel,
+    RoutingDecision,
+    RoutingPolicy,
+    register,
+    route,
+    route_learned_embedded,
+    unregister,
+)
+from routing.services import mixture_publish
+from routing.serving.sync import MixtureSync
+from tests.routing.conftest import DATES_PROMPTS, UNITS_PROMPTS, admitted_version
+from tests.routing.test_router import (
+    DATE_PROMPTS,
+    UNIT_PROMPTS,
+    UNIT_REQUEST,
+    catalog_of,
+    served,
+    signature_of,
+)
+from tests.support.tiny_model import tiny_llama_config, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# --- The registry ------------------------------------------------------------------------------
+
+
+def test_one_registration_adds_a_router_that_route_can_use():
+    def last_adapter(request) -> RoutingDecision:
+        chosen = request.candidates[-1]
+        return RoutingDecision(
+            router="last",
+            adapter=chosen,
+            scores=(),
+            threshold=None,
+            reason="above_threshold",
+            ranked=((chosen, 1.0),),
+        )
+
+    catalog = catalog_of(served("alice/units"), served("bob/dates"))
+    assert "last" not in ROUTERS
+    register("last", last_adapter)
+    try:
+        assert "last" in ROUTERS
+        decision = route(
+            catalog=catalog,
+            model=MIXTURE_MODEL_ID,
+            text="anything",
+            user_id=None,
+            policy=RoutingPolicy(),
+            router="last",
+        )
+        assert decision.adapter.model_id == "bob/dates"
+        with pytest.raises(ValueError, match="registered already"):
+            register("last", last_adapter)
+    finally:
+        unregister("last")
+    assert "last" not in ROUTERS
+
+
+def test_the_routers_settings_accept_are_exactly_the_registered_ones():
+    source = (ROOT / "tessera" / "settings.py").read_text()
+    literal = re.search(r"if TESSERA_ROUTER not in \{([^}]*)\}", source)
+    assert literal is not None
+    accepted = {name.strip().strip("\"'") for name in literal.group(1).split(",")}
+    assert ROUTERS == accepted == {"embedding", "arrow", "explicit", "learned"}
+
+
+# --- The learned router on synthetic embeddings --------------------------------------------------
+
+RNG = np.random.default_rng(7)
+CENTRES = RNG.standard_normal((3, DIMENSIONS)).astype(np.float32)
+CENTRES /= np.linalg.norm(CENTRES, axis=1, keepdims=True)
+STRONG, WEAK, DATES = 101, 102, 103  # version ids: two claim skill 0, one skill 1
+
+
+def near(centre: int, count: int, rng: np.random.Generator, spread: float = 0.04) -> np.ndarray:
+    vectors = CENTRES[centre] + spread * rng.standard_normal((count, DIMENSIONS))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def synthetic() -> TrainingSet:
+    """Skill 0: STRONG solves every example, WEAK a third; skill 1: DATES solves all; skill 2:
+    no adapter helps, the base solves half. Every candidate's example prompts sit on its
+    claimed skill (WEAK claims skill 0 like STRONG)."""
+    rng = np.random.default_rng(0)
+    per = 30
+    points = [near(0, per, rng), near(1, per, rng), near(2, per, rng)]
+    # columns: base, STRONG, WEAK, DATES
+    skill0 = np.tile([0, 1, 0, 0], (per, 1)).astype(np.float32)
+    skill0[::3, 2] = 1
+    skill1 = np.tile([0, 0, 0, 1], (per, 1)).astype(np.float32)
+    skill2 = np.zeros((per, 4), dtype=np.float32)
+    skill2[::2, 0] = 1
+    correct = np.concatenate([skill0, skill1, skill2])
+    prompts = [near(0, 5, rng), near(0, 5, rng), near(1, 5, rng)]
+    return TrainingSet(
+        points=np.concatenate([*points, *prompts]),
+        correct=correct,
+        known=np.ones_like(correct, dtype=bool),
+        owner=np.repeat([1, 2, 3], 5),
+        version_ids=[STRONG, WEAK, DATES],
+        example_ids=list(range(1, 3 * per + 1)),
+        mixture_number=1,
+    )
+
+
+def learned_catalog(model: LearnedRouterModel | None) -> Catalog:
+    return Catalog(
+        mixture_number=1,
+        router="learned",
+        router_settings={"threshold": 0.35},
+        adapters=(
+            served("ann/units", version_id=STRONG, signature=CENTRES[0]),
+            served("bob/units-lite", version_id=WEAK, signature=CENTRES[0]),
+            served("cy/dates", version_id=DATES, signature=CENTRES[1]),
+        ),
+        learned=model,
+    )
+
+
+@pytest.fixture(scope="module", params=["knn", "linear"])
+def fitted(request):
+    return fit_best(synthetic(), kinds=(request.param,))
+
+
+def test_it_picks_the_candidate_that_is_correct_on_nearby_prompts(fitted):
+    catalog = learned_catalog(fitted.model)
+    rng = np.random.default_rng(99)
+    for query in near(1, 10, rng):
+        decision = route_learned_embedded(catalog=catalog, query=query)
+        assert (decision.router, decision.reason) == ("learned", "above_threshold")
+        assert decision.adapter.model_id == "cy/dates"
+        assert decision.scores[0].model_id == "cy/dates"
+        assert decision.ranked[0][0] is decision.adapter
+        assert decision.ranked[0][1] > decision.threshold  # beats the base's prediction
+        assert len(decision.ranked) == 3
+
+
+def test_a_weaker_adapter_claiming_the_same_skill_gets_none_of_its_traffic(fitted):
+    catalog = learned_catalog(fitted.model)
+    picks = [
+        route_learned_embedded(catalog=catalog, query=q).adapter.model_id
+        for q in near(0, 20, np.random.default_rng(5))
+    ]
+    assert picks == ["ann/units"] * 20
+
+
+def test_prompts_no_adapter_helps_go_to_the_base_model(fitted):
+    catalog = learned_catalog(fitted.model)
+    for query in near(2, 10, np.random.default_rng(6)):
+        decision = route_learned_embedded(catalog=catalog, query=query)
+        assert (decision.adapter, decision.reason) == (None, "below_threshold")
+        assert decision.ranked  # still ranked, for a composition that wants them
+
+
+def test_the_weaker_adapter_still_answers_when_the_stronger_one_is_filtered_out(fitted):
+    catalog = learned_catalog(fitted.model)
+    query = near(0, 1, np.random.default_rng(8))[0]
+    allowed = [a for a in catalog.adapters if a.model_id != "ann/units"]
+    decision = route_learned_embedded(catalog=catalog, query=query, allowed=allowed)
+    # It solves a third of skill 0, the base none of it: better than the base.
+    assert decision.adapter.model_id == "bob/units-lite"
+
+
+def test_cross_validation_reports_each_kind_and_chooses_the_best():
+    result = fit_best(synthetic())
+    assert set(result.cv) == {"knn", "linear"}
+    best = max(entry["accuracy"] for entry in result.cv.values())
+    assert result.cv[result.kind]["accuracy"] == best
+    # Every solvable synthetic example is solved by routing it right.
+    assert best == pytest.approx(1.0)
+    assert result.cv["knn"]["n"] == 75  # skill 0 and 1 (60) + the base's half of skill 2
+
+
+def test_route_uses_the_learned_router_by_name(fitted, monkeypatch):
+    query = near(1, 1, np.random.default_rng(3))
+    monkeypatch.setattr("evaluation.worker.signatures.embed", lambda texts: query)
+    decision = route(
+        catalog=learned_catalog(fitted.model),
+        model=MIXTURE_MODEL_ID,
+        text="a date question",
+        user_id=None,
+        policy=RoutingPolicy(exclude_adapters=frozenset({"ann/units"})),
+    )
+    assert (decision.router, decision.adapter.model_id) == ("learned", "cy/dates")
+    assert "ann/units" not in [a.model_id for a, _score in decision.ranked]
+
+
+def test_without_a_trained_router_learned_answers_as_the_embedding_router():
+    catalog = catalog_of(
+        served("alice/units", signature=signature_of(tuple(UNIT_PROMPTS))),
+        served("bob/dates", signature=signature_of(tuple(DATE_PROMPTS))),
+        router="learned",
+        threshold=0.35,
+    )
+    kwargs = dict(text=UNIT_REQUEST, user_id=None, policy=RoutingPolicy())
+    learned = route(catalog=catalog, model=MIXTURE_MODEL_ID, **kwargs)
+    embedding = route(catalog=catalog, model=MIXTURE_MODEL_ID, router="embedding", **kwargs)
+    assert (learned.router, learned.reason) == ("learned", "no_learned_router")
+    assert learned.adapter is embedding.adapter and learned.adapter.model_id == "alice/units"
+    assert learned.scores == embedding.scores
+
+
+def test_the_stored_router_round_trips_without_pickle(fitted):
+    data = fitted.model.to_npz()
+    with np.load(io.BytesIO(data), allow_pickle=False) as stored:  # nothing pickled inside
+        assert all(stored[name].dtype != object for name in stored.files)
+    again = LearnedRouterModel.from_npz(data)
+    queries = np.concatenate([near(i, 4, np.random.default_rng(i)) for i in range(3)])
+    assert again.kind == fitted.model.kind
+    np.testing.assert_allclose(again.predict(queries), fitted.model.predict(queries), rtol=1e-6)
+
+
+def test_a_file_with_a_pickled_array_is_refused():
+    buffer = io.BytesIO()
+    np.savez(buffer, format_version=np.asarray(1), kind=np.asarray(["knn", None], dtype=object))
+    with pytest.raises(ValueError):
+        LearnedRouterModel.from_npz(buffer.getvalue())
+
+
+# --- Trained from the database's outcomes ---------------------------------------------------------
+
+PUBLIC = {
+    "units": ["Convert 8 km to metres.", "Convert 15 km to metres.", "How many metres in 2 km?"],
+    "dates": ["Rewrite 2012-05-17 as a date in words.", "Write 2001-09-19 out in words."],
+}
+
+
+def _public_examples(tasks) -> None:
+    for task in tasks:
+        for position, prompt in enumerate(PUBLIC[task.slug]):
+            Example.objects.create(
+                task=task,
+                split=Example.Split.PUBLIC,
+                position=position,
+                fields={"question": prompt},
+                target="answer",
+            )
+
+
+def _outcomes(base_model, version, scores: dict) -> None:
+    for task, score in scores.items():
+        for example in Example.objects.filter(task=task):
+            Outcome.objects.create(
+                base_model=base_model, version=version, example=example, score=score
+            )
+
+
+@pytest.fixture
+def mixture(union, base_model, contributor, other_contributor):
+    units_task, dates_task = union
+    _public_examples(union)
+    units = admitted_version(contributor, slug="units", prompts=UNITS_PROMPTS, seed=1)
+    dates = admitted_version(other_contributor, slug="dates", prompts=DATES_PROMPTS, seed=2)
+    _outcomes(base_model, None, {units_task: 0.0, dates_task: 0.0})
+    _outcomes(base_model, units, {units_task: 1.0, dates_task: 0.0})
+    _outcomes(base_model, dates, {units_task: 0.0, dates_task: 1.0})
+    return MixtureVersion.objects.get(is_active=True)
+
+
+def test_it_trains_on_public_examples_and_example_prompts_only(mixture):
+    data, summary = training_set(mixture=mixture)
+    splits = set(Example.objects.filter(pk__in=data.example_ids).values_list("split", flat=True))
+    assert splits == {Example.Split.PUBLIC}
+    assert len(data.example_ids) == summary["public_examples"] == 5
+    assert summary["example_prompts"] == len(UNITS_PROMPTS) + len(DATES_PROMPTS)
+    assert len(data.points) == 5 + summary["example_prompts"]
+    hidden = Example.objects.exclude(split=Example.Split.PUBLIC).values_list("pk", flat=True)
+    assert not set(hidden) & set(data.example_ids)
+
+
+def test_the_job_trains_once_and_the_serving_catalog_carries_it(mixture):
+    router = LearnedRouter.objects.create(mixture=mixture)
+    assert learned_router_train(router_id=router.pk) == "done"
+    assert learned_router_train(router_id=router.pk) == "finished"  # a redelivery: nothing
+    router.refresh_from_db()
+    assert router.status == LearnedRouter.Status.DONE, router.failure_reason
+    assert router.kind in {"knn", "linear"} and router.trained_at is not None
+    assert set(router.cv_accuracy) == {"knn", "linear"}
+    assert router.parameters_file.name.endswith(".npz")
+    model = learned_router_load(mixture_id=mixture.pk)
+    assert model is not None and model.columns == 3
+
+    torch.manual_seed(0)
+    engine = Engine(AutoModelForCausalLM.from_config(tiny_llama_config()), tiny_tokenizer())
+    sync = MixtureSync(engine)
+    assert sync.refresh() is True
+    assert sync.catalog.learned is not None and sync.catalog.learned.kind == router.kind
+    query = near(0, 1, np.random.default_rng(1))[0]  # far from both skills: any answer will do
+    assert route_learned_embedded(catalog=sync.catalog, query=query).router == "learned"
+
+
+def test_the_sync_picks_up_a_router_trained_after_the_mixture_was_served(mixture):
+    torch.manual_seed(0)
+    engine = Engine(AutoModelForCausalLM.from_config(tiny_llama_config()), tiny_tokenizer())
+    sync = MixtureSync(engine)
+    sync.refresh()
+    assert sync.catalog.learned is None
+    learned_router_train_now(mixture=mixture)
+    assert sync.refresh() is True
+    assert sync.catalog.learned is not None
+    assert sync.refresh() is False  # no change, no reload
+
+
+def test_the_job_is_quiet_for_a_gone_mixture(mixture):
+    router = LearnedRouter.objects.create(mixture=mixture)
+    MixtureVersion.objects.filter(pk=mixture.pk).update(is_active=False)
+    mixture.delete()
+    assert learned_router_train(router_id=router.pk) == "gone"
+    assert learned_router_train(router_id=10**9) == "gone"
+
+
+def test_publishing_queues_the_training_after_commit(
+    db, base_model, settings, monkeypatch, django_capture_on_commit_callbacks
+):
+    from routing import tasks
+
+    sent: list = []
+    monkeypatch.setattr(
+        tasks.train_router, "apply_async", lambda args, queue: sent.append((args, queue))
+    )
+    settings.TESSERA_LEARNED_ROUTER_ON_PUBLISH = True
+    with django_capture_on_commit_callbacks(execute=True):
+        mixture = mixture_publish(reason="test")
+    router = LearnedRouter.objects.get(mixture=mixture)
+    assert router.status == LearnedRouter.Status.QUEUED
+    assert sent == [([router.pk], "eval-cpu")]
+
+
+def test_publishing_queues_nothing_when_switched_off(db, base_model):
+    mixture_publish(reason="test")
+    assert not LearnedRouter.objects.exists()
+
+
+def test_the_command_prints_the_chosen_kind_and_accuracies(mixture, capsys):
+    from django.core.management import call_command
+
+    call_command("train_router")
+    out = capsys.readouterr().out
+    assert "learned router" in out and "(chosen)" in out
+    assert "| knn" in out and "| linear" in out
+    call_command("train_router", "--mixture", str(mixture.number), "--json")
+    assert '"cv_accuracy"' in capsys.readouterr().out
