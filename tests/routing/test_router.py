@@ -773,3 +773,35 @@ def test_arrow_end_to_end_on_the_tiny_model_picks_the_adapter_built_for_the_prom
 
     assert decision.adapter.model_id == "b/tuned"
     assert decision.scores[0].score > decision.scores[1].score + 0.1
+
+
+# --- Ranked candidates, for composing several adapters -----------------------------------------
+
+
+def test_a_decision_ranks_its_candidates_as_adapters_best_first():
+    catalog = skills_catalog()
+    decision = decide(catalog)
+    assert [adapter.model_id for adapter, _score in decision.ranked] == [
+        score.model_id for score in decision.scores
+    ]
+    assert decision.ranked[0][0] is decision.adapter
+    values = [score for _adapter, score in decision.ranked]
+    assert values == sorted(values, reverse=True)
+    assert all(adapter in catalog.adapters for adapter, _score in decision.ranked)
+
+
+def test_ranked_holds_at_most_max_compose_candidates_and_survives_the_threshold():
+    from routing.router import MAX_COMPOSE
+
+    signature = signature_of(tuple(UNIT_PROMPTS))
+    catalog = catalog_of(*(served(f"u{i}/units", signature=signature) for i in range(20)))
+    decision = decide(catalog, text=OFF_TOPIC_REQUEST, threshold=0.99)
+    assert (decision.adapter, decision.reason) == (None, "below_threshold")
+    assert len(decision.ranked) == MAX_COMPOSE and len(decision.scores) == MAX_SCORES
+
+
+def test_an_explicitly_named_adapter_is_ranked_alone():
+    decision = decide(skills_catalog(), "alice/units")
+    assert [(adapter.model_id, score) for adapter, score in decision.ranked] == [
+        ("alice/units", 1.0)
+    ]
