@@ -289,9 +289,10 @@ class _ConcatBinder:
         columns = []  # per row: (slot, rank position, weight, candidate) of each rank column
         for row in self.rows:
             row_columns = []
+            arrow = isinstance(row, ArrowRow)  # other rows' routing weight is 1 at candidate 0
             for candidate, (slot, weight) in enumerate(row_segments(row)):
                 for position in range(stack.rank_of[slot]):
-                    row_columns.append((slot, position, weight, candidate))
+                    row_columns.append((slot, position, weight, candidate if arrow else 0))
             columns.append(row_columns)
         width = max(len(row_columns) for row_columns in columns)
         pad = (NO_ADAPTER, 0, 0.0, 0)  # slot 0 is all zeros
