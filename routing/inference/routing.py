@@ -1,4 +1,4 @@
-"""From a validated request to a routing decision, off the event loop.
+"""From a validated request to a routing decision and its composition, off the event loop.
 
 The embedding router embeds the request (about 14 ms of one CPU core for all-MiniLM-L6-v2,
 more on a busy machine), so it runs in a worker thread; the Arrow router needs the base
@@ -12,7 +12,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from routing.catalog import Catalog, ServedAdapter
+from routing.catalog import MERGED_MODEL_ID, MIXTURE_MODEL_ID, Catalog
+from routing.compose import Composed, CompositionRefused, compose
 from routing.inference.errors import ApiError
 from routing.router import RoutingDecision, RoutingError, RoutingPolicy, route
 from routing.serving import arrow
@@ -25,12 +26,9 @@ ERROR_STATUS = {"model_not_found": 404, "arrow_failed": 500}
 @dataclass(frozen=True)
 class RoutedRequest:
     catalog: Catalog  # the snapshot the decision was made on
-    decision: RoutingDecision
+    decision: RoutingDecision  # what the router ranked and picked
+    composed: Composed  # who answers, with which weights, and how
     routing_seconds: float
-
-    @property
-    def adapter(self) -> ServedAdapter | None:
-        return self.decision.adapter
 
 
 def policy_of(body) -> RoutingPolicy:
@@ -54,6 +52,11 @@ async def route_request(rt: Runtime, *, body, user_id: int, prompt_ids: list[int
     started = time.monotonic()
 
     def decide() -> RoutingDecision:
+        if body.model == MERGED_MODEL_ID:
+            # The merged adapter is the whole mixture in one LoRA: no router picks it.
+            return RoutingDecision(
+                router="merged", adapter=None, scores=(), threshold=None, reason="merged"
+            )
         return route(
             catalog=catalog,
             model=body.model,
@@ -67,6 +70,32 @@ async def route_request(rt: Runtime, *, body, user_id: int, prompt_ids: list[int
 
     try:
         decision = await asyncio.to_thread(decide)
+        extension = body.tessera
+        merged = body.model == MERGED_MODEL_ID
+        if merged and extension.composition not in (None, "merged"):
+            raise CompositionRefused(
+                "composition_needs_mixture",
+                f"The model {MERGED_MODEL_ID!r} is one merged adapter; ask for 'tessera' to "
+                f"use the {extension.composition} composition.",
+            )
+        composed = compose(
+            catalog=catalog,
+            decision=decision,
+            method="merged" if merged else extension.composition,
+            k=extension.k,
+            temperature=extension.temperature,
+            named=body.model not in (MIXTURE_MODEL_ID, MERGED_MODEL_ID),
+        )
+    except CompositionRefused as error:
+        status = 503 if error.code == "merged_unavailable" else 400
+        raise ApiError(
+            status,
+            str(error),
+            code=error.code,
+            type="server_error" if status >= 500 else "invalid_request_error",
+            param=error.param,
+            headers={"Retry-After": "60"} if status == 503 else None,
+        ) from None
     except RoutingError as error:
         status = ERROR_STATUS.get(error.code, 400)
         raise ApiError(
@@ -77,5 +106,8 @@ async def route_request(rt: Runtime, *, body, user_id: int, prompt_ids: list[int
             param="model" if status == 404 else None if status >= 500 else "tessera",
         ) from None
     return RoutedRequest(
-        catalog=catalog, decision=decision, routing_seconds=time.monotonic() - started
+        catalog=catalog,
+        decision=decision,
+        composed=composed,
+        routing_seconds=time.monotonic() - started,
     )

@@ -59,9 +59,22 @@ class Extension(BaseModel):
     with ``extra_body``)."""
 
     model_config = ConfigDict(extra="forbid")
-    router: Literal["embedding", "arrow", "explicit"] | None = None
+    router: Annotated[str, Field(min_length=1, max_length=40)] | None = None
     threshold: Annotated[float, Field(ge=-1, le=1)] | None = None
     policy: Policy = Policy()
+    # How the answer is composed (routing.compose); None: the deployment's default.
+    composition: Literal["top1", "topk", "arrow", "logit", "merged"] | None = None
+    k: Annotated[int, Field(ge=1, le=16, strict=True)] | None = None
+    temperature: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] | None = None
+
+    @field_validator("router")
+    @classmethod
+    def _registered(cls, value: str | None) -> str | None:
+        from routing.router import ROUTERS  # the registry: every router that can be named
+
+        if value is not None and value not in ROUTERS:
+            raise ValueError(f"unknown router; use one of {', '.join(ROUTERS)}")
+        return value
 
 
 class StreamOptions(BaseModel):

@@ -344,6 +344,26 @@ def test_a_new_admission_is_served_within_a_second_and_a_suspension_stops_it(
             "invalid_value",
             "tessera.router",
         ),
+        *[
+            (
+                {
+                    "model": "tessera",
+                    "messages": [{"role": "user", "content": "x"}],
+                    "tessera": extension,
+                },
+                400,
+                "invalid_value",
+                param,
+            )
+            for extension, param in [
+                ({"composition": "soup"}, "tessera.composition"),
+                ({"composition": "topk", "k": 0}, "tessera.k"),
+                ({"composition": "topk", "k": 17}, "tessera.k"),
+                ({"composition": "topk", "k": 2.5}, "tessera.k"),
+                ({"composition": "topk", "temperature": 0}, "tessera.temperature"),
+                ({"composition": "arrow", "temperature": -1}, "tessera.temperature"),
+            ]
+        ],
         (
             {
                 "model": "tessera",
@@ -378,6 +398,121 @@ def test_bad_requests_get_openai_shaped_errors_and_generate_nothing(
     assert (error["code"], error["param"]) == (code, param)
     assert error["type"] == "invalid_request_error"
     assert server.runtime.scheduler.stats().completed == before
+
+
+# --- Compositions ---------------------------------------------------------------------------
+
+UNITS_REQUEST = [{"role": "user", "content": "Convert 7 km to metres."}]
+# Every adapter clears a threshold of -1, so both skills are candidates for every prompt.
+EVERYONE = {"threshold": -1}
+
+
+@pytest.mark.parametrize("method", ["topk", "logit"])
+def test_the_openai_client_gets_a_mix_of_two_adapters_with_their_weights(client, skills, method):
+    answer = client.chat.completions.create(
+        model="tessera",
+        messages=UNITS_REQUEST,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"tessera": {"composition": method, "k": 2, "temperature": 0.5, **EVERYONE}},
+    )
+    attribution = answer.model_extra["tessera"]
+    assert attribution["composition"] == {"method": method, "k": 2, "temperature": 0.5}
+    adapters = attribution["adapters"]
+    assert [a["id"].split("/")[1] for a in adapters] == ["unit-conversion", "date-formatting"]
+    assert sum(a["weight"] for a in adapters) == pytest.approx(1.0, abs=1e-3)
+    # The router's better candidate leads the mix.
+    assert adapters[0]["weight"] > adapters[1]["weight"] > 0
+    assert answer.usage.completion_tokens >= 1
+
+
+def test_a_mix_of_one_adapter_answers_exactly_as_that_adapter_alone(client, skills):
+    def text(extension):
+        answer = client.chat.completions.create(
+            model="tessera",
+            messages=UNITS_REQUEST,
+            max_tokens=8,
+            temperature=0,
+            extra_body={"tessera": extension},
+        )
+        return answer.choices[0].message.content
+
+    assert text({"composition": "topk", "k": 1}) == text({"composition": "top1"})
+
+
+def test_arrow_streams_with_the_openai_client_and_reports_the_shares_it_used(client, skills):
+    chunks = list(
+        client.chat.completions.create(
+            model="tessera",
+            messages=UNITS_REQUEST,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            extra_body={"tessera": {"composition": "arrow", "k": 1, **EVERYONE}},
+        )
+    )
+    first = chunks[0].model_extra["tessera"]
+    assert first["composition"]["method"] == "arrow"
+    assert len(first["adapters"]) == 2
+    last = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+    shares = [a["weight"] for a in last.model_extra["tessera"]["adapters"]]
+    assert sum(shares) == pytest.approx(1.0, abs=1e-3)
+    assert all(0 <= share <= 1 for share in shares)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = client.chat.completions.create(
+        model="tessera",
+        messages=UNITS_REQUEST,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"tessera": {"composition": "arrow", "k": 1, **EVERYONE}},
+    )
+    assert text == whole.choices[0].message.content
+
+
+def test_a_prompt_the_router_sends_to_the_base_model_stays_there_under_every_method(client, skills):
+    for method in ("topk", "arrow", "logit"):
+        answer = client.chat.completions.create(
+            model="tessera",
+            messages=[{"role": "user", "content": "Who painted the Mona Lisa?"}],
+            max_tokens=4,
+            temperature=0,
+            extra_body={"tessera": {"composition": method}},
+        )
+        attribution = answer.model_extra["tessera"]
+        assert attribution["adapters"] == [] and attribution["reason"] == "below_threshold"
+
+
+def test_a_composition_needs_the_mixture_and_merged_needs_a_build(http, skills, contributor):
+    named = chat(
+        http,
+        model=f"{contributor.username}/unit-conversion",
+        tessera={"composition": "topk", "k": 2},
+    )
+    assert named.status_code == 400
+    assert error_of(named)["code"] == "composition_needs_mixture"
+    for body in ({"tessera": {"composition": "merged"}}, {"model": "tessera-merged"}):
+        response = chat(http, **body)
+        assert response.status_code == 503, response.text
+        assert error_of(response)["code"] == "merged_unavailable"
+        assert response.headers["Retry-After"]
+
+
+def test_usage_credits_each_adapter_of_a_mix_its_share(http, server, skills):
+    units, dates = skills
+    response = chat(
+        http,
+        messages=UNITS_REQUEST,
+        max_tokens=4,
+        temperature=0,
+        tessera={"composition": "topk", "k": 2, "temperature": 0.5, **EVERYONE},
+    )
+    assert response.status_code == 200, response.text
+    usage.usage_flush()
+    rows = {row.adapter_version_id: row for row in AdapterUsageDaily.objects.all()}
+    total = response.json()["usage"]["prompt_tokens"]
+    assert rows[units.pk].requests == rows[dates.pk].requests == 1
+    assert rows[units.pk].prompt_tokens + rows[dates.pk].prompt_tokens == total
+    assert rows[units.pk].prompt_tokens > rows[dates.pk].prompt_tokens
 
 
 def test_a_body_that_is_not_json_or_too_large_is_refused(http, settings):
