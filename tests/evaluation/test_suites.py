@@ -167,8 +167,8 @@ def test_the_generator_rewrites_the_committed_files_byte_for_byte(tmp_path: Path
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.jsonl"))
     committed = sorted(p.relative_to(SUITES_DIR) for p in SUITES_DIR.rglob("*.jsonl"))
     assert generated == committed
-    # Six skills (suite + training file each), general, and the replay prompts.
-    assert len(generated) == 14
+    # Six skills (suite + training file each), general, composite, and the replay prompts.
+    assert len(generated) == 15
     for relative in generated:
         assert (tmp_path / relative).read_bytes() == (SUITES_DIR / relative).read_bytes(), relative
 
@@ -388,7 +388,7 @@ def test_every_built_in_suite_imports_with_enough_examples_per_skill():
     call_command("load_suites", stdout=out)
 
     versions = {v.suite.slug: v for v in SuiteVersion.objects.select_related("suite")}
-    assert set(versions) == SKILL_TAGS | {"general"}
+    assert set(versions) == SKILL_TAGS | {"general", "composite"}
     assert all(v.is_current and v.number == 1 for v in versions.values())
     skill_tags = set()
     for slug in SKILL_TAGS:
@@ -419,7 +419,7 @@ def test_load_suites_is_idempotent():
     call_command("load_suites", stdout=out)
 
     assert stored_counts() == before
-    assert out.getvalue().count("unchanged") == 7
+    assert out.getvalue().count("unchanged") == 8
 
 
 # --- Validation ---------------------------------------------------------------------------------
@@ -889,7 +889,8 @@ def test_the_built_in_public_files_hold_exactly_the_public_examples():
         assert set(served) == public, version.suite.slug
         assert not set(served) & hidden, version.suite.slug
         assert not set(served) & paraphrase, version.suite.slug
-        assert bool(paraphrase) == (version.suite.slug != "general")
+        # Only the skills have paraphrase splits (not general, not composite).
+        assert bool(paraphrase) == (version.suite.purpose == "skill")
         text = response.content.decode()
         assert "paraphrase" not in text and '"{question}"' not in text.replace(
             '"prompt_template": "{question}"', ""
