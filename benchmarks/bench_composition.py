@@ -143,11 +143,12 @@ def main() -> None:
         if name == "tiny":
             args.model = "tiny"
         elif name == "smollm2":
-            found = sorted((ROOT / "var" / "test-models").glob("SmolLM2-135M-Instruct*/"))
+            models = ROOT / "var" / "test-models"
+            found = sorted(models.glob("SmolLM2-135M-Instruct*/config.json"))
             if not found:
                 print("No SmolLM2 under var/test-models: skipped.", file=sys.stderr)
                 continue
-            args.model, args.model_dir = "smollm2", found[0]
+            args.model, args.model_dir = "smollm2", found[0].parent
         else:
             sys.exit(f"Unknown model {name!r}: use tiny and/or smollm2.")
         tables.append(run_model(bm.resolve_model(args), args))

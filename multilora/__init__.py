@@ -26,17 +26,17 @@ with ``engine.lora.compositions([...])`` (top1, topk and arrow).
 
 from multilora.bound import ArrowRow, BoundRow, WeightedRow
 from multilora.composition import BASE, METHODS, Composition, CompositionError
-from multilora.generate import (
-    Engine,
+from multilora.generate import Engine
+from multilora.loading import tensors_from_safetensors
+from multilora.lora import NO_ADAPTER, AdapterLoadError, LoraRegistry, parse_adapter
+from multilora.model import LoraLinear, MultiLoraModel
+from multilora.requests import (
     FinishReason,
     GenerationError,
     GenerationRequest,
     GenerationResult,
     StreamEvent,
 )
-from multilora.loading import tensors_from_safetensors
-from multilora.lora import NO_ADAPTER, AdapterLoadError, LoraRegistry, parse_adapter
-from multilora.model import LoraLinear, MultiLoraModel
 
 __all__ = [
     "BASE",

@@ -23,133 +23,28 @@ the batch's slots are pinned, so its rows keep the weights they started with.
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
 from multilora.bound import ArrowRow, BoundRow
-from multilora.composition import BASE, Composition
+from multilora.composition import Composition
 from multilora.lora import LoraRegistry
 from multilora.model import DEFAULT_MAX_BOUND_BYTES, Binding, MultiLoraModel
+from multilora.requests import (
+    DEFAULT_MAX_NEW_TOKENS,
+    GenerationError,
+    GenerationRequest,
+    GenerationResult,
+    StreamEvent,
+    _Lanes,
+    _lanes_of,
+    _Row,
+)
 from multilora.sampling import Sampler
-
-FinishReason = Literal["stop", "length", "cancelled"]
-DEFAULT_MAX_NEW_TOKENS = 256
-
-
-class GenerationError(ValueError):
-    """A request the engine cannot run (no prompt, unknown adapter, too long, bad settings)."""
-
-
-def _lanes_of(rows: Sequence[_Row]) -> list[BoundRow]:
-    return [member for row in rows for member in row.members]
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One completion to make. Give exactly one of ``prompt_ids``, ``messages`` (chat
-    messages, formatted with the tokenizer's chat template and the assistant turn opened)
-    or ``prompt`` (plain text, tokenized as is)."""
-
-    prompt_ids: Sequence[int] | None = None
-    messages: Sequence[Mapping[str, Any]] | None = None
-    prompt: str | None = None
-    composition: Composition = BASE  # who answers, by registry key; BASE: the base model
-    max_new_tokens: int | None = None  # None: up to DEFAULT_MAX_NEW_TOKENS, within the context
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    stop: Sequence[str] = ()
-    seed: int | None = None  # with temperature > 0: the row's own random stream
-    ignore_eos: bool = False  # keep going past end-of-sequence (benchmarks)
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    request_id: str
-    composition: Composition
-    # Each adapter's share of the answer: its weight for top1, topk and logit; for arrow the
-    # mean routing weight it got over the generated tokens and the adapted modules.
-    shares: dict[str, float]
-    text: str  # the completion, cut before the first stop sequence; special tokens left out
-    token_ids: list[int]  # every generated token, the end-of-sequence one included
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class StreamEvent:
-    """One row's progress in one decoding step (``generate_stream``)."""
-
-    index: int  # the request's position in the list given to generate_stream
-    request_id: str
-    token_id: int | None  # None for a row cancelled before this step's token
-    text: str  # text made final by this step ("" while a possible stop sequence is held back)
-    finish_reason: FinishReason | None = None
-    result: GenerationResult | None = None  # with the row's last event
-
-
-@dataclass
-class _Row:
-    index: int
-    request: GenerationRequest
-    prompt_ids: list[int]
-    members: list[BoundRow]  # the row's batch rows: one, or one per adapter for logit
-    max_new_tokens: int
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0  # characters of ``text`` already streamed
-    # Incremental detokenization (as vLLM does it): decode a window starting a few tokens
-    # back, so that the text of the new tokens is right without re-decoding everything.
-    prefix_offset: int = 0
-    read_offset: int = 0
-    finish_reason: FinishReason | None = None
-    routed: list[float] | None = None  # arrow: the binding's summed routing weights
-
-
-class _Lanes:
-    """The batch's rows (lanes) of its requests, and how lane logits become request ones."""
-
-    def __init__(self, rows: Sequence[_Row], device: torch.device) -> None:
-        self.count = len(rows)
-        self.owner = [i for i, row in enumerate(rows) for _ in row.members]
-        self.first = [self.owner.index(i) for i in range(len(rows))]
-        methods = [rows[i].request.composition.method for i in self.owner]
-        fused = [lane for lane, method in enumerate(methods) if method == "logit"]
-        self.fused = None
-        if fused:
-            weights = [
-                weight
-                for row in rows
-                if row.request.composition.method == "logit"
-                for weight in row.request.composition.weights
-            ]
-            self.fused = (
-                torch.tensor(fused, device=device),
-                torch.tensor(weights, device=device).unsqueeze(1),
-                torch.tensor(self.owner, device=device),
-            )
-
-    def of(self, rows: Sequence[int]) -> list[int]:
-        """The lanes of these requests (indices into the batch), in order."""
-        return [lane for i in rows for lane, owner in enumerate(self.owner) if owner == i]
-
-    def combine(self, logits: torch.Tensor) -> torch.Tensor:
-        """Lane logits [lanes, V] -> one row per request [requests, V]: a logit request's
-        Σ wᵢ log_softmax(logitsᵢ), every other request's own logits unchanged."""
-        if self.fused is None:
-            return logits
-        lanes, weights, owner = self.fused
-        logits = logits.float()
-        weighted = torch.log_softmax(logits.index_select(0, lanes), dim=-1) * weights
-        logits = logits.index_copy(0, lanes, weighted)
-        return logits.new_zeros(self.count, logits.shape[1]).index_add_(0, owner, logits)
 
 
 class Engine:

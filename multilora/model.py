@@ -1,16 +1,27 @@
 """The base model's linear layers, wrapped so that one forward applies a different LoRA to
 each row of the batch: ``y = base(x) + (x @ A[row]ᵀ) @ B[row]ᵀ``.
 
-How a batch runs: the engine enters ``multi_lora.adapters(slots)`` with one registry slot
-per row. That *binds* each wrapped module once for the whole generation, choosing the
-cheapest exact form for that batch and module:
+How a batch runs: the engine enters ``multi_lora.adapters(rows)`` with one bound row per
+batch row: a registry slot (an int, as the evaluation child passes them), a ``WeightedRow``
+(topk) or an ``ArrowRow`` (multilora.bound); ``compositions([...])`` does the same from
+``Composition`` values by registry key, for callers that run ``model.generate`` themselves.
+That *binds* each wrapped module once for the whole generation, choosing the cheapest exact
+form for that batch and module:
 
 - nobody in the batch targets the module (or every row is slot 0): no LoRA work at all;
-- every row shares one adapter: two plain matmuls on the 2-D weights, no gather;
-- rows differ: the rows' weights are gathered from the stacks once, trimmed to the largest
-  rank among them and laid out as ``A_t [B, in, r]`` / ``B_t [B, r, out]`` so that each
-  decoding step is exactly one ``bmm`` (shrink) and one ``baddbmm`` (expand and add) per
-  module, whatever the number of distinct adapters, with no Python loop over adapters;
+- every row is the same adapter, or the same weighted sum: two plain matmuls on 2-D weights
+  (a weighted sum's As and scaled Bs concatenated along the rank), no gather;
+- rows are plain slots that differ: the rows' weights are gathered from the stacks once,
+  trimmed to the largest rank among them and laid out as ``A_t [B, in, r]`` /
+  ``B_t [B, r, out]`` so that each decoding step is exactly one ``bmm`` (shrink) and one
+  ``baddbmm`` (expand and add) per module, whatever the number of distinct adapters, with no
+  Python loop over adapters;
+- some rows are weighted sums or Arrow rows: every row becomes ONE LoRA of rank Σrᵢ (its
+  adapters' As concatenated along the rank axis, the Bs scaled by wᵢ and concatenated),
+  padded with zeros to the batch's largest Σr, so a step is still one ``bmm`` + one
+  ``baddbmm`` per module; with Arrow rows in the batch, an ``ArrowRouter`` computes each
+  token's routing weights from the rows' prototypes and multiplies the shrink's output by
+  them, one weight per rank segment (other rows get exactly 1);
 - when those gathered copies would exceed ``max_bound_bytes`` (large batch × rank), the
   module keeps the stacks and gathers per call instead: more work per step, bounded memory.
 
