@@ -16,6 +16,7 @@ contributor sent, no pickle, no remote code.
 Result::
 
     {"scores": {task key: {"base": [floats] | null, "adapters": {adapter key: [floats]}}},
+     "composed": {composed task key: [floats]},
      "sketches": {adapter key: {module kind: [256 floats]}},
      "failed": {adapter key: reason},
      "stats": {"baseline_vm_bytes": …, "peak_vm_bytes": …, "peak_rss_bytes": …, "seconds": {…}}}
@@ -91,7 +92,7 @@ def evaluate(spec, protocol: _Protocol) -> dict[str, Any]:
     started = time.monotonic()
     import torch
 
-    from evaluation.worker.scoring import score_task_variants
+    from evaluation.worker.scoring import score_composed, score_task_variants
     from multilora import NO_ADAPTER
 
     torch.manual_seed(spec.seed)
@@ -105,11 +106,13 @@ def evaluate(spec, protocol: _Protocol) -> dict[str, Any]:
     _log(f"base model loaded from {spec.base_model_path}; memory {baseline}")
 
     mark = time.monotonic()
-    lora, slots, sketches, failed = _load_adapters(model, spec)
+    engine, slots, sketches, failed = _load_adapters(model, tokenizer, spec)
+    lora = engine.lora
     timings["load_adapters"] = time.monotonic() - mark
 
     plan = [(task, [k for k in spec.task_adapters(task) if k in slots]) for task in spec.tasks]
     total = sum(len(task.examples) * (len(keys) + task.score_base) for task, keys in plan)
+    total += sum(len(task.examples) for task in spec.composed)
     progress = _Progress(protocol, total)
     scores: dict[str, dict[str, Any]] = {}
     mark = time.monotonic()
@@ -127,11 +130,18 @@ def evaluate(spec, protocol: _Protocol) -> dict[str, Any]:
         )
         base = measured.pop(0) if task.score_base else None
         scores[task.key] = {"base": base, "adapters": dict(zip(keys, measured, strict=True))}
+    composed: dict[str, list[float]] = {}
+    for task in spec.composed:
+        progress.start(task.key)
+        composed[task.key] = score_composed(
+            engine, task, batch_size=spec.batch_size, progress=progress.advance
+        )
     timings["score"] = time.monotonic() - mark
     timings["total"] = time.monotonic() - started
     peak = _memory()
     return {
         "scores": scores,
+        "composed": composed,
         "sketches": sketches,
         "failed": failed,
         "stats": {
@@ -169,17 +179,18 @@ def _load_base(path: str, device: str):
     return model, tokenizer
 
 
-def _load_adapters(model, spec):
-    """The engine's LoRA wrapping of ``model`` with every adapter of the job in its registry,
+def _load_adapters(model, tokenizer, spec):
+    """The serving engine over ``model`` with every adapter of the job in its registry,
     each from our validated config and its safetensors tensors, and each adapter's weight
-    sketch. Returns (lora, {key: slot}, {key: sketch}, {key: reason it was refused})."""
+    sketch. Returns (engine, {key: slot}, {key: sketch}, {key: reason it was refused}); the
+    engine's ``lora`` binds the variant rows, its ``generate`` answers compositions."""
     from safetensors.torch import load_file
 
     from evaluation.worker.sketch import sketch_from_tensors
-    from multilora import AdapterLoadError, LoraRegistry, MultiLoraModel
+    from multilora import AdapterLoadError, Engine, LoraRegistry
 
     registry = LoraRegistry.for_model(model, initial_capacity=max(2, len(spec.adapters) + 1))
-    lora = MultiLoraModel(model, registry)
+    engine = Engine(model, tokenizer, registry=registry)
     slots: dict[str, int] = {}
     sketches: dict[str, dict[str, list[float]]] = {}
     failed: dict[str, str] = {}
@@ -201,7 +212,7 @@ def _load_adapters(model, spec):
             f"alpha={config['lora_alpha']}"
         )
         del tensors
-    return lora, slots, sketches, failed
+    return engine, slots, sketches, failed
 
 
 def main() -> int:

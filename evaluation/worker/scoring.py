@@ -242,6 +242,59 @@ def score_task_variants(
     return [scores[v * n : (v + 1) * n] for v in range(len(variants))]
 
 
+def score_composed(
+    engine: Any,
+    task: Any,
+    *,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[float]:
+    """Per-example scores of ``task`` (a ComposedTaskSpec) answered by the serving engine
+    (a multilora.Engine) with each example's own composition, greedy, in batches of
+    ``batch_size`` rows sorted by prompt length. The prompts are tokenized exactly as
+    ``generate_ids`` tokenizes them, so a ``top1`` composition scores what the variant
+    path scores. An example whose composition names an adapter the engine does not hold
+    (it was refused at load time) scores 0.0."""
+    from multilora import Composition, CompositionError, GenerationRequest
+
+    if task.metric not in _GENERATIVE:
+        raise ValueError(f"compositions are scored on generative metrics, not {task.metric!r}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    metric = _GENERATIVE[task.metric]
+    tokenizer = engine.tokenizer
+    loaded = set(engine.registry.keys())
+    scores = [0.0] * len(task.examples)
+    rows: list[tuple[int, list[int], Any]] = []
+    for index, (example, fields) in enumerate(zip(task.examples, task.compositions, strict=True)):
+        try:
+            composition = Composition(**fields)
+        except (CompositionError, TypeError):
+            continue
+        if not set(composition.adapters) <= loaded:
+            continue
+        ids = _encode(tokenizer, chat_prompt(tokenizer, task.prompt_template, example.fields))
+        rows.append((index, ids, composition))
+    rows.sort(key=lambda row: (len(row[1]), row[0]))
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        results = engine.generate(
+            [
+                GenerationRequest(
+                    prompt_ids=ids, composition=composition, max_new_tokens=task.max_new_tokens
+                )
+                for _index, ids, composition in batch
+            ]
+        )
+        for (index, _ids, _composition), result in zip(batch, results, strict=True):
+            scores[index] = metric(result.text, task.examples[index].target)
+        if progress is not None:
+            progress(len(batch))
+    if progress is not None and len(rows) < len(task.examples):
+        progress(len(task.examples) - len(rows))
+    return scores
+
+
 def _bound(bind: Bind | None, slots: Sequence[int] | None, batch: Sequence[int]):
     if bind is None or slots is None:
         return nullcontext()

@@ -37,6 +37,27 @@ class TaskSpec:
 
 
 @dataclass(frozen=True)
+class ComposedTaskSpec:
+    """A task split answered by compositions of the job's adapters, one per example (the
+    router's choice for that prompt differs from example to example). Each composition is
+    a plain dict of multilora.Composition's fields (method, adapters as job adapter keys,
+    weights, k, temperature); the child generates with the serving engine itself, so a
+    composition is measured exactly as it is served."""
+
+    key: str  # names it in the child's answer ("task:12:hidden|embedding/topk")
+    metric: str  # a generative metric: exact_match | contains | parts
+    prompt_template: str
+    max_new_tokens: int
+    examples: list[ExampleSpec]
+    compositions: list[dict[str, Any]]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ComposedTaskSpec:
+        examples = [ExampleSpec(**example) for example in data["examples"]]
+        return cls(**{**data, "examples": examples})
+
+
+@dataclass(frozen=True)
 class AdapterSpec:
     """One adapter of a job: ``key`` names it in the child's answer ("run:12"); its weights
     are a read-only copy in ``adapter_dir``; ``lora_config`` is our validated, normalised
@@ -58,6 +79,7 @@ class JobSpec:
     batch_size: int = 16
     device: str = "cpu"
     seed: int = 0
+    composed: list[ComposedTaskSpec] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,7 +88,8 @@ class JobSpec:
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
         tasks = [TaskSpec.from_dict(task) for task in data["tasks"]]
         adapters = [AdapterSpec(**adapter) for adapter in data["adapters"]]
-        return cls(**{**data, "tasks": tasks, "adapters": adapters})
+        composed = [ComposedTaskSpec.from_dict(task) for task in data.get("composed") or []]
+        return cls(**{**data, "tasks": tasks, "adapters": adapters, "composed": composed})
 
     def task_adapters(self, task: TaskSpec) -> list[str]:
         """The keys of the adapters scored on ``task``, in the job's order."""
