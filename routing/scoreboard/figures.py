@@ -5,9 +5,16 @@ Decoding is greedy and deterministic, so a candidate's outcome on an example nev
 top-1 routing of any mixture is its routing decisions joined with the stored outcomes, and
 oracle routing (per example, the best candidate) needs no generation at all.
 
-Every per-example score is in [0, 1] (exact match, contains, multiple choice). "Solved"
-means a score above 0; the router's accuracy is taken among the examples some candidate
-solves: the share where its pick scores as well as the best candidate does.
+Every per-example score is in [0, 1] (exact match, contains, multiple choice, and parts,
+the share of a composite answer's parts that are right). The router's accuracy is taken
+among the examples some candidate scores on: the share where its pick scores as well as
+the best candidate does.
+
+Compositions that mix adapters (``methods``: top-k sums, Arrow, logit fusion, the merged
+adapter) make new answers, so their per-example scores are measured for the mixture and
+handed in; each method is reported like a router, plus the share of examples it solves
+(scores 1) and the share it solves while no single candidate does: what the mixture adds
+beyond any one contribution.
 """
 
 from __future__ import annotations
@@ -41,25 +48,31 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+SOLVED = 1.0 - 1e-9  # a score this high solves the example (every part of it right)
+
+
 def split_figures(
     *,
     candidates: Sequence[Candidate],
     scores: Mapping[int | None, Sequence[float]],
     picks: Mapping[str, Sequence[int | None]],
     tasks: Sequence[TaskSlice],
+    methods: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """Figures of one split. ``scores[version_id]`` is that candidate's score on each
     example (the split's order); ``picks[router]`` the version id each example was routed
-    to (None: the base model)."""
+    to (None: the base model); ``methods[label]`` a composition's own score on each
+    example."""
     n = len(scores[None])
+    methods = methods or {}
     everything = TaskSlice(slug="", suite="", title="", positions=list(range(n)))
-    figures = _slice_figures(candidates, scores, picks, everything)
+    figures = _slice_figures(candidates, scores, picks, everything, methods)
     figures["tasks"] = [
         {
             "task": t.slug,
             "suite": t.suite,
             "title": t.title,
-            **_slice_figures(candidates, scores, picks, t),
+            **_slice_figures(candidates, scores, picks, t, methods),
         }
         for t in tasks
     ]
@@ -71,6 +84,7 @@ def _slice_figures(
     scores: Mapping[int | None, Sequence[float]],
     picks: Mapping[str, Sequence[int | None]],
     part: TaskSlice,
+    methods: Mapping[str, Sequence[float]],
 ) -> dict[str, Any]:
     positions = part.positions
     label = {c.version_id: c.label for c in candidates}
@@ -100,6 +114,29 @@ def _slice_figures(
             "accuracy_n": len(solvable),
             "picks": dict(Counter(label[chosen[i]] for i in positions).most_common()),
         }
+    single_solves = [any(scores[c.version_id][i] >= SOLVED for c in candidates) for i in positions]
+    composed: dict[str, Any] = {}
+    for label, measured in methods.items():
+        values = [measured[i] for i in positions]
+        score = _mean(values)
+        composed[label] = {
+            "score": score,
+            "over_oracle": score / oracle if score is not None and oracle else None,
+            "minus_best_single": (
+                score - best_score if score is not None and best_score is not None else None
+            ),
+            "minus_base": (
+                score - alone[None] if score is not None and alone[None] is not None else None
+            ),
+            "solved": _mean([float(v >= SOLVED) for v in values]),
+            # Solved by the mixture while the base model and every adapter alone fail it.
+            "emergent": _mean(
+                [
+                    float(v >= SOLVED and not single)
+                    for v, single in zip(values, single_solves, strict=True)
+                ]
+            ),
+        }
     return {
         "n": len(positions),
         "base": alone[None],
@@ -114,5 +151,7 @@ def _slice_figures(
         ),
         "oracle": oracle,
         "unsolved": sum(1 for b in best_per_example if b <= 0),
+        "single_solved": _mean([float(solved) for solved in single_solves]),
         "routers": routers,
+        "methods": composed,
     }

@@ -18,7 +18,7 @@ from contributions.models import AdapterVersion
 from evaluation.policy import AdmissionCheck, Rule
 from evaluation.services.outcomes import outcomes_table, union_splits
 from routing import selectors
-from routing.scoreboard.services import embedding_picks, members_of, public_catalog
+from routing.scoreboard.services import members_of, public_catalog, router_decisions
 
 RULE = "mixture_contribution"
 
@@ -82,7 +82,8 @@ def mixture_contribution_rule(version: AdapterVersion) -> Rule | None:
 
 
 def _routed(mixture, versions, splits, table, example_ids) -> float:
-    picks = embedding_picks(public_catalog(mixture, versions), splits)
+    decisions = router_decisions(public_catalog(mixture, versions), splits)["embedding"]
+    picks = [d.adapter.version_id if d.adapter is not None else None for d in decisions]
     scores = [table[pick][pk] for pick, pk in zip(picks, example_ids, strict=True)]
     return sum(scores) / len(scores)
 

@@ -1,11 +1,13 @@
 """Scoring a mixture version: queued when it is published, computed by a Celery job.
 
-The job reads every member's and the base model's per-example outcomes on the union
-(evaluation measures the missing ones first, in one sandboxed child), embeds each example's
-prompt once, asks the embedding router what it would pick for it in this mixture (the same
-decision the inference server makes, from the same catalog values), and joins the two
-(routing.scoreboard.figures). Private adapters are left out: the scoreboard is what a
-member of the public gets.
+The job reads every member's and the base model's per-example outcomes on the union and on
+the composite suite (evaluation measures the missing ones first, in one sandboxed child),
+embeds each example's prompt once, asks each router (embedding, and the mixture's learned
+router) what it would pick for it in this mixture (the same decision the inference server
+makes, from the same catalog values), and joins the two (routing.scoreboard.figures). The
+mixing methods' answers (top-k sums, Arrow, logit fusion, the merged adapter) are measured
+where no stored outcome is their answer (routing.scoreboard.methods). Private adapters are
+left out: the scoreboard is what a member of the public gets.
 
 Coalesced: a job that finds a newer mixture version already queued for scoring marks its
 own board superseded and stops, so a burst of admissions scores only the last mixture.
@@ -13,6 +15,7 @@ own board superseded and stops, so a burst of admissions scores only the last mi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from datetime import timedelta
@@ -24,23 +27,36 @@ from django.utils import timezone
 
 from contributions.models import AdapterVersion
 from contributions.selectors import base_model_active
+from evaluation.services.composed import ExtraAdapter
 from evaluation.services.outcomes import (
     UNION_SPLITS,
     UnionSplit,
+    composite_splits,
     outcomes_measure,
     outcomes_table,
     union_splits,
 )
-from evaluation.services.runs import evaluation_queue
-from routing.catalog import Catalog, ServedAdapter
-from routing.models import MixtureVersion, Scoreboard
+from evaluation.services.runs import RunFailure, evaluation_queue
+from routing.catalog import Catalog
+from routing.learned.services import learned_router_load, learned_router_train
+from routing.merging.services import merge_compute
+from routing.models import LearnedRouter, MergedAdapter, MixtureVersion, Scoreboard
+from routing.router import RoutingDecision
 from routing.router.decision import route_embedded
+from routing.router.learned import route_learned_embedded
 from routing.scoreboard.figures import BASE, Candidate, TaskSlice, split_figures
+from routing.scoreboard.methods import (
+    MERGED_KEY,
+    SplitRouting,
+    deployment_composition,
+    method_scores,
+)
 
 logger = logging.getLogger(__name__)
 
 Status = Scoreboard.Status
-ROUTERS = ("embedding",)
+ROUTERS = ("embedding", "learned")
+COMPOSITE = "composite"  # the composite suite's hidden split, on the board as its own split
 
 
 # --- Queueing -------------------------------------------------------------------------------
@@ -150,21 +166,58 @@ def mixture_figures(*, mixture: MixtureVersion) -> dict[str, Any]:
         v for v in members_of(mixture) if v.adapter.visibility != v.adapter.Visibility.PRIVATE
     ]
     splits = union_splits()
-    unmeasured = outcomes_measure(base_model=base_model, versions=members, splits=splits)
-    catalog = public_catalog(mixture, members)
+    composite = composite_splits()
+    unmeasured = outcomes_measure(
+        base_model=base_model, versions=members, splits=[*splits, *composite]
+    )
+    learned = _learned_model(mixture)
+    catalog = dataclasses.replace(public_catalog(mixture, members), learned=learned)
     served = list(catalog.adapters)
     candidates = [Candidate(None, BASE)] + [
         Candidate(a.version_id, a.model_id, a.version_number) for a in served
     ]
-    by_name = {}
-    for name in UNION_SPLITS:
-        parts = [split for split in splits if split.split == name]
-        if parts:
-            by_name[name] = _split(base_model.pk, catalog, candidates, parts)
+    grouped = {name: [s for s in splits if s.split == name] for name in UNION_SPLITS}
+    grouped[COMPOSITE] = composite
+    routing = {
+        name: _split_routing(base_model.pk, catalog, candidates, parts)
+        for name, parts in grouped.items()
+        if parts
+    }
+    merged = _merged_adapter(mixture)
+    methods_failed = None
+    try:
+        methods = method_scores(
+            base_model=base_model,
+            members=members,
+            catalog=catalog,
+            splits=routing,
+            merged=merged,
+        )
+    except RunFailure as failure:
+        # The routers' figures stand on stored outcomes; only the mixing methods are lost.
+        logger.error("the compositions of %s could not be measured: %s", mixture, failure)
+        methods, methods_failed = {}, failure.code  # a code only: the board is public
+    by_name = {
+        name: split_figures(
+            candidates=candidates,
+            scores=split.scores,
+            picks={
+                router: [_version_of(decision) for decision in decisions]
+                for router, decisions in split.decisions.items()
+            },
+            tasks=_task_slices(split.parts),
+            methods=methods.get(name),
+        )
+        for name, split in routing.items()
+    }
     return {
         "mixture": mixture.number,
         "router": mixture.router,
         "routers": list(ROUTERS),
+        "learned": _learned_summary(mixture) if learned is not None else None,
+        "merged": merged is not None,
+        "methods_failed": methods_failed,
+        "composition": deployment_composition(),
         "threshold": (mixture.router_settings or {}).get("threshold"),
         "members": [
             {
@@ -187,9 +240,9 @@ def mixture_figures(*, mixture: MixtureVersion) -> dict[str, Any]:
     }
 
 
-def _split(
+def _split_routing(
     base_model_id: int, catalog: Catalog, candidates: list[Candidate], parts: list[UnionSplit]
-) -> dict[str, Any]:
+) -> SplitRouting:
     example_ids = [pk for part in parts for pk in part.example_ids]
     table = outcomes_table(
         base_model_id=base_model_id,
@@ -200,14 +253,68 @@ def _split(
     scores = {
         c.version_id: [table[c.version_id].get(pk, 0.0) for pk in example_ids] for c in candidates
     }
-    picks = {"embedding": embedding_picks(catalog, parts)}
+    return SplitRouting(parts=parts, scores=scores, decisions=router_decisions(catalog, parts))
+
+
+def _task_slices(parts: list[UnionSplit]) -> list[TaskSlice]:
     tasks, cursor = [], 0
     for part in parts:
         positions = list(range(cursor, cursor + len(part.example_ids)))
         cursor += len(part.example_ids)
         suite = part.task.suite_version.suite.slug
         tasks.append(TaskSlice(part.task.slug, suite, part.task.title, positions))
-    return split_figures(candidates=candidates, scores=scores, picks=picks, tasks=tasks)
+    return tasks
+
+
+def _version_of(decision: RoutingDecision) -> int | None:
+    return decision.adapter.version_id if decision.adapter is not None else None
+
+
+def router_decisions(catalog: Catalog, parts: list[UnionSplit]) -> dict[str, list[RoutingDecision]]:
+    """Each router's decision for each example's prompt, exactly as the inference server
+    would decide it in this catalog: the embedding router, and the learned router when the
+    mixture has a trained one."""
+    n = sum(len(part.example_ids) for part in parts)
+    if not catalog.adapters:
+        empty = RoutingDecision(
+            router="embedding", adapter=None, scores=(), threshold=None, reason="no_candidates"
+        )
+        return {"embedding": [empty] * n}
+    queries = union_queries(parts)
+    decisions = {"embedding": [route_embedded(catalog=catalog, query=q) for q in queries]}
+    if catalog.learned is not None:
+        decisions["learned"] = [route_learned_embedded(catalog=catalog, query=q) for q in queries]
+    return decisions
+
+
+def _learned_model(mixture: MixtureVersion):
+    """The mixture's trained learned router, training it here first when its job is still
+    queued (the board would otherwise miss it); None when there is none to be had."""
+    row = LearnedRouter.objects.filter(mixture=mixture).first()
+    if row is not None and row.status == LearnedRouter.Status.QUEUED:
+        learned_router_train(router_id=row.pk)
+    return learned_router_load(mixture_id=mixture.pk)
+
+
+def _learned_summary(mixture: MixtureVersion) -> dict[str, Any] | None:
+    row = LearnedRouter.objects.filter(mixture=mixture, status=LearnedRouter.Status.DONE).first()
+    if row is None:
+        return None
+    return {"kind": row.kind, "params": row.params, "cv_accuracy": row.cv_accuracy}
+
+
+def _merged_adapter(mixture: MixtureVersion) -> ExtraAdapter | None:
+    """The mixture's merged adapter for measuring, building it here first when its job is
+    still queued; None when there is none (no build asked for, or it failed)."""
+    merged = MergedAdapter.objects.filter(mixture=mixture).first()
+    if merged is not None and merged.status == MergedAdapter.Status.QUEUED:
+        merge_compute(merged_id=merged.pk)
+        merged.refresh_from_db()
+    if merged is None or merged.status != MergedAdapter.Status.DONE or not merged.weights_file:
+        return None
+    with merged.weights_file.open("rb") as handle:
+        weights = handle.read()
+    return ExtraAdapter(key=MERGED_KEY, weights=weights, lora_config=dict(merged.adapter_config))
 
 
 # Example rows never change once their suite version is used (versions are locked), so an
@@ -232,14 +339,6 @@ def union_queries(parts: list[UnionSplit]) -> list[Any]:
     return [_embedded[key] for key in keys]
 
 
-def embedding_picks(catalog: Catalog, parts: list[UnionSplit]) -> list[int | None]:
-    """The version each example's prompt is routed to by the embedding router (None: the
-    base model), exactly as the inference server would route it in this catalog."""
-    if not any(adapter.signature is not None for adapter in catalog.adapters):
-        return [None for part in parts for _pk in part.example_ids]
-    return [_embedding_pick(catalog, query) for query in union_queries(parts)]
-
-
 def public_catalog(mixture: MixtureVersion | None, versions: list[AdapterVersion]) -> Catalog:
     """A catalog of ``versions`` (public ones only) as the serving process would build it."""
     from routing.serving.sync import served_adapter
@@ -260,8 +359,3 @@ def public_catalog(mixture: MixtureVersion | None, versions: list[AdapterVersion
         else {"threshold": settings.TESSERA_ROUTER_THRESHOLD},
         adapters=tuple(served),
     )
-
-
-def _embedding_pick(catalog: Catalog, query) -> int | None:
-    adapter: ServedAdapter | None = route_embedded(catalog=catalog, query=query).adapter
-    return adapter.version_id if adapter is not None else None

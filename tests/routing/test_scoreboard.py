@@ -58,6 +58,75 @@ def test_the_figures_join_routing_decisions_with_outcomes():
     assert dates["routers"]["embedding"]["picks"] == {"bob/dates": 1, "base": 1, "ann/units": 1}
 
 
+def test_a_method_that_solves_what_no_single_model_solves_is_counted_as_emergent():
+    a, b = Candidate(1, "ann/units", 1), Candidate(2, "bob/dates", 3)
+    # Composite examples scored by parts: every single model gets half of examples 0-1.
+    scores = {None: [0, 0, 0], 1: [0.5, 0.5, 1], 2: [0.5, 0, 0]}
+    methods = {"embedding/topk": [1.0, 0.5, 1.0], "merged": [0.0, 1.0, 0.0]}
+    figures = split_figures(
+        candidates=[Candidate(None, BASE), a, b],
+        scores=scores,
+        picks={"embedding": [1, 1, 1]},
+        tasks=[TaskSlice("t", "s", "T", [0, 1, 2])],
+        methods=methods,
+    )
+    assert figures["single_solved"] == pytest.approx(1 / 3)  # only example 2, by ann
+    topk = figures["methods"]["embedding/topk"]
+    assert topk["score"] == pytest.approx(2.5 / 3)
+    assert topk["solved"] == pytest.approx(2 / 3)
+    assert topk["emergent"] == pytest.approx(1 / 3)  # example 0: solved by the mix alone
+    assert topk["minus_best_single"] == pytest.approx(2.5 / 3 - 2 / 3)
+    assert topk["over_oracle"] == pytest.approx((2.5 / 3) / (2 / 3))
+    assert figures["methods"]["merged"]["emergent"] == pytest.approx(1 / 3)
+    assert figures["tasks"][0]["methods"]["embedding/topk"]["solved"] == topk["solved"]
+
+
+@pytest.mark.parametrize(("threshold", "mixed"), [(-1.0, True), (0.99, False)])
+def test_only_compositions_that_mix_adapters_are_measured(
+    mixture, base_model, settings, threshold, mixed
+):
+    """A composition the router sends to the base model, or to one adapter, is that model's
+    stored outcome; only real mixes reach the measuring child."""
+    import dataclasses
+
+    from evaluation.services.outcomes import union_splits
+    from routing.scoreboard.methods import method_scores
+    from routing.scoreboard.services import _split_routing, members_of, public_catalog
+
+    settings.TESSERA_COMPOSITION_K = 2
+    members = members_of(mixture)
+    catalog = public_catalog(mixture, members)
+    # Under a threshold of -1 both adapters are candidates for every prompt; under 0.99
+    # neither is, and the base model answers everything.
+    catalog = dataclasses.replace(catalog, router_settings={"threshold": threshold})
+    candidates = [Candidate(None, BASE)] + [
+        Candidate(a.version_id, a.model_id, a.version_number) for a in catalog.adapters
+    ]
+    hidden = [s for s in union_splits() if s.split == "hidden"]
+    routing = _split_routing(base_model.pk, catalog, candidates, hidden)
+    measured_parts: list = []
+
+    def measure(*, base_model, versions, parts, extra):
+        measured_parts.extend(parts)
+        return {part.key: [0.25] * len(part.split.example_ids) for part in parts}
+
+    results = method_scores(
+        base_model=base_model,
+        members=members,
+        catalog=catalog,
+        splits={"hidden": routing},
+        measure=measure,
+    )["hidden"]
+    assert set(results) == {"embedding/topk", "embedding/arrow", "embedding/logit"}
+    n = len(routing.scores[None])
+    for values in results.values():
+        if mixed:
+            assert values == [0.25] * n  # every example went to the child
+        else:
+            assert values == list(routing.scores[None])  # the base model's stored outcomes
+    assert bool(measured_parts) is mixed
+
+
 def test_a_mixture_with_no_adapters_scores_as_the_base_model():
     figures = split_figures(
         candidates=[Candidate(None, BASE)],
