@@ -22,7 +22,9 @@ from contributions.models import AdapterVersion
 from evaluation.models import EvaluationRun, RuleResult, TaskResult
 from evaluation.services.suites import suite_version_create
 from routing import selectors as routing_selectors
+from routing.learned.services import learned_router_train_now
 from routing.management.commands.score_mixture import table_lines
+from routing.merging.services import merge_compute_now
 from routing.scoreboard.services import scoreboard_compute_now
 from tests.evaluation.test_runs import trimmed_suite
 from tests.evaluation.test_worker import (  # noqa: F401 (fixtures used by name)
@@ -44,6 +46,7 @@ SUITES = (
     "unit-conversion",
     "word-reversal",
     "general",
+    "composite",
 )
 FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 
@@ -167,9 +170,23 @@ def test_the_demo_mixture_is_evaluated_together_and_beats_every_single_adapter(
     mixture = routing_selectors.mixture_active()
     assert routing_selectors.mixture_member_ids(mixture) == {versions[n].pk for n in skills}
 
+    # What publishing queues for a mixture (tests turn it off), done here in this process:
+    # the learned router trained from public-split outcomes, and the merged adapter.
+    learned = learned_router_train_now(mixture=mixture)
+    assert learned.status == "done", learned.failure_reason
+    print(f"\nLearned router: {learned.kind} {learned.params}, cv {learned.cv_accuracy}")
+    merged = merge_compute_now(mixture=mixture)
+    assert merged.status == "done", merged.reason
     board = scoreboard_compute_now(mixture=mixture)
     assert board.status == "done", board.failure_reason
     print("\n" + "\n".join(table_lines(board.figures)))
+    assert board.figures["methods_failed"] is None
+    assert set(board.figures["splits"]) == {"hidden", "paraphrase", "composite"}
+    for figures in board.figures["splits"].values():
+        assert set(figures["routers"]) == {"embedding", "learned"}
+        assert {"embedding/topk", "learned/arrow", "learned/logit", "merged"} <= set(
+            figures["methods"]
+        )
     for split in ("hidden", "paraphrase"):
         figures = board.figures["splits"][split]
         routed = figures["routers"]["embedding"]
@@ -179,3 +196,12 @@ def test_the_demo_mixture_is_evaluated_together_and_beats_every_single_adapter(
     assert routed > hidden["base"]
     assert routed > hidden["best_single"]["score"]
     assert board.figures["unmeasured"] == {}
+    # The learned router knows from measured outcomes which of two adapters claiming the same
+    # skill answers it better: the weaker duplicate gets less of that skill's traffic.
+    for split in ("hidden", "paraphrase"):
+        units = next(
+            t for t in board.figures["splits"][split]["tasks"] if t["task"] == "unit-conversion"
+        )
+        picks = units["routers"]["learned"]["picks"]
+        print(f"{split} unit-conversion, learned router's picks: {picks}")
+        assert picks.get("noor/metric-units-quick", 0) < picks.get("contributor/metric-units", 0)

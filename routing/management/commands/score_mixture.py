@@ -74,6 +74,35 @@ def table_lines(figures: dict) -> list[str]:
                 f"routed − best single {_fmt(routed['routed_minus_best_single'])}, "
                 f"router accuracy {_fmt(routed['accuracy'])} (n={routed['accuracy_n']}) | |"
             )
+    lines += method_lines(figures)
     if figures.get("unmeasured"):
         lines += ["", f"Not measured: {figures['unmeasured']}"]
+    return lines
+
+
+def method_lines(figures: dict) -> list[str]:
+    """Every router and composition method side by side, one table per split."""
+    lines: list[str] = []
+    for name, split in figures["splits"].items():
+        rows = [
+            (f"{router}/top1", routed["score"], routed["routed_over_oracle"], None, None)
+            for router, routed in split["routers"].items()
+        ] + [
+            (label, m["score"], m["over_oracle"], m["solved"], m["emergent"])
+            for label, m in (split.get("methods") or {}).items()
+        ]
+        lines += [
+            "",
+            f"### {name} by method (n={split['n']}; solved by a single model: "
+            f"{_fmt(split.get('single_solved'))})",
+            "",
+            "| router/method | score | ÷ oracle | solved | solved by no single model |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for label, score, over, solved, emergent in rows:
+            lines.append(
+                f"| {label} | {_fmt(score)} | {_fmt(over)} | {_fmt(solved)} | {_fmt(emergent)} |"
+            )
+    if figures.get("methods_failed"):
+        lines += ["", f"Compositions not measured: {figures['methods_failed']}"]
     return lines
