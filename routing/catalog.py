@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from routing.router.learned import LearnedRouterModel
+    from routing.router.learned_model import LearnedRouterModel
 
 # The model ids that never name an adapter: the routed mixture and the base model alone.
 MIXTURE_MODEL_ID = "tessera"
