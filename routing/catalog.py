@@ -45,6 +45,9 @@ class ServedAdapter:
     # How attributions name the contributor: their display name when their profile is
     # public, else their username (already public in the model id).
     contributor_name: str = ""
+    # A merged adapter's member versions (it is no version itself): usage of its answers is
+    # credited to them, in equal shares.
+    members: tuple[int, ...] = ()
 
     def visible_to(self, user_id: int | None) -> bool:
         return not self.private or user_id == self.owner_id

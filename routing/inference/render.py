@@ -50,13 +50,13 @@ class Answer:
         if self.recorded:
             return
         self.recorded = True
-        parts = weighted_parts(self.routed, result)
+        credits = usage_credits(weighted_parts(self.routed, result))
         try:
             await usage.usage_record(
                 token_id=self.key_id,
                 user_id=self.user_id,
-                version_ids=[adapter.version_id for adapter, _ in parts],
-                weights=[weight for _, weight in parts],
+                version_ids=[version_id for version_id, _ in credits],
+                weights=[weight for _, weight in credits],
                 prompt_tokens=prompt_tokens,
                 completion_tokens=tokens,
             )
@@ -204,6 +204,19 @@ def weighted_parts(
     if shares:
         parts = [(adapter, float(shares.get(adapter.key, 0.0))) for adapter, _ in parts]
     return parts
+
+
+def usage_credits(parts: list[tuple[ServedAdapter, float]]) -> list[tuple[int, float]]:
+    """(version id, weight) to credit for an answer: each adapter its weight, a merged
+    adapter's weight shared equally by its members."""
+    credits: list[tuple[int, float]] = []
+    for adapter, weight in parts:
+        if adapter.members:
+            share = weight / len(adapter.members)
+            credits.extend((version_id, share) for version_id in adapter.members)
+        else:
+            credits.append((adapter.version_id, weight))
+    return credits
 
 
 def attribution(routed: RoutedRequest, result: GenerationResult | None = None) -> dict[str, Any]:

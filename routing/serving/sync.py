@@ -117,6 +117,7 @@ def served_merged(merged: MergedAdapter, *, key: str) -> ServedAdapter:
         signature=None,
         admitted_at=merged.finished_at,
         contributor_name="tessera",
+        members=tuple(version.pk for version in members),
     )
 
 

@@ -497,6 +497,30 @@ def test_a_composition_needs_the_mixture_and_merged_needs_a_build(http, skills, 
         assert response.headers["Retry-After"]
 
 
+def test_the_merged_adapter_answers_as_its_own_model_once_built(http, client, server, skills):
+    from routing.merging.services import merge_compute_now
+    from routing.selectors import mixture_active
+
+    merged = merge_compute_now(mixture=mixture_active())
+    assert merged.status == "done", merged.reason
+    wait_until(lambda: server.runtime.catalog.merged is not None, timeout=10)
+    listed = {model.id: model for model in client.models.list().data}
+    assert listed["tessera-merged"].model_extra["tessera"]["kind"] == "merged"
+    for body in ({"model": "tessera-merged"}, {"tessera": {"composition": "merged"}}):
+        response = chat(http, messages=UNITS_REQUEST, max_tokens=4, temperature=0, **body)
+        assert response.status_code == 200, response.text
+        attribution = response.json()["tessera"]
+        assert attribution["composition"]["method"] == "merged"
+        assert [a["id"] for a in attribution["adapters"]] == ["tessera-merged"]
+        assert response.headers["x-tessera-composition"] == "merged"
+    # Its answers are credited to the adapters merged into it, in equal shares.
+    usage.usage_flush()
+    units, dates = skills
+    rows = {row.adapter_version_id: row for row in AdapterUsageDaily.objects.all()}
+    assert rows[units.pk].requests == rows[dates.pk].requests == 2
+    assert None not in rows  # not the base model's
+
+
 def test_usage_credits_each_adapter_of_a_mix_its_share(http, server, skills):
     units, dates = skills
     response = chat(
