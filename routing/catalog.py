@@ -67,6 +67,9 @@ class Catalog:
     # The mixture version's trained ``learned`` router, or None until it is trained (then
     # that router answers with the embedding router's pick).
     learned: LearnedRouterModel | None = None
+    # {router: the composition method that scored best with it on this mixture's
+    # scoreboard}, empty until the mixture is scored: what TESSERA_COMPOSITION=best serves.
+    best_compositions: dict[str, str] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[ServedAdapter]:
         return iter(self.adapters)

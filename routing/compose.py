@@ -13,6 +13,10 @@ The router ranks candidates; the composition method decides how many of them tak
 - ``merged``: the mixture's merged adapter (one LoRA built from every public admitted
   adapter), when one has been built for the served mixture.
 
+A deployment whose TESSERA_COMPOSITION is ``best`` (the default) serves, for each router,
+the method that scored best with it on the served mixture's scoreboard (hidden union), and
+``top1`` until that mixture is scored.
+
 Two rules hold for every method. A request the router sends to the base model (no
 candidate, or none above the threshold) is answered by the base model whatever the method:
 an adapter is admitted for what it was measured to do, and mixing in ones that the router
@@ -33,6 +37,8 @@ from routing.catalog import Catalog, ServedAdapter
 from routing.router import RoutingDecision
 
 METHODS = ("top1", "topk", "arrow", "logit", "merged")
+# TESSERA_COMPOSITION=best: whichever method scored best on the served mixture's scoreboard.
+BEST = "best"
 MAX_K = 16
 # Arrow hands the engine this many of the router's ranked candidates: every one costs its
 # rank in each adapted module's shrink, and the per-token top-k seldom reaches past them.
@@ -95,7 +101,10 @@ def compose(
     """The composition for one routed request. ``method``, ``k`` and ``temperature`` default
     to the deployment's TESSERA_COMPOSITION* settings; ``named`` says the request named an
     adapter (or the base model) rather than the mixture."""
-    method = settings.TESSERA_COMPOSITION if method is None else method
+    if method is None:
+        method = settings.TESSERA_COMPOSITION
+        if method == BEST:
+            method = best_available(catalog, decision.router)
     if method not in METHODS:
         raise CompositionRefused(
             "invalid_composition",
@@ -175,6 +184,16 @@ def compose(
         k=k,
         temperature=float(temperature),
     )
+
+
+def best_available(catalog: Catalog, router: str) -> str:
+    """The method that scored best with ``router`` on the served mixture's scoreboard, or
+    ``top1`` until the mixture is scored (and instead of ``merged`` while the merged adapter
+    is not loaded)."""
+    method = catalog.best_compositions.get(router, "top1")
+    if method == "merged" and catalog.merged is None:
+        return "top1"
+    return method if method in METHODS else "top1"
 
 
 def single(adapter: ServedAdapter | None) -> Composed:

@@ -294,12 +294,13 @@ if TESSERA_ROUTER not in {"embedding", "arrow", "explicit", "learned"}:
 # otherwise: "top1" (the best one), "topk" (the k best, weighted by a softmax of their router
 # scores at TESSERA_COMPOSITION_TEMPERATURE), "arrow" (per token, the k best by Arrow
 # alignment), "logit" (the k best, their next-token log-probabilities combined) or "merged"
-# (one adapter merged from the whole mixture). docs/architecture.md has the scoreboard's
-# figures for each.
-TESSERA_COMPOSITION = env.str("TESSERA_COMPOSITION", default="top1")
-if TESSERA_COMPOSITION not in {"top1", "topk", "arrow", "logit", "merged"}:
+# (one adapter merged from the whole mixture), or "best": whichever of them scored best on
+# the served mixture's scoreboard (top1 until it is scored). docs/architecture.md has the
+# scoreboard's figures for each.
+TESSERA_COMPOSITION = env.str("TESSERA_COMPOSITION", default="best")
+if TESSERA_COMPOSITION not in {"best", "top1", "topk", "arrow", "logit", "merged"}:
     raise ImproperlyConfigured(
-        "TESSERA_COMPOSITION must be one of top1, topk, arrow, logit, merged."
+        "TESSERA_COMPOSITION must be one of best, top1, topk, arrow, logit, merged."
     )
 TESSERA_COMPOSITION_K = env.int("TESSERA_COMPOSITION_K", default=2)
 # topk and logit weigh their adapters by softmax(router score / temperature); router scores

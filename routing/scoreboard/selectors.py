@@ -65,3 +65,38 @@ def board_history() -> list[dict[str, Any]]:
                 }
             )
     return points
+
+
+# Among methods that score the same, the cheaper one to serve (docs/benchmarks.md (g)).
+_CHEAPEST_FIRST = ("top1", "topk", "merged", "logit", "arrow")
+
+
+def best_compositions(figures: dict[str, Any]) -> dict[str, str]:
+    """{router: the composition method that scored best with it on the board's hidden
+    union}; ``merged`` (router-independent) competes under every router. Empty when the
+    board has no hidden split."""
+    hidden = (figures.get("splits") or {}).get("hidden")
+    if not hidden:
+        return {}
+    scores: dict[str, dict[str, float]] = {}
+    for router, routed in (hidden.get("routers") or {}).items():
+        if routed.get("score") is not None:
+            scores.setdefault(router, {})["top1"] = routed["score"]
+    merged = None
+    for label, measured in (hidden.get("methods") or {}).items():
+        if measured.get("score") is None:
+            continue
+        router, _, method = label.partition("/")
+        if not method:  # "merged"
+            merged = measured["score"]
+        else:
+            scores.setdefault(router, {})[method] = measured["score"]
+    best: dict[str, str] = {}
+    for router, by_method in scores.items():
+        if merged is not None:
+            by_method["merged"] = merged
+        order = {method: i for i, method in enumerate(_CHEAPEST_FIRST)}
+        best[router] = max(
+            by_method, key=lambda m: (by_method[m], -order.get(m, len(_CHEAPEST_FIRST)))
+        )
+    return best

@@ -40,8 +40,9 @@ from multilora import AdapterLoadError, Engine, LoraRegistry, tensors_from_safet
 from routing import selectors
 from routing.catalog import MERGED_MODEL_ID, Catalog, ServedAdapter
 from routing.learned.services import learned_router_load
-from routing.models import LearnedRouter, MergedAdapter
+from routing.models import LearnedRouter, MergedAdapter, Scoreboard
 from routing.router.learned import LearnedRouterModel
+from routing.scoreboard.selectors import best_compositions
 
 
 def add_adapter_version(registry: LoraRegistry, version: Any, *, key: str) -> int:
@@ -149,6 +150,7 @@ class MixtureSync:
         # (pk, status) of the served mixture's merged build when last read: None, no row.
         self._merged_seen: tuple[int, str] | None = None
         self._learned_seen: tuple[int, str] | None = None  # likewise, its learned router's
+        self._board_seen: tuple[int, str] | None = None  # likewise, its scoreboard's
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # one refresh at a time (thread or caller)
@@ -194,7 +196,8 @@ class MixtureSync:
                 return False
             if active == self._active:
                 merged = self._refresh_merged(*active)
-                changed = self._refresh_learned(*active) or merged
+                learned = self._refresh_learned(*active)
+                changed = self._refresh_board(active[0]) or learned or merged
             else:
                 changed = self._switch()
         if changed and self.on_change is not None:
@@ -230,6 +233,7 @@ class MixtureSync:
         removed = [adapter for pk, adapter in current.items() if pk not in wanted]
         self._merged_seen, merged = self._load_merged(mixture.pk)
         self._learned_seen, learned = self._load_learned(mixture.pk)
+        self._board_seen, best = self._load_board(mixture.pk)
         retired = [*removed] + ([self.catalog.merged] if self.catalog.merged is not None else [])
         self._active = (mixture.pk, mixture.number)
         self.catalog = Catalog(
@@ -239,6 +243,7 @@ class MixtureSync:
             adapters=tuple(sorted([*kept, *added], key=lambda a: a.version_id)),
             merged=merged,
             learned=learned,
+            best_compositions=best,
         )
         due = time.monotonic() + RETIRE_GRACE_SECONDS
         self._retiring.extend((due, adapter.key) for adapter in retired)
@@ -323,6 +328,30 @@ class MixtureSync:
         if seen is None or seen[1] != LearnedRouter.Status.DONE:
             return seen, None
         return seen, learned_router_load(mixture_id=mixture_pk)
+
+    def _refresh_board(self, mixture_pk: int) -> bool:
+        """The served mixture's scoreboard, when its row changed since the last poll: the
+        best composition per router, for TESSERA_COMPOSITION=best."""
+        seen = Scoreboard.objects.filter(mixture_id=mixture_pk).values_list("pk", "status")
+        if seen.first() == self._board_seen:
+            return False
+        self._board_seen, best = self._load_board(mixture_pk)
+        if best == self.catalog.best_compositions:
+            return False
+        self.catalog = replace(self.catalog, best_compositions=best)
+        logger.info("Best compositions by router on the scoreboard: %s", best or "none yet")
+        return True
+
+    def _load_board(self, mixture_pk: int) -> tuple[tuple[int, str] | None, dict[str, str]]:
+        """(the row's (pk, status), {router: best method}, empty until it is done)."""
+        row = Scoreboard.objects.filter(mixture_id=mixture_pk).only("pk", "status").first()
+        if row is None:
+            return None, {}
+        seen = (row.pk, row.status)
+        if row.status != Scoreboard.Status.DONE:
+            return seen, {}
+        figures = Scoreboard.objects.values_list("figures", flat=True).get(pk=row.pk)
+        return seen, best_compositions(figures or {})
 
     def _retire_due(self) -> None:
         now = time.monotonic()

@@ -157,3 +157,29 @@ def test_softmax_weights_are_stable_for_large_scores_and_sum_to_one():
     weights = softmax_weights([1000.0, 999.0], 0.001)
     assert weights == pytest.approx([1.0, 0.0])
     assert sum(softmax_weights([0.3, 0.2, 0.1], 1.0)) == pytest.approx(1.0)
+
+
+def test_best_serves_the_method_the_scoreboard_found_best_for_the_router(settings):
+    settings.TESSERA_COMPOSITION = "best"
+    settings.TESSERA_COMPOSITION_K = 2
+    unscored = compose(catalog=CATALOG, decision=decided(0.9, 0.8))
+    assert unscored.method == "top1"  # until the mixture is scored
+    scored = Catalog(
+        mixture_number=3,
+        router="embedding",
+        adapters=tuple(ADAPTERS),
+        best_compositions={"embedding": "topk", "learned": "merged"},
+    )
+    assert compose(catalog=scored, decision=decided(0.9, 0.8)).method == "topk"
+    learned = RoutingDecision(
+        router="learned",
+        adapter=ADAPTERS[0],
+        scores=(),
+        threshold=0.1,
+        reason="above_threshold",
+        ranked=((ADAPTERS[0], 0.9),),
+    )
+    # merged is best for that router, but no merged adapter is loaded: top1 meanwhile.
+    assert compose(catalog=scored, decision=learned).method == "top1"
+    # A request's own choice always wins.
+    assert compose(catalog=scored, decision=decided(0.9, 0.8), method="logit").method == "logit"

@@ -98,3 +98,31 @@ def test_an_unreadable_adapter_is_skipped_and_the_others_are_served(
     sync.refresh()
     assert [a.version_id for a in sync.catalog] == [good.pk]
     assert broken.pk in sync.failed
+
+
+def test_the_best_composition_per_router_follows_the_served_mixtures_scoreboard(
+    engine, contributor, base_model
+):
+    from routing.models import MixtureVersion, Scoreboard
+
+    admitted_version(contributor, slug="units", prompts=UNITS_PROMPTS, seed=17)
+    sync = MixtureSync(engine)
+    sync.refresh()
+    assert sync.catalog.best_compositions == {}  # not scored yet: top1 is served
+    mixture = MixtureVersion.objects.get(is_active=True)
+    board = Scoreboard.objects.create(mixture=mixture)
+    assert sync.refresh() is False  # queued: nothing to read yet
+    hidden = {
+        "routers": {"embedding": {"score": 0.80}, "learned": {"score": 0.84}},
+        "methods": {
+            "embedding/topk": {"score": 0.86},
+            "embedding/arrow": {"score": 0.86},  # as good as topk, and slower to serve
+            "learned/topk": {"score": 0.83},
+            "merged": {"score": 0.50},
+        },
+    }
+    Scoreboard.objects.filter(pk=board.pk).update(
+        status=Scoreboard.Status.DONE, figures={"splits": {"hidden": hidden}}
+    )
+    assert sync.refresh() is True
+    assert sync.catalog.best_compositions == {"embedding": "topk", "learned": "top1"}
