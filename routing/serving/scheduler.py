@@ -10,6 +10,10 @@ its slowest row ends, so the wait is bounded by the per-request max_tokens cap; 
 keeps batches short by capping max_tokens (TESSERA_SERVING_MAX_TOKENS) and the queue
 (TESSERA_SERVING_MAX_QUEUE, 503 with Retry-After beyond it).
 
+A batch takes the oldest waiting request and the next waiting ones of its cost class
+(``cost_class``): requests composed with Arrow are batched among themselves, because every
+row of a batch runs at the widest row's LoRA rank.
+
 Work that must not run while a batch decodes (anything that uses the model without the
 batch's LoRA binding, such as Arrow routing's base-model pass) is submitted with ``call``
 and runs between two batches.
@@ -31,6 +35,14 @@ from typing import Any
 from multilora import Engine, GenerationError, GenerationRequest
 
 logger = logging.getLogger(__name__)
+
+
+def cost_class(request: GenerationRequest) -> str:
+    """Which requests may share a batch without slowing each other: a batch binds every row
+    at its widest row's LoRA rank, and an Arrow row applies every one of its candidates (16
+    of rank 8 make a rank-128 row), so plain rows batched with Arrow rows decode at Arrow's
+    speed (docs/benchmarks.md (g): 0.36x the base model, against 1.05x for top1 alone)."""
+    return "arrow" if request.composition.method == "arrow" else "plain"
 
 
 class QueueFull(Exception):
@@ -192,10 +204,7 @@ class Scheduler:
             if not calls:
                 time.sleep(self.gather_seconds)
             with self._condition:
-                batch = [
-                    self._waiting.popleft()
-                    for _ in range(min(self.max_batch_size, len(self._waiting)))
-                ]
+                batch = self._take_batch()
                 self._running = batch
             if batch:
                 try:
@@ -203,6 +212,21 @@ class Scheduler:
                 finally:
                     with self._condition:
                         self._running = []
+
+    def _take_batch(self) -> list[Job]:
+        """The oldest waiting request and, in arrival order, the next waiting ones of the
+        same cost class, up to the batch size; the others keep their places. Caller holds
+        the condition. The oldest always goes first, so no class can starve the other."""
+        if not self._waiting:
+            return []
+        kind = cost_class(self._waiting[0].request)
+        batch: list[Job] = []
+        skipped: list[Job] = []
+        while self._waiting and len(batch) < self.max_batch_size:
+            job = self._waiting.popleft()
+            (batch if cost_class(job.request) == kind else skipped).append(job)
+        self._waiting.extendleft(reversed(skipped))
+        return batch
 
     def _run_call(self, function: Callable[[Engine], Any], future: Future) -> None:
         if not future.set_running_or_notify_cancel():

@@ -9,9 +9,11 @@ import threading
 import time
 
 import pytest
+from safetensors.torch import load
 
 from multilora import Composition, Engine, GenerationRequest
 from routing.serving.scheduler import Failure, Job, QueueFull, Scheduler
+from tests.multilora.test_engine import random_adapter
 from tests.support.tiny_model import tiny_llama_config, tiny_tokenizer
 
 
@@ -87,6 +89,38 @@ def test_requests_beyond_the_batch_size_run_in_the_next_batch(scheduler):
     run(main())
     stats = settled(scheduler, completed=6)
     assert (stats.batches, stats.completed) == (2, 6)
+
+
+def test_arrow_requests_are_batched_apart_from_plain_ones_without_losing_their_turn(
+    scheduler, engine
+):
+    for key, seed in (("x", 1), ("y", 2)):
+        if key not in engine.registry:
+            adapter = random_adapter(key, seed=seed, rank=4, targets=("q_proj", "v_proj"))
+            engine.add_adapter(key, lora_config=adapter.config, tensors=load(adapter.weights))
+    arrow = Composition.arrow(("x", "y"), k=1)
+    order = [Composition.single("x"), arrow, Composition.base(), arrow, Composition.single("y")]
+    started: list[tuple[int, str]] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        jobs = [scheduler.submit(request(3, composition=c), loop=loop) for c in order]
+        scheduler.start()
+        for job in jobs:
+            items = await drain(job)
+            assert items[-1] is None
+            started.append((job.started_at, job.request.composition.method))
+
+    run(main())
+    stats = settled(scheduler, completed=5)
+    assert stats.batches == 2
+    by_batch: dict[float, set[str]] = {}
+    for at, method in started:
+        by_batch.setdefault(at, set()).add("arrow" if method == "arrow" else "plain")
+    assert sorted(map(sorted, by_batch.values())) == [["arrow"], ["plain"]]
+    # The oldest request was plain, so the plain batch ran first.
+    first = min(by_batch)
+    assert by_batch[first] == {"plain"}
 
 
 def test_a_full_queue_refuses_with_a_retry_after(scheduler):
