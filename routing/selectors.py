@@ -11,6 +11,14 @@ def mixture_active() -> MixtureVersion | None:
     return MixtureVersion.objects.filter(is_active=True).first()
 
 
+def mixture_by_number_or_active(number: int | None) -> MixtureVersion | None:
+    """Mixture version ``number``, or the active one when ``number`` is None (what the
+    management commands' ``--mixture N`` means); None when there is no such version."""
+    if number is None:
+        return mixture_active()
+    return MixtureVersion.objects.filter(number=number).first()
+
+
 def mixture_active_key() -> tuple[int, int] | None:
     """(pk, number) of the active mixture: what the serving process polls. The pk tells a
     rebuilt database (numbers start again) from the one the server last read."""

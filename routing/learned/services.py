@@ -17,7 +17,6 @@ except counts.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
 import numpy as np
 from django.conf import settings
@@ -29,7 +28,7 @@ from contributions.models import AdapterVersion
 from contributions.selectors import base_model_active
 from evaluation.models import Example
 from evaluation.services.outcomes import outcomes_measure, outcomes_table, public_splits
-from evaluation.services.runs import evaluation_queue
+from routing.jobs import job_enqueue, job_failure_reason, job_settle, job_start
 from routing.learned.fit import Fitted, TrainingSet, fit_best
 from routing.models import LearnedRouter, MixtureVersion
 from routing.router.learned import LearnedRouterModel
@@ -64,10 +63,7 @@ def learned_router_enqueue(*, router_id: int) -> None:
     and ``manage.py train_router`` trains it by hand."""
     from routing.tasks import train_router
 
-    try:
-        train_router.apply_async(args=[router_id], queue=evaluation_queue())
-    except Exception:  # kombu/redis connection errors share no useful base class
-        logger.exception("could not enqueue the learned router %s", router_id)
+    job_enqueue(task=train_router, pk=router_id, label="learned router")
 
 
 # --- Training -------------------------------------------------------------------------------
@@ -80,44 +76,30 @@ def learned_router_train(*, router_id: int) -> str:
     router = LearnedRouter.objects.select_related("mixture").filter(pk=router_id).first()
     if router is None:
         return "gone"  # its mixture was deleted, or a command retrained it under a new row
-    if router.status == Status.RUNNING and _lost(router):
-        # The worker training it died (acks_late redelivers the message): take it over, by
-        # compare-and-set on the start we saw.
-        LearnedRouter.objects.filter(
-            pk=router.pk, status=Status.RUNNING, started_at=router.started_at
-        ).update(status=Status.QUEUED)
-        router.refresh_from_db()
-    if router.status != Status.QUEUED:
-        return "finished"
-    claimed = LearnedRouter.objects.filter(pk=router.pk, status=Status.QUEUED).update(
-        status=Status.RUNNING, started_at=timezone.now()
-    )
-    if claimed != 1:
-        return "busy"
+    # Not coalesced like the scoreboard: every mixture version trains its own router.
+    stopped = job_start(row=router, coalesced=False)
+    if stopped is not None:
+        return stopped
     try:
         data, summary = training_set(mixture=router.mixture)
         fitted = fit_best(data)
         _store(router, fitted, summary)
     except Exception as exc:
         logger.exception("training the learned router of %s failed", router.mixture)
-        LearnedRouter.objects.filter(pk=router.pk, status=Status.RUNNING).update(
+        job_settle(
+            row=router,
             status=Status.FAILED,
             trained_at=None,
-            failure_reason=f"{type(exc).__name__}: {exc}"[:2000],
+            failure_reason=job_failure_reason(exc),
         )
         return "failed"
     return "done"
 
 
-def _lost(router: LearnedRouter) -> bool:
-    started = router.started_at
-    limit = timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT)
-    return started is None or started < timezone.now() - limit
-
-
 def _store(router: LearnedRouter, fitted: Fitted, summary: dict) -> None:
     router.parameters_file.save(FILE_NAME, ContentFile(fitted.model.to_npz()), save=False)
-    updated = LearnedRouter.objects.filter(pk=router.pk, status=Status.RUNNING).update(
+    settled = job_settle(
+        row=router,
         status=Status.DONE,
         kind=fitted.kind,
         params=fitted.params,
@@ -126,7 +108,7 @@ def _store(router: LearnedRouter, fitted: Fitted, summary: dict) -> None:
         parameters_file=router.parameters_file.name,
         trained_at=timezone.now(),
     )
-    if updated != 1:  # taken over meanwhile: the other worker's file is the one kept
+    if not settled:  # taken over meanwhile: the other worker's file is the one kept
         router.parameters_file.storage.delete(router.parameters_file.name)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import timedelta
 
 import torch
 from django.conf import settings
@@ -33,8 +32,8 @@ from contributions.base_models import base_model_load
 from contributions.intake.files import CONFIG_NAME, WEIGHTS_NAME
 from contributions.models import Adapter, AdapterVersion
 from contributions.selectors import base_model_active
-from evaluation.services.runs import evaluation_queue
 from multilora import tensors_from_safetensors
+from routing.jobs import job_enqueue, job_failure_reason, job_settle, job_start
 from routing.merging.merge import LoraInput, MergedLora, MergeRefused, merge_loras
 from routing.models import MergedAdapter, MixtureVersion
 
@@ -68,10 +67,7 @@ def merge_enqueue(*, merged_id: int) -> None:
     ``manage.py merge_mixture`` builds the merged adapter by hand."""
     from routing.tasks import merge_mixture
 
-    try:
-        merge_mixture.apply_async(args=[merged_id], queue=evaluation_queue())
-    except Exception:  # kombu/redis connection errors share no useful base class
-        logger.exception("could not enqueue the merged adapter %s", merged_id)
+    job_enqueue(task=merge_mixture, pk=merged_id, label="merged adapter")
 
 
 # --- Building -------------------------------------------------------------------------------
@@ -83,29 +79,10 @@ def merge_compute(*, merged_id: int) -> str:
     merged = MergedAdapter.objects.select_related("mixture").filter(pk=merged_id).first()
     if merged is None:
         return "gone"
-    if merged.status == Status.RUNNING and _lost(merged):
-        # Its worker died (the message is redelivered: acks_late and reject_on_worker_lost):
-        # take it over, by compare-and-set on the start we saw.
-        MergedAdapter.objects.filter(
-            pk=merged.pk, status=Status.RUNNING, started_at=merged.started_at
-        ).update(status=Status.QUEUED)
-        merged.refresh_from_db()
-    if merged.status != Status.QUEUED:
-        return "finished"
-    newer = MergedAdapter.objects.filter(
-        mixture__number__gt=merged.mixture.number,
-        status__in=[Status.QUEUED, Status.RUNNING, Status.DONE],
-    )
-    if newer.exists():
-        MergedAdapter.objects.filter(pk=merged.pk, status=Status.QUEUED).update(
-            status=Status.SUPERSEDED, finished_at=timezone.now()
-        )
-        return "superseded"
-    claimed = MergedAdapter.objects.filter(pk=merged.pk, status=Status.QUEUED).update(
-        status=Status.RUNNING, started_at=timezone.now()
-    )
-    if claimed != 1:
-        return "busy"  # another worker got there first
+    # Coalesced: a burst of publications builds only the newest mixture version's merge.
+    stopped = job_start(row=merged, coalesced=True)
+    if stopped is not None:
+        return stopped
     try:
         versions = public_members(merged.mixture)
         result = (
@@ -118,14 +95,12 @@ def merge_compute(*, merged_id: int) -> str:
         return _fail(merged, str(refused))
     except Exception as exc:
         logger.exception("merged adapter of %s failed", merged.mixture)
-        return _fail(merged, f"{type(exc).__name__}: {exc}")
+        return _fail(merged, job_failure_reason(exc))
     return _finish(merged, versions, result)
 
 
 def _fail(merged: MergedAdapter, reason: str) -> str:
-    MergedAdapter.objects.filter(pk=merged.pk, status=Status.RUNNING).update(
-        status=Status.FAILED, finished_at=timezone.now(), reason=reason[:2000]
-    )
+    job_settle(row=merged, status=Status.FAILED, finished_at=timezone.now(), reason=reason[:2000])
     return "failed"
 
 
@@ -150,19 +125,11 @@ def _finish(
             config_file=merged.config_file.name,
             weights_file=merged.weights_file.name,
         )
-    written = MergedAdapter.objects.filter(pk=merged.pk, status=Status.RUNNING).update(**fields)
-    if written != 1:
+    if not job_settle(row=merged, **fields):
         # Taken over meanwhile (we ran past the time limit): the other build owns the row.
         _delete_files(merged)
         return "busy"
     return "done"
-
-
-def _lost(merged: MergedAdapter) -> bool:
-    """Running for longer than a task may run: its worker is gone."""
-    started = merged.started_at
-    limit = timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT)
-    return started is None or started < timezone.now() - limit
 
 
 def _delete_files(merged: MergedAdapter) -> None:

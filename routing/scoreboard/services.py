@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -36,8 +35,9 @@ from evaluation.services.outcomes import (
     outcomes_table,
     union_splits,
 )
-from evaluation.services.runs import RunFailure, evaluation_queue
+from evaluation.services.runs import RunFailure
 from routing.catalog import Catalog
+from routing.jobs import job_enqueue, job_failure_reason, job_settle, job_start
 from routing.learned.services import learned_router_load, learned_router_train
 from routing.merging.services import merge_compute
 from routing.models import LearnedRouter, MergedAdapter, MixtureVersion, Scoreboard
@@ -79,10 +79,7 @@ def scoreboard_enqueue(*, board_id: int) -> None:
     and ``manage.py score_mixture`` computes the board by hand."""
     from routing.tasks import score_mixture
 
-    try:
-        score_mixture.apply_async(args=[board_id], queue=evaluation_queue())
-    except Exception:  # kombu/redis connection errors share no useful base class
-        logger.exception("could not enqueue the scoreboard %s", board_id)
+    job_enqueue(task=score_mixture, pk=board_id, label="scoreboard")
 
 
 # --- Computing ------------------------------------------------------------------------------
@@ -94,50 +91,23 @@ def scoreboard_compute(*, board_id: int) -> str:
     board = Scoreboard.objects.select_related("mixture").filter(pk=board_id).first()
     if board is None:
         return "gone"
-    if board.status == Status.RUNNING and _lost(board):
-        # The worker computing it died (the message is redelivered: acks_late and
-        # reject_on_worker_lost): take it over, by compare-and-set on the start we saw.
-        Scoreboard.objects.filter(
-            pk=board.pk, status=Status.RUNNING, started_at=board.started_at
-        ).update(status=Status.QUEUED)
-        board.refresh_from_db()
-    if board.status != Status.QUEUED:
-        return "finished"
-    newer = Scoreboard.objects.filter(
-        mixture__number__gt=board.mixture.number,
-        status__in=[Status.QUEUED, Status.RUNNING, Status.DONE],
-    )
-    if newer.exists():
-        Scoreboard.objects.filter(pk=board.pk, status=Status.QUEUED).update(
-            status=Status.SUPERSEDED, finished_at=timezone.now()
-        )
-        return "superseded"
-    claimed = Scoreboard.objects.filter(pk=board.pk, status=Status.QUEUED).update(
-        status=Status.RUNNING, started_at=timezone.now()
-    )
-    if claimed != 1:
-        return "busy"  # another worker got there first
+    # Coalesced: a burst of publications scores only the newest mixture version.
+    stopped = job_start(row=board, coalesced=True)
+    if stopped is not None:
+        return stopped
     try:
         figures = mixture_figures(mixture=board.mixture)
     except Exception as exc:
         logger.exception("scoreboard of %s failed", board.mixture)
-        Scoreboard.objects.filter(pk=board.pk, status=Status.RUNNING).update(
+        job_settle(
+            row=board,
             status=Status.FAILED,
             finished_at=timezone.now(),
-            failure_reason=f"{type(exc).__name__}: {exc}"[:2000],
+            failure_reason=job_failure_reason(exc),
         )
         return "failed"
-    Scoreboard.objects.filter(pk=board.pk, status=Status.RUNNING).update(
-        status=Status.DONE, finished_at=timezone.now(), figures=figures
-    )
+    job_settle(row=board, status=Status.DONE, finished_at=timezone.now(), figures=figures)
     return "done"
-
-
-def _lost(board: Scoreboard) -> bool:
-    """Running for longer than a task may run: its worker is gone."""
-    started = board.started_at
-    limit = timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT)
-    return started is None or started < timezone.now() - limit
 
 
 def scoreboard_compute_now(*, mixture: MixtureVersion) -> Scoreboard:

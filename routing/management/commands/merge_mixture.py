@@ -15,7 +15,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from routing.merging.merge import METHODS
 from routing.merging.services import merge_compute_now
-from routing.models import MergedAdapter, MixtureVersion
+from routing.models import MergedAdapter
+from routing.selectors import mixture_by_number_or_active
 
 
 class Command(BaseCommand):
@@ -27,11 +28,7 @@ class Command(BaseCommand):
         parser.add_argument("--density", type=float, help="default: TESSERA_MERGE_DENSITY")
 
     def handle(self, *args, mixture=None, method=None, density=None, **options):
-        found = (
-            MixtureVersion.objects.filter(number=mixture).first()
-            if mixture is not None
-            else MixtureVersion.objects.filter(is_active=True).first()
-        )
+        found = mixture_by_number_or_active(mixture)
         if found is None:
             raise CommandError("No such mixture version (none is published yet?).")
         if density is not None and not 0 < density <= 1:

@@ -14,8 +14,8 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from routing.models import MixtureVersion
 from routing.scoreboard.services import scoreboard_compute_now
+from routing.selectors import mixture_by_number_or_active
 
 
 class Command(BaseCommand):
@@ -26,11 +26,7 @@ class Command(BaseCommand):
         parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
     def handle(self, *args, mixture: int | None = None, json: bool = False, **options):
-        found = (
-            MixtureVersion.objects.filter(number=mixture).first()
-            if mixture is not None
-            else MixtureVersion.objects.filter(is_active=True).first()
-        )
+        found = mixture_by_number_or_active(mixture)
         if found is None:
             raise CommandError("No such mixture version (none is published yet?).")
         board = scoreboard_compute_now(mixture=found)

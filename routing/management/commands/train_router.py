@@ -16,7 +16,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 
 from routing.learned.services import learned_router_train_now
-from routing.models import MixtureVersion
+from routing.selectors import mixture_by_number_or_active
 
 
 class Command(BaseCommand):
@@ -27,11 +27,7 @@ class Command(BaseCommand):
         parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
     def handle(self, *args, mixture: int | None = None, json: bool = False, **options):
-        found = (
-            MixtureVersion.objects.filter(number=mixture).first()
-            if mixture is not None
-            else MixtureVersion.objects.filter(is_active=True).first()
-        )
+        found = mixture_by_number_or_active(mixture)
         if found is None:
             raise CommandError("No such mixture version (none is published yet?).")
         router = learned_router_train_now(mixture=found)
