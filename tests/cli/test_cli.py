@@ -244,6 +244,21 @@ def test_a_folder_without_weights_gets_the_apis_message_and_nothing_is_stored(
     assert AdapterVersion.objects.count() == 1
     assert media_files(media_root) == stored
 
+    # A new slug: the API has no dry run, so the adapter is made before its files are
+    # refused; the command says so, and the fixed folder's push adds its first version.
+    fresh_bad = adapter_folder(tmp_path / "new", seed=1, metadata={**METADATA, "slug": "new"})
+    (fresh_bad / "adapter_model.safetensors").unlink()
+    refused = cli("push", fresh_bad, "--no-wait")
+    assert refused.code == 2
+    assert "The file adapter_model.safetensors is missing from the upload." in refused.err
+    assert "The adapter new exists now, with no version" in refused.err
+    assert not AdapterVersion.objects.filter(adapter__slug="new").exists()
+    assert media_files(media_root) == stored
+    adapter_folder(fresh_bad, seed=1, metadata={**METADATA, "slug": "new"})
+    fixed = cli("push", fresh_bad, "--no-wait")
+    assert fixed.code == 0, fixed.err
+    assert "Created adapter" not in fixed.out and "new v1" in fixed.out
+
 
 def test_a_new_adapter_refused_by_the_api_shows_each_field_and_stores_nothing(
     cli, logged_in, tmp_path, base_model
