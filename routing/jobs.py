@@ -18,12 +18,12 @@ import logging
 from datetime import timedelta
 from typing import Any, Protocol
 
-from celery import Task
 from django.conf import settings
 from django.utils import timezone
 
 from evaluation.services.runs import evaluation_queue
 from routing.models import MixtureVersion
+from tessera.celery import app as celery_app
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +51,14 @@ def _rows(row: JobRow) -> Any:
     return type(row)._default_manager.filter(pk=row.pk)
 
 
-def job_enqueue(*, task: Task, pk: int, label: str) -> None:
-    """Send ``task`` for row ``pk`` to the evaluation queue (its workers have the sandbox and
-    the base model). Called after the publishing transaction commits, so the worker sees
-    the row. A broker that is down is logged, not raised: the mixture is published
+def job_enqueue(*, task: str, pk: int, label: str) -> None:
+    """Send the task named ``task`` for row ``pk`` to the evaluation queue (its workers have
+    the sandbox and the base model). Sent by name, so a service never imports the module of
+    tasks that imports it. Called after the publishing transaction commits, so the worker
+    sees the row. A broker that is down is logged, not raised: the mixture is published
     regardless, and each job's management command does the work by hand."""
     try:
-        task.apply_async(args=[pk], queue=evaluation_queue())
+        celery_app.send_task(task, args=[pk], queue=evaluation_queue())
     except Exception:  # kombu/redis connection errors share no useful base class
         logger.exception("could not enqueue the %s %s", label, pk)
 

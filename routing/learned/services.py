@@ -61,9 +61,7 @@ def learned_router_enqueue(*, router_id: int) -> None:
     needs the sandbox and the base model). A broker that is down is logged: the mixture is
     published regardless, the learned router falls back to the embedding router's picks,
     and ``manage.py train_router`` trains it by hand."""
-    from routing.tasks import train_router
-
-    job_enqueue(task=train_router, pk=router_id, label="learned router")
+    job_enqueue(task="routing.train_router", pk=router_id, label="learned router")
 
 
 # --- Training -------------------------------------------------------------------------------

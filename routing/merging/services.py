@@ -65,9 +65,7 @@ def merge_enqueue(*, merged_id: int) -> None:
     """Send ``routing.merge_mixture`` to the evaluation queue (its workers hold the base
     model). A broker that is down is logged: the mixture is published regardless, and
     ``manage.py merge_mixture`` builds the merged adapter by hand."""
-    from routing.tasks import merge_mixture
-
-    job_enqueue(task=merge_mixture, pk=merged_id, label="merged adapter")
+    job_enqueue(task="routing.merge_mixture", pk=merged_id, label="merged adapter")
 
 
 # --- Building -------------------------------------------------------------------------------

@@ -77,9 +77,7 @@ def scoreboard_enqueue(*, board_id: int) -> None:
     """Send ``routing.score_mixture`` to the evaluation queue (it may need the sandbox and
     the base model). A broker that is down is logged: the mixture is published regardless,
     and ``manage.py score_mixture`` computes the board by hand."""
-    from routing.tasks import score_mixture
-
-    job_enqueue(task=score_mixture, pk=board_id, label="scoreboard")
+    job_enqueue(task="routing.score_mixture", pk=board_id, label="scoreboard")
 
 
 # --- Computing ------------------------------------------------------------------------------

@@ -181,3 +181,18 @@ def union(db):
         _task(version, "units", UNITS_HIDDEN, UNITS_PARAPHRASE),
         _task(version, "dates", DATES_HIDDEN, DATES_PARAPHRASE),
     )
+
+
+@pytest.fixture
+def sent_tasks(monkeypatch) -> dict[str, list]:
+    """{task name: [(args, queue), ...]} of what the code sends by name instead of the
+    broker (the jobs a publish queues)."""
+    from tessera.celery import app as celery_app
+
+    sent: dict[str, list] = {}
+    monkeypatch.setattr(
+        celery_app,
+        "send_task",
+        lambda name, args, queue: sent.setdefault(name, []).append((args, queue)),
+    )
+    return sent

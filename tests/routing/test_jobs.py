@@ -22,6 +22,7 @@ from routing.jobs import (
 from routing.models import LearnedRouter, MergedAdapter, MixtureVersion, Scoreboard
 from routing.selectors import mixture_by_number_or_active
 from routing.services import mixture_publish
+from tessera.celery import app as celery_app
 
 
 @pytest.fixture
@@ -150,17 +151,18 @@ def test_starting_says_why_a_job_stops_or_that_it_holds_the_row(base_model, sett
 def test_the_job_is_sent_to_the_evaluation_queue_and_a_broker_down_is_logged(monkeypatch, caplog):
     sent: list = []
     monkeypatch.setattr(
-        tasks.score_mixture, "apply_async", lambda args, queue: sent.append((args, queue))
+        celery_app, "send_task", lambda name, args, queue: sent.append((name, args, queue))
     )
-    job_enqueue(task=tasks.score_mixture, pk=7, label="scoreboard")
-    assert sent == [([7], "eval-cpu")]
+    job_enqueue(task="routing.score_mixture", pk=7, label="scoreboard")
+    assert sent == [("routing.score_mixture", [7], "eval-cpu")]
+    assert "routing.score_mixture" in celery_app.tasks  # the name is a registered task
 
-    def down(args, queue):
+    def down(name, args, queue):
         raise ConnectionError("broker down")
 
-    monkeypatch.setattr(tasks.score_mixture, "apply_async", down)
+    monkeypatch.setattr(celery_app, "send_task", down)
     with caplog.at_level(logging.ERROR, logger="routing.jobs"):
-        job_enqueue(task=tasks.score_mixture, pk=8, label="scoreboard")
+        job_enqueue(task="routing.score_mixture", pk=8, label="scoreboard")
     assert "could not enqueue the scoreboard 8" in caplog.text
 
 

@@ -340,20 +340,14 @@ def test_the_job_is_quiet_for_a_gone_mixture(mixture):
 
 
 def test_publishing_queues_the_training_after_commit(
-    db, base_model, settings, monkeypatch, django_capture_on_commit_callbacks
+    db, base_model, settings, sent_tasks, django_capture_on_commit_callbacks
 ):
-    from routing import tasks
-
-    sent: list = []
-    monkeypatch.setattr(
-        tasks.train_router, "apply_async", lambda args, queue: sent.append((args, queue))
-    )
     settings.TESSERA_LEARNED_ROUTER_ON_PUBLISH = True
     with django_capture_on_commit_callbacks(execute=True):
         mixture = mixture_publish(reason="test")
     router = LearnedRouter.objects.get(mixture=mixture)
     assert router.status == LearnedRouter.Status.QUEUED
-    assert sent == [([router.pk], "eval-cpu")]
+    assert sent_tasks == {"routing.train_router": [([router.pk], "eval-cpu")]}
 
 
 def test_publishing_queues_nothing_when_switched_off(db, base_model):

@@ -205,18 +205,16 @@ def stored_inputs(versions: list[AdapterVersion]) -> list[LoraInput]:
 @pytest.mark.django_db
 @pytest.mark.usefixtures("no_evaluation")
 def test_publishing_queues_one_build_after_commit(
-    settings, contributor, tiny_base_model, monkeypatch, django_capture_on_commit_callbacks
+    settings, contributor, tiny_base_model, sent_tasks, django_capture_on_commit_callbacks
 ):
     settings.TESSERA_MERGE_ON_PUBLISH = True
     settings.TESSERA_MERGE_METHOD = "dare_ties"
-    sent: list = []
-    monkeypatch.setattr(merge_mixture, "apply_async", lambda args, queue: sent.append(args))
     with django_capture_on_commit_callbacks(execute=True):
         admitted(contributor, "units", seed=21)
     merged = MergedAdapter.objects.get(mixture=active())
     assert merged.status == Status.QUEUED and merged.method == "dare_ties"
     assert merged.density == 0.5
-    assert sent == [[merged.pk]]
+    assert [args for args, _queue in sent_tasks["routing.merge_mixture"]] == [[merged.pk]]
 
 
 @pytest.mark.django_db

@@ -231,20 +231,14 @@ def test_a_private_adapter_is_left_out_of_the_public_scoreboard(union, base_mode
 
 
 def test_publishing_a_mixture_queues_its_scoreboard_after_commit(
-    db, base_model, settings, monkeypatch, django_capture_on_commit_callbacks
+    db, base_model, settings, sent_tasks, django_capture_on_commit_callbacks
 ):
-    from routing import tasks
-
-    sent: list = []
-    monkeypatch.setattr(
-        tasks.score_mixture, "apply_async", lambda args, queue: sent.append((args, queue))
-    )
     settings.TESSERA_SCOREBOARD_ON_PUBLISH = True
     with django_capture_on_commit_callbacks(execute=True):
         mixture = mixture_publish(reason="test")
     board = Scoreboard.objects.get(mixture=mixture)
     assert board.status == Scoreboard.Status.QUEUED
-    assert sent == [([board.pk], "eval-cpu")]
+    assert sent_tasks == {"routing.score_mixture": [([board.pk], "eval-cpu")]}
 
 
 def test_a_queued_board_of_an_older_mixture_is_superseded_by_a_newer_one(
