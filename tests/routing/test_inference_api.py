@@ -426,6 +426,22 @@ def test_the_openai_client_gets_a_mix_of_two_adapters_with_their_weights(client,
     assert answer.usage.completion_tokens >= 1
 
 
+def test_the_learned_router_answers_like_the_embedding_router_until_it_is_trained(client, skills):
+    def attribution(router):
+        answer = client.chat.completions.create(
+            model="tessera",
+            messages=UNITS_REQUEST,
+            max_tokens=4,
+            temperature=0,
+            extra_body={"tessera": {"router": router}},
+        )
+        return answer.model_extra["tessera"]
+
+    learned, embedding = attribution("learned"), attribution("embedding")
+    assert learned["router"] == "learned" and learned["reason"] == "no_learned_router"
+    assert [a["id"] for a in learned["adapters"]] == [a["id"] for a in embedding["adapters"]]
+
+
 def test_a_mix_of_one_adapter_answers_exactly_as_that_adapter_alone(client, skills):
     def text(extension):
         answer = client.chat.completions.create(
