@@ -15,4 +15,5 @@ urlpatterns = [
     path("", include("contributions.portal.urls")),
     path("", include("evaluation.portal.urls")),
     path("", include("routing.portal.urls")),
+    path("", include("routing.leaderboard.urls")),
 ]

@@ -1,7 +1,7 @@
-"""The routing REST API: the scoreboard (public)."""
+"""The routing REST API: the scoreboard and the leaderboard (public)."""
 
-from routing.api import views
+from routing.api import leaderboard, views
 
 app_name = "routing-api"
 
-urlpatterns = [*views.urlpatterns]
+urlpatterns = [*views.urlpatterns, *leaderboard.urlpatterns]
