@@ -177,4 +177,6 @@ def _busy_key(request: HttpRequest) -> str:
 
 
 def _refuse(status: int, message: str, code: str) -> JsonResponse:
-    return JsonResponse({"error": {"message": message, "code": code, "status": status}}, status)
+    return JsonResponse(
+        {"error": {"message": message, "code": code, "status": status}}, status=status
+    )
