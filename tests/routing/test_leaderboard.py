@@ -345,7 +345,7 @@ def test_the_board_on_the_page_is_the_stored_one(world):
     topk = hidden["methods"]["embedding/topk"]
     # topk with the mixture's router is what it serves: marked so.
     assert methods[0][:3] == ["topk served", "embedding", f"{topk['score']:.3f}"]
-    assert methods[1][:2] == ["merged", "none (one merged adapter)"]
+    assert methods[1][:2] == ["merged", "no router"]
     composite = table(html, "Routers, each sending every example to one adapter (composite")
     assert (
         composite[0][1] == f"{figures['splits']['composite']['routers']['embedding']['score']:.3f}"
