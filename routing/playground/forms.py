@@ -25,8 +25,8 @@ MIXTURE_MODEL = "tessera"
 ROUTERS = ("embedding", "learned", "arrow", "explicit")
 COMPOSITIONS = ("top1", "topk", "arrow", "logit", "merged")
 
-ROUTER_CHOICES = [("", "The mixture's default")] + [(name, name) for name in ROUTERS]
-COMPOSITION_CHOICES = [("", "The deployment's default")] + [(m, m) for m in COMPOSITIONS]
+ROUTER_CHOICES = [("", "Mixture default")] + [(name, name) for name in ROUTERS]
+COMPOSITION_CHOICES = [("", "Deployment default")] + [(m, m) for m in COMPOSITIONS]
 
 # "tessera", "base", "tessera-merged", or one adapter: "owner/slug", optionally "@v<n>".
 MODEL_VALIDATOR = RegexValidator(
