@@ -16,4 +16,5 @@ urlpatterns = [
     path("", include("evaluation.portal.urls")),
     path("", include("routing.portal.urls")),
     path("", include("routing.leaderboard.urls")),
+    path("", include("routing.public.urls")),
 ]
