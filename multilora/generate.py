@@ -66,7 +66,8 @@ class Engine:
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.registry = registry or LoraRegistry.for_model(model)
+        # "is None", not "or": an empty registry (len 0) is falsy but is the one to use.
+        self.registry = registry if registry is not None else LoraRegistry.for_model(model)
         self.lora = MultiLoraModel(model, self.registry, max_bound_bytes=max_bound_bytes)
         self.device = next(model.parameters()).device
         # Finished rows are dropped from the batch (KV cache included) once they are this

@@ -126,3 +126,28 @@ def test_mixes_are_measured_in_the_sandbox_for_every_part(
     assert set(measured) == {part.key for part in parts}
     for scores in measured.values():
         assert len(scores) == 4 and all(0.0 <= s <= 1.0 for s in scores)
+
+
+def test_the_childs_engine_serves_the_adapters_the_child_loaded(tmp_path):
+    """The child loads its adapters into a registry it made before the engine: the engine
+    must use that registry (an empty registry is falsy, which once made the engine build a
+    second one, so every adapter scored as the base model)."""
+    from evaluation.worker import child
+    from evaluation.worker.specs import AdapterSpec, JobSpec
+
+    path = save_tiny_llama(tmp_path / "llama")
+    model = _loud(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    adapter = random_adapter("a", seed=5, rank=4, targets=TARGETS)
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / child.WEIGHTS_NAME).write_bytes(adapter.weights)
+    spec = JobSpec(
+        base_model_path=str(path),
+        adapters=[AdapterSpec(key="a", adapter_dir=str(folder), lora_config=adapter.config)],
+        tasks=[],
+    )
+    engine, slots, _sketches, failed = child._load_adapters(model, tokenizer, spec)
+    assert failed == {} and "a" in engine.registry
+    assert engine.registry.slot_of("a") == slots["a"]
+    assert variant_answers(engine, slots["a"]) != variant_answers(engine, NO_ADAPTER)
