@@ -7,7 +7,6 @@ shows the routed mixture above the base model and above every single adapter."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -21,19 +20,13 @@ from contributions import services as contribution_services
 from contributions.base_models import base_model_prepare
 from contributions.models import AdapterVersion
 from evaluation.models import EvaluationRun, RuleResult, TaskResult
-from evaluation.services.outcomes import union_splits
 from evaluation.services.suites import suite_version_create
 from routing import selectors as routing_selectors
-from routing.learned.services import learned_router_load, learned_router_train_now
+from routing.learned.services import learned_router_train_now
 from routing.management.commands.score_mixture import table_lines
 from routing.merging.services import merge_compute_now
-from routing.router.decision import route_embedded
-from routing.router.learned import route_learned_embedded
 from routing.scoreboard.services import (
-    members_of,
-    public_catalog,
     scoreboard_compute_now,
-    union_queries,
 )
 from tests.evaluation.test_runs import trimmed_suite
 from tests.evaluation.test_worker import (  # noqa: F401 (fixtures used by name)
@@ -214,35 +207,3 @@ def test_the_demo_mixture_is_evaluated_together_and_beats_every_single_adapter(
         picks = units["routers"]["learned"]["picks"]
         print(f"{split} unit-conversion, learned router's picks: {picks}")
         assert picks.get("noor/metric-units-quick", 0) < picks.get("contributor/metric-units", 0)
-
-    # A newcomer's mixture of three adapters (units, dates, sorting): number-words and
-    # addition prompts, which none of the three answers better than the base model, go to
-    # the base model under the learned router; the embedding router sent most of them to
-    # the unit-conversion adapter (nearest by wording).
-    catalog = public_catalog(mixture, members_of(mixture))
-    catalog = dataclasses.replace(catalog, learned=learned_router_load(mixture_id=mixture.pk))
-    three = [
-        a
-        for a in catalog.adapters
-        if a.model_id in {"contributor/metric-units", "contributor/long-dates", "ada/sort-numbers"}
-    ]
-    assert len(three) == 3
-    parts = [
-        s
-        for s in union_splits()
-        if s.split == "hidden" and s.task.slug in {"number-words", "addition"}
-    ]
-    queries = union_queries(parts)
-    learned_picks = [
-        route_learned_embedded(catalog=catalog, query=q, allowed=three).adapter for q in queries
-    ]
-    embedding_picks = [
-        route_embedded(catalog=catalog, query=q, allowed=three).adapter for q in queries
-    ]
-    to_base = sum(pick is None for pick in learned_picks)
-    print(
-        f"Three adapters, {len(queries)} number-words and addition prompts: learned router "
-        f"sends {to_base} to the base model, the embedding router "
-        f"{sum(pick is None for pick in embedding_picks)}."
-    )
-    assert to_base >= sum(pick is None for pick in embedding_picks)
