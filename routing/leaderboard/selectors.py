@@ -201,8 +201,8 @@ def leaderboard(*, task: str = "", language: str = "", license: str = "") -> Lea
     active = mixture_selectors.mixture_active()
     latest = _board_latest()
     versions = _admitted_versions()
-    runs = _latest_runs(versions)
-    results = _task_results(runs)
+    runs = latest_runs(versions)
+    results = task_results(runs)
     tasks_known = _task_choices(latest, results)
     languages = sorted({lang for v in versions for lang in v.adapter.languages or ()})
     licenses = sorted({v.adapter.license for v in versions})
@@ -222,8 +222,8 @@ def leaderboard(*, task: str = "", language: str = "", license: str = "") -> Lea
     if filters.task:
         # An adapter is on this task's leaderboard only if it was measured on the task.
         on_task = {entry.model_id for board_ in task_boards for entry in board_.entries}
-        shown = [v for v in shown if _model_id(v) in on_task]
-    contributors, total = _contributors(shown, runs)
+        shown = [v for v in shown if model_id_of(v) in on_task]
+    contributors, total = contributor_rows(shown, runs)
     return Leaderboard(
         filters=filters,
         ignored=ignored,
@@ -381,7 +381,7 @@ def _admitted_versions() -> list[AdapterVersion]:
     )
 
 
-def _latest_runs(versions: list[AdapterVersion]) -> dict[int, int]:
+def latest_runs(versions: list[AdapterVersion]) -> dict[int, int]:
     """{version id: id of its newest finished run}: a re-evaluated version shows its
     latest results."""
     rows = (
@@ -395,7 +395,7 @@ def _latest_runs(versions: list[AdapterVersion]) -> dict[int, int]:
     return dict(rows)
 
 
-def _task_results(runs: dict[int, int]) -> list[TaskResult]:
+def task_results(runs: dict[int, int]) -> list[TaskResult]:
     # The hidden split decided admission; general-suite tasks (is_target False) only check
     # that nothing else got worse, so they are no adapter's task to rank on.
     return list(
@@ -424,7 +424,7 @@ def _matches(version: AdapterVersion, filters: Filters) -> bool:
     return not filters.license or adapter.license == filters.license
 
 
-def _model_id(version: AdapterVersion) -> str:
+def model_id_of(version: AdapterVersion) -> str:
     return f"{version.adapter.owner.get_username()}/{version.adapter.slug}"
 
 
@@ -454,7 +454,7 @@ def _task_boards(
             )
         boards[slug].entries.append(
             TaskEntry(
-                model_id=_model_id(version),
+                model_id=model_id_of(version),
                 title=version.adapter.title,
                 version=version.number,
                 contributor=contributor_name(version.adapter.owner),
@@ -477,7 +477,7 @@ def _task_boards(
 # --- Contributors -------------------------------------------------------------------------------
 
 
-def _contributors(
+def contributor_rows(
     versions: list[AdapterVersion], runs: dict[int, int]
 ) -> tuple[list[ContributorRow], int]:
     """Each contributor of a shown version, with what each version added to the mixture
@@ -506,7 +506,7 @@ def _contributors(
             measured = bool(values.get("measured")) and values.get("delta") is not None
             adapters.append(
                 Contribution(
-                    model_id=_model_id(version),
+                    model_id=model_id_of(version),
                     title=version.adapter.title,
                     version=version.number,
                     license=version.adapter.license,

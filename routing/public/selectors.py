@@ -144,7 +144,7 @@ def model_card(*, owner: str, slug: str) -> ModelCard | None:
         version.adapter = adapter  # the leaderboard's helpers read version.adapter.owner
     latest = admitted[0]
     text, truncated = model_card_text(version=latest)
-    runs = board._latest_runs(admitted)
+    runs = board.latest_runs(admitted)
     numbers = {v.pk: v.number for v in admitted}
     scores = [
         TaskScore(
@@ -159,14 +159,14 @@ def model_card(*, owner: str, slug: str) -> ModelCard | None:
             ci_low=result.ci_low,
             ci_high=result.ci_high,
         )
-        for result in board._task_results(runs)
+        for result in board.task_results(runs)
     ]
     scores.sort(key=lambda s: (-s.version, s.task_title.lower(), s.task))
     days = usage_selectors.adapter_usage_daily(adapter_id=adapter.pk, days=USAGE_DAYS)
     peak = max((d.totals.requests for d in days), default=0)
     return ModelCard(
         adapter=adapter,
-        model_id=board._model_id(latest),
+        model_id=board.model_id_of(latest),
         owner_username=adapter.owner.get_username(),
         contributor=board.contributor_name(adapter.owner),
         profile_public=_public_profile(adapter.owner),
@@ -225,7 +225,7 @@ def contributor_profile(*, username: str) -> Profile | None:
     for version in versions:
         version.adapter.owner = user  # already read; the leaderboard's helpers name it
     # The leaderboard's own figures for this contributor: the same row it shows.
-    rows, total = board._contributors(versions, board._latest_runs(versions))
+    rows, total = board.contributor_rows(versions, board.latest_runs(versions))
     newest: dict[int, AdapterVersion] = {}
     for version in versions:
         newest[version.adapter_id] = version  # ordered by number: the last one wins
