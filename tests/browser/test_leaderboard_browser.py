@@ -9,39 +9,15 @@ fits a phone's width. Screenshots at desktop and phone widths go under var/scree
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
-from django.conf import settings
-from django.db import connections
 
+from tests.browser.conftest import BROWSER_MARKS, PHONE, SCREENSHOTS
 from tests.routing.test_leaderboard import tasks, world  # noqa: F401 (fixtures used by name)
-
-# Playwright's sync API runs an event loop in this thread; Django's ORM (used by the
-# fixtures) refuses to run where a loop is running unless told it is safe.
-os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-    "--disable-quic",
-]
-SCREENSHOTS = Path(settings.BASE_DIR) / "var" / "screenshots"
-DESKTOP = {"width": 1280, "height": 900}
-PHONE = {"width": 390, "height": 844}
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed"),
-]
+pytestmark = BROWSER_MARKS
 
 # How many pixels of the chart's canvas something was drawn on (alpha above zero).
 PAINTED = """(canvas) => {
@@ -50,29 +26,6 @@ PAINTED = """(canvas) => {
   for (let i = 3; i < data.length; i += 4) if (data[i] > 0) painted++;
   return painted;
 }"""
-
-
-@pytest.fixture
-def page():
-    with playwright_sync.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
-        context = browser.new_context(viewport=DESKTOP)
-        page = context.new_page()
-        page.set_default_timeout(20_000)
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.js_errors = errors
-        try:
-            yield page
-        finally:
-            context.close()
-            browser.close()
-            # Inside sync_playwright() this code runs in Playwright's greenlet, which has
-            # its own contextvars, so Django opened a second connection for the ORM calls
-            # made here; close it, or the test database cannot be dropped at the end.
-            connections.close_all()
 
 
 def test_a_visitor_reads_the_leaderboard_and_its_chart(page, live_server, world):  # noqa: F811

@@ -9,15 +9,11 @@ under var/screenshots/ for people to look at.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
-from django.conf import settings
-from django.db import connections
 
 from contributions.models import ApiToken
 from routing.playground import keys
+from tests.browser.conftest import BROWSER_MARKS, SCREENSHOTS
 from tests.factories import PASSWORD
 from tests.routing.conftest import (  # noqa: F401 (the live inference server's fixtures)
     DATES_PROMPTS,
@@ -33,46 +29,13 @@ from tests.routing.conftest import (  # noqa: F401 (the live inference server's 
 )
 from tests.routing.test_inference_api import wait_until
 
-# Playwright's sync API runs an event loop in this thread; Django's ORM (used by the
-# fixtures) refuses to run where a loop is running unless told it is safe.
-os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
-
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-    "--disable-quic",
-]
-SCREENSHOTS = Path(settings.BASE_DIR) / "var" / "screenshots"
 
 pytestmark = [
-    pytest.mark.browser,
+    *BROWSER_MARKS,
     pytest.mark.django_db(transaction=True),
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed"),
 ]
-
-
-@pytest.fixture
-def browser_context():
-    with playwright_sync.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        context.set_default_timeout(30_000)
-        try:
-            yield context
-        finally:
-            context.close()
-            browser.close()
-            # The fixtures' ORM calls ran in Playwright's greenlet, on a second connection.
-            connections.close_all()
 
 
 def test_a_contributor_asks_the_mixture_and_watches_the_answer_and_its_attribution(

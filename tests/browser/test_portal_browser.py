@@ -8,59 +8,18 @@ pages are saved as screenshots under var/screenshots/ for people to look at.
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import pytest
-from django.conf import settings
-from django.db import connections
 
 from contributions.models import AdapterVersion, ApiToken
+from tests.browser.conftest import BROWSER_MARKS, SCREENSHOTS
 from tests.support.crafted import real_adapter
-
-# Playwright's sync API runs an event loop in this thread; Django's ORM (used by the
-# fixtures) refuses to run where a loop is running unless told it is safe.
-os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-    "--disable-quic",
-]
-SCREENSHOTS = Path(settings.BASE_DIR) / "var" / "screenshots"
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed"),
-]
-
-
-@pytest.fixture
-def page():
-    with playwright_sync.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        page = context.new_page()
-        page.set_default_timeout(20_000)
-        try:
-            yield page
-        finally:
-            context.close()
-            browser.close()
-            # Inside sync_playwright() this code runs in Playwright's greenlet, which has
-            # its own contextvars, so Django opened a second connection for the ORM calls
-            # made here; close it, or the test database cannot be dropped at the end.
-            connections.close_all()
+pytestmark = BROWSER_MARKS
 
 
 def test_a_contributor_signs_up_creates_an_adapter_and_uploads_it(

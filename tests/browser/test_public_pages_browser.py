@@ -10,16 +10,14 @@ pages fit a phone's width. Screenshots at desktop and phone widths go under var/
 from __future__ import annotations
 
 from tests.browser import test_leaderboard_browser as browser
+from tests.browser.conftest import BROWSER_MARKS, DESKTOP, PHONE, SCREENSHOTS
 from tests.routing import test_leaderboard as leaderboard_data
 from tests.routing.test_public_pages import README, with_readme
 
 playwright_sync = browser.playwright_sync
-pytestmark = browser.pytestmark
-SCREENSHOTS = browser.SCREENSHOTS
-DESKTOP, PHONE = browser.DESKTOP, browser.PHONE
+pytestmark = BROWSER_MARKS
 
-# Fixtures used by name: the browser page, and the leaderboard tests' stored world.
-page = browser.page
+# Fixtures used by name: the leaderboard tests' stored world.
 tasks = leaderboard_data.tasks
 world = leaderboard_data.world
 

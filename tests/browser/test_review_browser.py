@@ -9,43 +9,22 @@ the queue and of the adapter page go to var/screenshots/ for people to look at.
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
-from django.conf import settings
-from django.db import connections
 
 from contributions.models import AdapterVersion
 from evaluation import models as em
 from evaluation.services import review as review_services
+from tests.browser.conftest import BROWSER_MARKS, SCREENSHOTS
 from tests.evaluation.test_review import make_run, make_version
 from tests.factories import PASSWORD, AdapterFactory
 
-# Playwright's sync API runs an event loop in this thread; Django's ORM (used by the
-# fixtures) refuses to run where a loop is running unless told it is safe.
-os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
-
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-    "--disable-quic",
-]
-SCREENSHOTS = Path(settings.BASE_DIR) / "var" / "screenshots"
 Status = AdapterVersion.Status
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed"),
-]
+pytestmark = BROWSER_MARKS
 
 CARD = b"""# Three-digit adder
 
@@ -53,27 +32,6 @@ A rank-4 LoRA trained on synthetic sums.
 
 <script>alert("this must show as text")</script>
 """
-
-
-@pytest.fixture
-def page():
-    with playwright_sync.sync_playwright() as playwright:
-        # launch() gives every browser a fresh temporary profile of its own.
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        page = context.new_page()
-        page.set_default_timeout(20_000)
-        try:
-            yield page
-        finally:
-            context.close()
-            browser.close()
-            # Inside sync_playwright() the ORM calls made here ran on a second connection
-            # (Playwright's greenlet has its own contextvars); close it so the test database
-            # can be dropped at the end.
-            connections.close_all()
 
 
 def log_in(page, live_server, username: str) -> None:
