@@ -70,32 +70,13 @@ class UnionSplit:
 def union_splits() -> list[UnionSplit]:
     """The union, in a stable order: skill suites then general ones, by suite and task; the
     first TESSERA_EVAL_UNION_EXAMPLES examples of each split (every run measures those)."""
-    found: list[UnionSplit] = []
-    for task in [*selectors.tasks_skill(), *selectors.tasks_general()]:
-        if task.metric not in UNION_METRICS:
-            continue
-        for split in UNION_SPLITS:
-            ids, examples = task_examples_with_ids(task=task, split=split)
-            ids, examples = ids[: union_examples()], examples[: union_examples()]
-            if examples:
-                template = task_split_template(task=task, split=split)
-                found.append(UnionSplit(task, split, ids, examples, template))
-    return found
+    return _splits(_union_tasks(), UNION_METRICS, UNION_SPLITS)
 
 
 def public_splits() -> list[UnionSplit]:
     """The public splits of the same tasks, in the same order and with the same cap: what
     may be learned from (the learned router trains on these), while the union judges."""
-    found: list[UnionSplit] = []
-    for task in [*selectors.tasks_skill(), *selectors.tasks_general()]:
-        if task.metric not in UNION_METRICS:
-            continue
-        ids, examples = task_examples_with_ids(task=task, split=Example.Split.PUBLIC)
-        ids, examples = ids[: union_examples()], examples[: union_examples()]
-        if examples:
-            template = task_split_template(task=task, split=Example.Split.PUBLIC)
-            found.append(UnionSplit(task, Example.Split.PUBLIC, ids, examples, template))
-    return found
+    return _splits(_union_tasks(), UNION_METRICS, (Example.Split.PUBLIC,))
 
 
 # The composite suite's parts metric is "how right", 0 to 1, too: the share of parts found.
@@ -106,15 +87,26 @@ def composite_splits() -> list[UnionSplit]:
     """The composite suite's tasks' hidden splits (two skills in one answer), by suite and
     task, with the union's cap. Kept apart from the union: no run measures them (no
     admission reads them), so outcomes_measure fills them in when a mixture is judged."""
+    return _splits(selectors.tasks_composite(), COMPOSITE_METRICS, (Example.Split.HIDDEN,))
+
+
+def _union_tasks() -> list[Task]:
+    return [*selectors.tasks_skill(), *selectors.tasks_general()]
+
+
+def _splits(tasks: list[Task], metrics: frozenset[str], names: tuple[str, ...]) -> list[UnionSplit]:
+    """Each task's (with one of ``metrics``) splits ``names``, in that order, each its first
+    TESSERA_EVAL_UNION_EXAMPLES examples; an empty split is left out."""
     found: list[UnionSplit] = []
-    for task in selectors.tasks_composite():
-        if task.metric not in COMPOSITE_METRICS:
+    for task in tasks:
+        if task.metric not in metrics:
             continue
-        ids, examples = task_examples_with_ids(task=task, split=Example.Split.HIDDEN)
-        ids, examples = ids[: union_examples()], examples[: union_examples()]
-        if examples:
-            template = task_split_template(task=task, split=Example.Split.HIDDEN)
-            found.append(UnionSplit(task, Example.Split.HIDDEN, ids, examples, template))
+        for split in names:
+            ids, examples = task_examples_with_ids(task=task, split=split)
+            ids, examples = ids[: union_examples()], examples[: union_examples()]
+            if examples:
+                template = task_split_template(task=task, split=split)
+                found.append(UnionSplit(task, split, ids, examples, template))
     return found
 
 
