@@ -81,12 +81,11 @@ def platform_base(url: str) -> str:
     return url
 
 
-class Platform:
-    """The REST API, authenticated with a bearer token."""
+class _Client:
+    """An HTTP client of one of the two APIs, authenticated with a bearer token."""
 
     def __init__(self, url: str, token: str, *, transport: httpx.BaseTransport | None = None):
-        self.url = platform_base(url)
-        self.api = f"{self.url}/api/v1/"
+        self.url = url
         self.http = httpx.Client(
             headers={"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT},
             timeout=TIMEOUT,
@@ -96,11 +95,19 @@ class Platform:
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> Platform:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class Platform(_Client):
+    """The REST API."""
+
+    def __init__(self, url: str, token: str, *, transport: httpx.BaseTransport | None = None):
+        super().__init__(platform_base(url), token, transport=transport)
+        self.api = f"{self.url}/api/v1/"
 
     def request(self, method: str, path: str, **kwargs) -> Any:
         """JSON from ``/api/v1/<path>`` (or an absolute URL the API gave, like ``next``).
@@ -156,25 +163,11 @@ class Platform:
         )
 
 
-class Inference:
+class Inference(_Client):
     """The OpenAI-compatible inference API."""
 
     def __init__(self, url: str, token: str, *, transport: httpx.BaseTransport | None = None):
-        self.url = url.rstrip("/")
-        self.http = httpx.Client(
-            headers={"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT},
-            timeout=TIMEOUT,
-            transport=transport,
-        )
-
-    def close(self) -> None:
-        self.http.close()
-
-    def __enter__(self) -> Inference:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+        super().__init__(url.rstrip("/"), token, transport=transport)
 
     def stream_chat(self, body: dict) -> Iterator[dict]:
         """The chunks of a streamed chat completion, parsed, as the server sends them. An
