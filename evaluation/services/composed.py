@@ -20,7 +20,7 @@ from typing import Any
 from django.conf import settings
 
 from contributions.models import AdapterVersion, BaseModel
-from evaluation.services.outcomes import UnionSplit, _adapter_copies, _run
+from evaluation.services.outcomes import UnionSplit, adapter_copies, child_run
 from evaluation.services.plans import adapter_key
 from evaluation.worker.sandbox import workdir_add_readonly
 from evaluation.worker.specs import AdapterSpec, ComposedTaskSpec, JobSpec
@@ -73,7 +73,7 @@ def composed_measure(
     needed = [version for version in versions if version.pk in wanted]
     workdir = Path(tempfile.mkdtemp(prefix="tessera-composed-"))
     try:
-        adapters, _failures = _adapter_copies(workdir, needed)
+        adapters, _failures = adapter_copies(workdir, needed)
         for index, adapter in enumerate(extra):
             folder = workdir_add_readonly(
                 workdir, f"extra-{index}", files={WEIGHTS_NAME: adapter.weights}
@@ -101,7 +101,7 @@ def composed_measure(
             batch_size=settings.TESSERA_EVAL_BATCH_SIZE,
             device="cuda" if settings.TESSERA_EVAL_GPU_WORKERS else "cpu",
         )
-        result = _run(job, workdir)
+        result = child_run(job, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     measured = result.get("composed") or {}

@@ -145,7 +145,7 @@ def outcomes_measure(
         return {}
     workdir = Path(tempfile.mkdtemp(prefix="tessera-outcomes-"))
     try:
-        adapters, failures = _adapter_copies(workdir, needed)
+        adapters, failures = adapter_copies(workdir, needed)
         measurable = {v.pk for v in needed} - set(failures)
         tasks = [
             TaskSpec(
@@ -167,7 +167,7 @@ def outcomes_measure(
             batch_size=settings.TESSERA_EVAL_BATCH_SIZE,
             device="cuda" if settings.TESSERA_EVAL_GPU_WORKERS else "cpu",
         )
-        result = _run(job, workdir)
+        result = child_run(job, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     for key, reason in (result.get("failed") or {}).items():
@@ -184,7 +184,7 @@ def outcomes_measure(
     return failures
 
 
-def _adapter_copies(
+def adapter_copies(
     workdir: Path, versions: list[AdapterVersion]
 ) -> tuple[list[AdapterSpec], dict[int, str]]:
     """A read-only copy of each version's weights (checked against its sha256) in its own
@@ -208,7 +208,9 @@ def _adapter_copies(
     return specs, failures
 
 
-def _run(job: JobSpec, workdir: Path) -> dict:
+def child_run(job: JobSpec, workdir: Path) -> dict:
+    """The sandboxed child's answer to ``job`` (its adapters' copies under ``workdir``);
+    raises RunFailure when the child fails as a whole or answers no scores."""
     from evaluation.services.execution import CHILD_ARGV
 
     outcome = run_sandboxed(

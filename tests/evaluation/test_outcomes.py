@@ -53,13 +53,13 @@ def test_missing_outcomes_are_measured_once_in_the_sandbox(
     second = upload_version(contributor, variant=1)
     splits = outcomes.union_splits()
     jobs: list = []
-    original = outcomes._run
+    original = outcomes.child_run
 
     def spy(job, workdir):
         jobs.append(job)
         return original(job, workdir)
 
-    monkeypatch.setattr(outcomes, "_run", spy)
+    monkeypatch.setattr(outcomes, "child_run", spy)
     assert (
         outcomes.outcomes_measure(
             base_model=tiny_base_model, versions=[first, second], splits=splits
