@@ -210,6 +210,7 @@ class LearnedRouter(models.Model):
         RUNNING = "running", "Running"
         DONE = "done", "Done"
         FAILED = "failed", "Failed"
+        SUPERSEDED = "superseded", "Superseded by a newer mixture version"
 
     class Kind(models.TextChoices):
         KNN = "knn", "k nearest neighbours"
@@ -232,6 +233,7 @@ class LearnedRouter(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     trained_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)  # done, failed or superseded
     failure_reason = models.TextField(blank=True)
 
     class Meta:

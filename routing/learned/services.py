@@ -69,13 +69,14 @@ def learned_router_enqueue(*, router_id: int) -> None:
 
 def learned_router_train(*, router_id: int) -> str:
     """Everything ``routing.train_router`` does; returns what happened in one word:
-    gone | finished | busy | done | failed. Idempotent: a redelivered or repeated message
-    for a router trained (or failed) already does nothing."""
+    gone | finished | superseded | busy | done | failed. Idempotent: a redelivered or
+    repeated message for a router trained (or failed) already does nothing."""
     router = LearnedRouter.objects.select_related("mixture").filter(pk=router_id).first()
     if router is None:
         return "gone"  # its mixture was deleted, or a command retrained it under a new row
-    # Not coalesced like the scoreboard: every mixture version trains its own router.
-    stopped = job_start(row=router, coalesced=False)
+    # Coalesced: a burst of publications (a maintainer approving a queue of versions) trains
+    # only the newest mixture version's router; the older ones would never be served.
+    stopped = job_start(row=router, coalesced=True)
     if stopped is not None:
         return stopped
     try:
@@ -88,6 +89,7 @@ def learned_router_train(*, router_id: int) -> str:
             row=router,
             status=Status.FAILED,
             trained_at=None,
+            finished_at=timezone.now(),
             failure_reason=job_failure_reason(exc),
         )
         return "failed"
@@ -96,6 +98,7 @@ def learned_router_train(*, router_id: int) -> str:
 
 def _store(router: LearnedRouter, fitted: Fitted, summary: dict) -> None:
     router.parameters_file.save(FILE_NAME, ContentFile(fitted.model.to_npz()), save=False)
+    now = timezone.now()
     settled = job_settle(
         row=router,
         status=Status.DONE,
@@ -104,7 +107,8 @@ def _store(router: LearnedRouter, fitted: Fitted, summary: dict) -> None:
         cv_accuracy=fitted.cv,
         training=summary,
         parameters_file=router.parameters_file.name,
-        trained_at=timezone.now(),
+        trained_at=now,
+        finished_at=now,
     )
     if not settled:  # taken over meanwhile: the other worker's file is the one kept
         router.parameters_file.storage.delete(router.parameters_file.name)

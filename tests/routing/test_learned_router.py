@@ -339,6 +339,21 @@ def test_the_job_is_quiet_for_a_gone_mixture(mixture):
     assert learned_router_train(router_id=10**9) == "gone"
 
 
+def test_a_burst_of_publications_trains_only_the_newest_mixtures_router(mixture):
+    older = LearnedRouter.objects.create(mixture=mixture)
+    newer_mixture = mixture_publish(reason="another admission")
+    newer = LearnedRouter.objects.create(mixture=newer_mixture)
+    assert learned_router_train(router_id=older.pk) == "superseded"
+    older.refresh_from_db()
+    assert older.status == LearnedRouter.Status.SUPERSEDED and older.finished_at is not None
+    assert not older.parameters_file
+    assert learned_router_train(router_id=older.pk) == "finished"
+    assert learned_router_train(router_id=newer.pk) == "done"
+    newer.refresh_from_db()
+    assert newer.status == LearnedRouter.Status.DONE
+    assert newer.finished_at == newer.trained_at is not None
+
+
 def test_publishing_queues_the_training_after_commit(
     db, base_model, settings, sent_tasks, django_capture_on_commit_callbacks
 ):
