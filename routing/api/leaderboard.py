@@ -76,6 +76,9 @@ class BoardSummaryOut(serializers.Serializer):
     task_title = serializers.CharField()
     splits = SplitBoardOut(many=True)
     methods_failed = serializers.BooleanField()
+    methods_pending = serializers.BooleanField(
+        help_text="The routers' figures are final; the mixing methods are being measured."
+    )
 
 
 class HistorySeriesOut(serializers.Serializer):

@@ -14,6 +14,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.conf import settings
+from django.utils import timezone
+
 from contributions.licenses import LICENSES
 from contributions.models import Adapter, AdapterVersion
 from evaluation.models import EvaluationRun, RuleResult, TaskResult
@@ -91,6 +94,7 @@ class Board:
     task_title: str
     splits: list[SplitBoard]
     methods_failed: bool
+    methods_pending: bool  # the mixing methods are still being measured
 
 
 @dataclass(frozen=True)
@@ -279,6 +283,7 @@ def _board(board: Scoreboard, task: str) -> tuple[Board, bool]:
                 continue
             task_title = split.get("title") or task
         splits.append(_split_board(name, split, router, composition))
+    pending, pending_lost = _methods_pending(board)
     summary = Board(
         mixture=board.mixture.number,
         finished_at=board.finished_at,
@@ -288,9 +293,20 @@ def _board(board: Scoreboard, task: str) -> tuple[Board, bool]:
         task=task,
         task_title=task_title,
         splits=splits,
-        methods_failed=bool(figures.get("methods_failed")),
+        methods_failed=bool(figures.get("methods_failed")) or pending_lost,
+        methods_pending=pending and not pending_lost,
     )
     return summary, not task or bool(splits)
+
+
+def _methods_pending(board: Scoreboard) -> tuple[bool, bool]:
+    """Whether the board's mixing methods are still being measured, and whether that
+    measuring was lost (its worker died: pending for longer than a job may run)."""
+    if not (board.figures or {}).get("methods_pending"):
+        return False, False
+    limit = dt.timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT)
+    lost = board.finished_at is None or timezone.now() - board.finished_at > limit
+    return True, lost
 
 
 def _split_board(name: str, split: dict[str, Any], router: str, composition: str) -> SplitBoard:

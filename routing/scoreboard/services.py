@@ -85,7 +85,12 @@ def scoreboard_enqueue(*, board_id: int) -> None:
 
 def scoreboard_compute(*, board_id: int) -> str:
     """Everything ``routing.score_mixture`` does; returns what happened in one word:
-    gone | finished | superseded | busy | done | failed."""
+    gone | finished | superseded | busy | done | failed.
+
+    In two steps, so that the board is public within seconds of the members' outcomes:
+    the routers' figures (stored outcomes only) are settled first, with
+    ``methods_pending``; the mixing methods, which generate answers in a sandboxed child
+    and take minutes, are then measured and written over the same row."""
     board = Scoreboard.objects.select_related("mixture").filter(pk=board_id).first()
     if board is None:
         return "gone"
@@ -94,7 +99,7 @@ def scoreboard_compute(*, board_id: int) -> str:
     if stopped is not None:
         return stopped
     try:
-        figures = mixture_figures(mixture=board.mixture)
+        inputs = board_inputs(mixture=board.mixture)
     except Exception as exc:
         logger.exception("scoreboard of %s failed", board.mixture)
         job_settle(
@@ -104,7 +109,20 @@ def scoreboard_compute(*, board_id: int) -> str:
             failure_reason=job_failure_reason(exc),
         )
         return "failed"
-    job_settle(row=board, status=Status.DONE, finished_at=timezone.now(), figures=figures)
+    settled = job_settle(
+        row=board,
+        status=Status.DONE,
+        finished_at=timezone.now(),
+        figures=inputs.figures(methods={}, methods_pending=True),
+    )
+    if not settled:  # taken over meanwhile: the other worker measures the methods
+        return "done"
+    methods, methods_failed = measure_methods(inputs)
+    figures = inputs.figures(methods=methods, methods_failed=methods_failed)
+    # Only over this job's own first step: a board recomputed meanwhile is left alone.
+    Scoreboard.objects.filter(pk=board.pk, figures__methods_pending=True).update(
+        figures=figures, finished_at=timezone.now()
+    )
     return "done"
 
 
@@ -126,8 +144,79 @@ def members_of(mixture: MixtureVersion) -> list[AdapterVersion]:
     )
 
 
-def mixture_figures(*, mixture: MixtureVersion) -> dict[str, Any]:
-    """The board's figures for ``mixture`` (see the module docstring)."""
+@dataclasses.dataclass
+class BoardInputs:
+    """What a board is computed from: the members' and the base model's outcomes on every
+    split, each router's picks, and the merged adapter; ``figures`` joins them with the
+    mixing methods' scores (none yet, in the board's first step)."""
+
+    mixture: MixtureVersion
+    base_model: Any
+    members: list[AdapterVersion]
+    catalog: Catalog
+    candidates: list[Candidate]
+    routing: dict[str, SplitRouting]
+    merged: ExtraAdapter | None
+    unmeasured: dict[int, str]
+    started: float
+
+    def figures(
+        self,
+        *,
+        methods: dict[str, Any],
+        methods_failed: str | None = None,
+        methods_pending: bool = False,
+    ) -> dict[str, Any]:
+        served = list(self.catalog.adapters)
+        by_name = {
+            name: split_figures(
+                candidates=self.candidates,
+                scores=split.scores,
+                picks={
+                    router: [_version_of(decision) for decision in decisions]
+                    for router, decisions in split.decisions.items()
+                },
+                tasks=_task_slices(split.parts),
+                methods=methods.get(name),
+            )
+            for name, split in self.routing.items()
+        }
+        mixture = self.mixture
+        return {
+            "mixture": mixture.number,
+            "router": mixture.router,
+            "routers": list(ROUTERS),
+            "learned": _learned_summary(mixture) if self.catalog.learned is not None else None,
+            "merged": self.merged is not None,
+            # True between the board's two steps: the routers' figures are final, the
+            # mixing methods are being measured.
+            "methods_pending": methods_pending,
+            "methods_failed": methods_failed,
+            "composition": deployment_composition(),
+            "threshold": (mixture.router_settings or {}).get("threshold"),
+            "members": [
+                {
+                    "model_id": a.model_id,
+                    "version": a.version_number,
+                    "title": a.title,
+                    "contributor": a.contributor_name,
+                    "license": a.license,
+                    "task_tags": list(a.task_tags),
+                }
+                for a in served
+            ],
+            "splits": by_name,
+            "unmeasured": {
+                next(a.model_id for a in served if a.version_id == pk): reason
+                for pk, reason in self.unmeasured.items()
+            },
+            "computed_at": timezone.now().isoformat(),
+            "seconds": round(time.monotonic() - self.started, 1),
+        }
+
+
+def board_inputs(*, mixture: MixtureVersion) -> BoardInputs:
+    """Everything but the mixing methods (see the module docstring)."""
     started = time.monotonic()
     base_model = base_model_active()
     members = [
@@ -140,9 +229,8 @@ def mixture_figures(*, mixture: MixtureVersion) -> dict[str, Any]:
     )
     learned = _learned_model(mixture)
     catalog = dataclasses.replace(public_catalog(mixture, members), learned=learned)
-    served = list(catalog.adapters)
     candidates = [Candidate(None, BASE)] + [
-        Candidate(a.version_id, a.model_id, a.version_number) for a in served
+        Candidate(a.version_id, a.model_id, a.version_number) for a in catalog.adapters
     ]
     grouped = {name: [s for s in splits if s.split == name] for name in UNION_SPLITS}
     grouped[COMPOSITE] = composite
@@ -151,61 +239,44 @@ def mixture_figures(*, mixture: MixtureVersion) -> dict[str, Any]:
         for name, parts in grouped.items()
         if parts
     }
-    merged = _merged_adapter(mixture)
-    methods_failed = None
+    return BoardInputs(
+        mixture=mixture,
+        base_model=base_model,
+        members=members,
+        catalog=catalog,
+        candidates=candidates,
+        routing=routing,
+        merged=_merged_adapter(mixture),
+        unmeasured=unmeasured,
+        started=started,
+    )
+
+
+def measure_methods(inputs: BoardInputs) -> tuple[dict[str, Any], str | None]:
+    """The mixing methods' scores per split, and the failure code when they could not be
+    measured (the routers' figures stand on stored outcomes; only the methods are lost)."""
     try:
         methods = method_scores(
-            base_model=base_model,
-            members=members,
-            catalog=catalog,
-            splits=routing,
-            merged=merged,
+            base_model=inputs.base_model,
+            members=inputs.members,
+            catalog=inputs.catalog,
+            splits=inputs.routing,
+            merged=inputs.merged,
         )
     except RunFailure as failure:
-        # The routers' figures stand on stored outcomes; only the mixing methods are lost.
-        logger.error("the compositions of %s could not be measured: %s", mixture, failure)
-        methods, methods_failed = {}, failure.code  # a code only: the board is public
-    by_name = {
-        name: split_figures(
-            candidates=candidates,
-            scores=split.scores,
-            picks={
-                router: [_version_of(decision) for decision in decisions]
-                for router, decisions in split.decisions.items()
-            },
-            tasks=_task_slices(split.parts),
-            methods=methods.get(name),
-        )
-        for name, split in routing.items()
-    }
-    return {
-        "mixture": mixture.number,
-        "router": mixture.router,
-        "routers": list(ROUTERS),
-        "learned": _learned_summary(mixture) if learned is not None else None,
-        "merged": merged is not None,
-        "methods_failed": methods_failed,
-        "composition": deployment_composition(),
-        "threshold": (mixture.router_settings or {}).get("threshold"),
-        "members": [
-            {
-                "model_id": a.model_id,
-                "version": a.version_number,
-                "title": a.title,
-                "contributor": a.contributor_name,
-                "license": a.license,
-                "task_tags": list(a.task_tags),
-            }
-            for a in served
-        ],
-        "splits": by_name,
-        "unmeasured": {
-            next(a.model_id for a in served if a.version_id == pk): reason
-            for pk, reason in unmeasured.items()
-        },
-        "computed_at": timezone.now().isoformat(),
-        "seconds": round(time.monotonic() - started, 1),
-    }
+        logger.error("the compositions of %s could not be measured: %s", inputs.mixture, failure)
+        return {}, failure.code  # a code only: the board is public
+    except Exception:
+        logger.exception("the compositions of %s could not be measured", inputs.mixture)
+        return {}, "methods_error"
+    return methods, None
+
+
+def mixture_figures(*, mixture: MixtureVersion) -> dict[str, Any]:
+    """The board's whole figures for ``mixture``, in one go."""
+    inputs = board_inputs(mixture=mixture)
+    methods, methods_failed = measure_methods(inputs)
+    return inputs.figures(methods=methods, methods_failed=methods_failed)
 
 
 def _split_routing(

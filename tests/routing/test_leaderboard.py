@@ -468,6 +468,24 @@ def test_the_api_answers_the_same_data(world):
     assert body["contributors"][1]["adapters"][0]["measured"] is False
 
 
+def test_methods_still_being_measured_are_said_so_and_a_lost_measuring_is_a_failure(
+    world, settings
+):
+    board = world["board"]
+    board.figures = {**board.figures, "methods_pending": True}
+    board.save(update_fields=["figures"])
+
+    def summary():
+        return APIClient().get(reverse("routing-api:leaderboard")).json()["board"]
+
+    assert (summary()["methods_pending"], summary()["methods_failed"]) == (True, False)
+    assert "are being measured" in page()
+    # Pending for longer than any job may run: its worker died; the page says not measured.
+    stale = timezone.now() - dt.timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT + 1)
+    Scoreboard.objects.filter(pk=board.pk).update(finished_at=stale)
+    assert (summary()["methods_pending"], summary()["methods_failed"]) == (False, True)
+
+
 def test_the_api_filters_and_reports_what_it_ignored(world):
     client = APIClient()
     body = client.get(reverse("routing-api:leaderboard"), {"license": "MIT", "task": "nope"}).json()

@@ -259,6 +259,44 @@ def test_a_queued_board_of_an_older_mixture_is_superseded_by_a_newer_one(
     assert scoreboard_compute(board_id=10**6) == "gone"
 
 
+def test_the_routers_figures_are_public_before_the_mixing_methods_are_measured(
+    mixture, monkeypatch
+):
+    from routing.scoreboard import services
+
+    board = Scoreboard.objects.create(mixture=mixture)
+    seen = {}
+
+    def measure(inputs):
+        # Between the two steps: the board is done and public, its methods pending.
+        body = APIClient().get(reverse("routing-api:scoreboard-latest")).json()
+        seen.update(status=body["status"], pending=body["figures"]["methods_pending"])
+        n = len(inputs.routing["hidden"].scores[None])
+        return {"hidden": {"embedding/topk": [1.0] * n}}, None
+
+    monkeypatch.setattr(services, "measure_methods", measure)
+    assert scoreboard_compute(board_id=board.pk) == "done"
+    assert seen == {"status": "done", "pending": True}
+    board.refresh_from_db()
+    assert board.status == Scoreboard.Status.DONE
+    assert board.figures["methods_pending"] is False
+    assert board.figures["splits"]["hidden"]["methods"]["embedding/topk"]["score"] == 1.0
+    assert board.figures["splits"]["hidden"]["routers"]["embedding"]["score"] == 1.0
+
+
+def test_a_failure_while_measuring_the_methods_keeps_the_routers_figures(mixture, monkeypatch):
+    def explode(**kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr("routing.scoreboard.services.method_scores", explode)
+    board = scoreboard_compute_now(mixture=mixture)
+    assert board.status == Scoreboard.Status.DONE
+    assert board.figures["methods_failed"] == "methods_error"
+    assert board.figures["methods_pending"] is False
+    assert board.figures["splits"]["hidden"]["routers"]["embedding"]["score"] == 1.0
+    assert "out of memory" not in json.dumps(board.figures)  # the board is public
+
+
 def test_the_command_prints_the_scoreboard_table(mixture, capsys):
     from django.core.management import call_command
 
