@@ -248,6 +248,25 @@ def public_jsonl(
 # --- Lines ------------------------------------------------------------------------------------
 
 
+def sampled_jsonl(data: bytes, *, keep: Mapping[str, int]) -> bytes:
+    """A suite file with only the first ``keep[split]`` examples of each task's splits (a
+    split not named is kept whole): the same suite, smaller, for a development demo or a
+    test that must run the real model in minutes. Lines are kept as they are, so the
+    result parses exactly as the original would, less the examples cut."""
+    counts: dict[tuple[str, str], int] = {}
+    kept = []
+    for line in data.decode().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        split = row.get("split")
+        if split is not None and split in keep:
+            key = (row.get("task"), split)
+            counts[key] = counts.get(key, 0) + 1
+            if counts[key] > keep[split]:
+                continue
+        kept.append(line)
+    return ("\n".join(kept) + "\n").encode()
+
+
 def _task_key_order(key: str) -> int:
     return [
         "task",

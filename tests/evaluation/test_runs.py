@@ -43,6 +43,7 @@ from evaluation.models import (
 from evaluation.models import TestSetResult as SetResult  # not a pytest class
 from evaluation.services import execution, groups, reaper, runs
 from evaluation.services.admission import version_admit
+from evaluation.suite_io import sampled_jsonl
 from tessera.errors import DomainError
 from tests.support import crafted
 from tests.support.tiny_model import save_tiny_llama
@@ -1041,16 +1042,7 @@ def trimmed_suite(path: Path, *, hidden: int = 30, public: int = 5, paraphrase: 
     """A built-in suite with only the first examples of each split (hidden and public at the
     minimum a suite may have), so the real model evaluates it in about a minute."""
     keep = {"hidden": hidden, "public": public, "paraphrase": paraphrase}
-    kept, counts = [], {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if "split" in row:
-            key = (row["task"], row["split"])
-            counts[key] = counts.get(key, 0) + 1
-            if counts[key] > keep.get(row["split"], public):
-                continue
-        kept.append(line)
-    return ("\n".join(kept) + "\n").encode()
+    return sampled_jsonl(path.read_bytes(), keep=keep)
 
 
 def smollm2_adapter_files(config_dir: Path) -> dict[str, bytes]:

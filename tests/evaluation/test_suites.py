@@ -411,6 +411,29 @@ def test_every_built_in_suite_imports_with_enough_examples_per_skill():
 
 
 @pytest.mark.django_db
+def test_load_suites_sample_keeps_each_splits_first_examples_and_a_full_load_follows():
+    out = io.StringIO()
+    call_command("load_suites", "--sample", stdout=out)
+    assert "sampled" in out.getvalue()
+    for task in Task.objects.filter(suite_version__is_current=True):
+        counts = {
+            split: task.examples.filter(split=split).count()
+            for split in ("hidden", "public", "paraphrase")
+        }
+        assert counts["hidden"] == 30 and counts["public"] == 5, task.slug
+        assert counts["paraphrase"] in (0, 10), task.slug
+        first = task.examples.filter(split="hidden").order_by("position").first()
+        assert first.position == 0
+    # The whole files then become every suite's next version, the sampled one kept.
+    call_command("load_suites", stdout=io.StringIO())
+    current = SuiteVersion.objects.filter(is_current=True)
+    assert {v.number for v in current} == {2}
+    assert SuiteVersion.objects.filter(number=1).count() == current.count()
+    addition = Task.objects.get(suite_version__is_current=True, slug="addition")
+    assert addition.examples.filter(split="hidden").count() == 200
+
+
+@pytest.mark.django_db
 def test_load_suites_is_idempotent():
     call_command("load_suites", stdout=io.StringIO())
     before = stored_counts()
