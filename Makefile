@@ -9,6 +9,14 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_SPEC ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
+API_PORT ?= 8001
+# `make run` seeds the demo: its accounts, and every committed demo adapter pushed through
+# the pipeline (DEMO=0: accounts only). The suites are sampled so that the demo evaluates in
+# minutes on a laptop (FULL_SUITES=1: the whole files, hours on a CPU).
+DEMO ?= 1
+FULL_SUITES ?=
+# When `make run` started, so that it can say how long the demo took, install included.
+RUN_STARTED := $(shell date +%s)
 
 .PHONY: run test install install-dev services lint format clean
 
@@ -33,12 +41,13 @@ run: install
 	$(PY) manage.py migrate --no-input
 	@echo "Preparing the base model (converted once, then kept in var/models)…"
 	$(PY) manage.py prepare_base_model
-	@echo "Loading the benchmark suites…"
-	$(PY) manage.py load_suites
-	@echo "Creating the demo accounts$(if $(DEMO_ADAPTERS), and uploading the demo adapters)…"
-	$(PY) manage.py seed_demo $(if $(DEMO_ADAPTERS),--adapters)
+	@echo "Loading the benchmark suites$(if $(FULL_SUITES),, (sampled for the demo; FULL_SUITES=1 loads them whole))…"
+	$(PY) manage.py load_suites $(if $(FULL_SUITES),,--sample)
+	@echo "Creating the demo accounts$(if $(filter 1,$(DEMO)), and uploading the demo adapters)…"
+	$(PY) manage.py seed_demo $(if $(filter 1,$(DEMO)),--adapters)
 	@echo "Starting the web server, the inference server and a Celery worker…"
-	HOST=$(HOST) PORT=$(PORT) PY=$(PY) sh platform/run-local.sh
+	HOST=$(HOST) PORT=$(PORT) API_PORT=$(API_PORT) PY=$(PY) RUN_STARTED=$(RUN_STARTED) \
+		FOLLOW_DEMO=$(DEMO) SAMPLED_SUITES=$(if $(FULL_SUITES),0,1) sh platform/run-local.sh
 
 services:
 	sh platform/ensure-test-services.sh

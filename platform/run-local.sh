@@ -19,19 +19,31 @@ if [ -z "$TESSERA_API_REDIS_URL" ] && [ -z "$REDIS_URL" ] && command -v redis-se
     export TESSERA_API_REDIS_URL=redis://127.0.0.1:6391/0
 fi
 # On a CPU-only development machine the demo's seven adapters, evaluated together in one
-# child on the full splits, need longer than one run's default 25-minute deadline.
+# child, can need longer than one run's default 25-minute deadline (hours on full suites).
 export TESSERA_EVAL_DEADLINE_SECONDS=${TESSERA_EVAL_DEADLINE_SECONDS:-5400}
 export CELERY_TASK_SOFT_TIME_LIMIT=${CELERY_TASK_SOFT_TIME_LIMIT:-5700}
 export CELERY_TASK_TIME_LIMIT=${CELERY_TASK_TIME_LIMIT:-6000}
+if [ "${SAMPLED_SUITES:-0}" = 1 ]; then
+    # Sampled suites hold 30 hidden examples a general task: one example is a 0.033 swing,
+    # so the default 0.05 allowed fall on the general suite would be noise; allow 0.10.
+    export TESSERA_ADMISSION_MAX_GENERAL_DROP=${TESSERA_ADMISSION_MAX_GENERAL_DROP:-0.10}
+fi
 $PY -m celery -A tessera worker --queues default,eval-cpu,eval-gpu --concurrency 1 \
     --beat --schedule var/celerybeat-schedule --loglevel INFO --logfile var/log/worker.log &
 PIDS="$PIDS $!"
 $PY -m uvicorn tessera.serving:application --host "$HOST" --port "$API_PORT" \
     --no-access-log --log-level info >var/log/inference.log 2>&1 &
 PIDS="$PIDS $!"
+$PY manage.py runserver --noreload "$HOST:$PORT" &
+PIDS="$PIDS $!"
 echo
 echo "  Tessera is running at http://$HOST:$PORT/   (API docs: http://$HOST:$PORT/api/docs/)"
 echo "  OpenAI-compatible API: http://$HOST:$API_PORT/v1   (health: http://$HOST:$API_PORT/healthz)"
 echo "  Logs: var/log/worker.log, var/log/inference.log. Ctrl-C stops everything."
 echo
-$PY manage.py runserver "$HOST:$PORT"
+if [ "${FOLLOW_DEMO:-0}" = 1 ]; then
+    echo "Following the demo adapters to a live mixture (evaluation, review, scoreboard)…"
+    $PY manage.py follow_demo --api-url "http://$HOST:$API_PORT" \
+        --site-url "http://$HOST:$PORT" ${RUN_STARTED:+--started "$RUN_STARTED"} || true
+fi
+wait

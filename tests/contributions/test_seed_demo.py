@@ -14,7 +14,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 
 from contributions.base_models import base_model_prepare
-from contributions.management.commands.seed_demo import DEMO_USERS, demo_adapter_folders
+from contributions.demo import DEMO_USERS, demo_adapter_folders
 from contributions.models import Adapter, AdapterVersion, ApiToken
 from evaluation.tasks import evaluate_run
 

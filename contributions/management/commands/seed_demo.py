@@ -12,46 +12,22 @@ from __future__ import annotations
 
 import json
 import secrets
-from pathlib import Path
-from typing import NamedTuple
 
-from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from contributions import services
+from contributions.demo import (
+    DEMO_CONTRIBUTORS,
+    DEMO_USERS,
+    demo_adapter_folders,
+    demo_adapters_root,
+)
 from contributions.intake import UploadPart
 from contributions.models import Adapter, ApiToken
 
 DEMO_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
-CONTROL_ADAPTERS = ("unit-conversion-shuffled",)
-
-
-class DemoUser(NamedTuple):
-    username: str
-    display_name: str
-    is_maintainer: bool
-    api_token: bool  # a "demo" API token, printed with the password
-
-
-DEMO_USERS = (
-    DemoUser("maintainer", "Demo Maintainer", is_maintainer=True, api_token=False),
-    DemoUser("contributor", "Demo Contributor", is_maintainer=False, api_token=True),
-    DemoUser("ada", "Ada Demo", is_maintainer=False, api_token=False),
-    DemoUser("noor", "Noor Demo", is_maintainer=False, api_token=False),
-)
-
-
-def demo_adapter_folders(root: Path, *, with_control: bool = False) -> list[Path]:
-    """The demo adapter folders to upload, by name: every one with a metadata.json, less
-    the control unless asked for."""
-    return [
-        folder
-        for folder in sorted(root.iterdir())
-        if (folder / "metadata.json").is_file()
-        and (with_control or folder.name not in CONTROL_ADAPTERS)
-    ]
 
 
 class Command(BaseCommand):
@@ -88,9 +64,8 @@ class Command(BaseCommand):
 
     def demo_adapters(self, *, with_control: bool) -> None:
         User = get_user_model()
-        demo_contributors = {user.username for user in DEMO_USERS if not user.is_maintainer}
-        root = Path(settings.BASE_DIR) / "demo" / "adapters"
-        for folder in demo_adapter_folders(root, with_control=with_control):
+        demo_contributors = set(DEMO_CONTRIBUTORS)
+        for folder in demo_adapter_folders(demo_adapters_root(), with_control=with_control):
             metadata = json.loads((folder / "metadata.json").read_text())
             username = metadata.pop("contributor", None)
             if username not in demo_contributors:
