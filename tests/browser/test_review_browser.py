@@ -16,9 +16,9 @@ import pytest
 from contributions.models import AdapterVersion
 from evaluation import models as em
 from evaluation.services import review as review_services
-from tests.browser.conftest import BROWSER_MARKS, SCREENSHOTS
+from tests.browser.conftest import BROWSER_MARKS, SCREENSHOTS, log_in, log_out
 from tests.evaluation.test_review import make_run, make_version
-from tests.factories import PASSWORD, AdapterFactory
+from tests.factories import AdapterFactory
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
@@ -32,18 +32,6 @@ A rank-4 LoRA trained on synthetic sums.
 
 <script>alert("this must show as text")</script>
 """
-
-
-def log_in(page, live_server, username: str) -> None:
-    page.goto(f"{live_server.url}/login/")
-    page.get_by_label("Username").fill(username)
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Log in").click()
-    playwright_sync.expect(page.get_by_text("Signed in as")).to_contain_text(username)
-
-
-def log_out(page) -> None:
-    page.get_by_role("button", name="Log out").click()
 
 
 def test_a_maintainer_approves_from_the_queue_and_the_contributor_sees_the_reason(
