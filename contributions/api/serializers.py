@@ -172,3 +172,25 @@ class IntakeRulesOut(serializers.Serializer):
     max_upload_bytes = serializers.IntegerField()
     allowed_dtypes = serializers.ListField(child=serializers.CharField())
     licenses = serializers.DictField(child=serializers.CharField())
+
+
+class BaseModelFileOut(serializers.Serializer):
+    name = serializers.CharField()
+    size = serializers.IntegerField(help_text="Bytes.")
+    sha256 = serializers.CharField()
+    url = serializers.CharField(help_text="GET it with the same API token.")
+
+
+class BaseModelManifestOut(serializers.Serializer):
+    name = serializers.CharField()
+    aliases = serializers.ListField(child=serializers.CharField())
+    adapter_base_model_name = serializers.CharField(
+        help_text="What an adapter trained on these files writes as base_model_name_or_path."
+    )
+    weights_sha256 = serializers.CharField()
+    sha256 = serializers.CharField(
+        help_text="sha256 of the files' listing, one `<sha256>  <name>` line each in name "
+        "order (as sha256sum prints it): one value that names these exact files."
+    )
+    total_size = serializers.IntegerField(help_text="Bytes, all files together.")
+    files = BaseModelFileOut(many=True)

@@ -7,6 +7,14 @@ app_name = "api"
 urlpatterns = [
     path("intake-rules/", views.IntakeRulesApi.as_view(), name="intake-rules"),
     path("me/", views.MeApi.as_view(), name="me"),
+    path("base-model/", views.BaseModelManifestApi.as_view(), name="base-model"),
+    # <path:…>: a name with a slash reaches the view too, and is refused there like any
+    # other name the manifest does not list.
+    path(
+        "base-model/files/<path:name>",
+        views.BaseModelFileApi.as_view(),
+        name="base-model-file",
+    ),
     path("adapters/", views.AdapterListApi.as_view(), name="adapter-list"),
     path("adapters/<int:adapter_id>/", views.AdapterDetailApi.as_view(), name="adapter-detail"),
     path(

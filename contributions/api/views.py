@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 from django.http import FileResponse
+from django.urls import reverse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import status
+from rest_framework.exceptions import APIException
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny
@@ -15,9 +21,10 @@ from rest_framework.views import APIView
 
 from contributions import selectors, services
 from contributions.api import serializers as s
+from contributions.base_models import MANIFEST_NAME
 from contributions.intake import IntakeLimits, UploadPart
 from contributions.licenses import LICENSES
-from contributions.models import Adapter
+from contributions.models import Adapter, BaseModel
 from contributions.upload_handlers import upload_limit_bytes
 from tessera.errors import DomainError
 
@@ -213,3 +220,144 @@ class MeApi(APIView):
                 "is_maintainer": selectors.user_is_maintainer(request.user),
             }
         )
+
+
+# --- The base model's files ---------------------------------------------------------------------
+
+# The name manage.py train_adapter writes into an adapter when the base model has it as an alias.
+SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BASE_MODEL_ERRORS = {
+    401: OpenApiResponse(description="Missing or invalid API token."),
+    503: OpenApiResponse(
+        description="No base model is active (`base_model_missing`), or this server has no "
+        "prepared copy of it (`base_model_not_prepared`)."
+    ),
+}
+
+
+class BaseModelUnavailable(APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_code = "base_model_not_prepared"
+    default_detail = "The base model is not prepared on this server."
+
+
+def _prepared_copy(base_model: BaseModel) -> tuple[Path, dict[str, dict]]:
+    """The prepared folder and its manifest's files (``{name: {"size", "sha256"}}``): the
+    config, tokenizer files and weights the platform loads, never the manifest itself.
+
+    Refused with 503 unless the folder holds the complete copy of this very base model: a
+    manifest for its weights, and every listed file there with its listed size. Hashes are
+    not recomputed on each request (the prepare command checks them); clients check them."""
+    folder = Path(base_model.local_path)
+    files = _listed_files(folder, weights_sha256=base_model.weights_sha256)
+    if files is None:
+        raise BaseModelUnavailable(
+            f"The base model {base_model.name} has no prepared copy on this server; an "
+            "operator must run 'python manage.py prepare_base_model' here.",
+            code="base_model_not_prepared",
+        )
+    return folder, files
+
+
+def _listed_files(folder: Path, *, weights_sha256: str) -> dict[str, dict] | None:
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+        files = manifest["files"]
+        if manifest.get("weights_sha256") != weights_sha256 or not files:
+            return None
+        for name, entry in files.items():
+            if name in ("", ".", "..") or Path(name).name != name:
+                return None
+            if not isinstance(entry["sha256"], str):
+                return None
+            if (folder / name).stat().st_size != entry["size"]:
+                return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return files
+
+
+def _active_base_model() -> BaseModel:
+    try:
+        return selectors.base_model_active()
+    except DomainError as exc:  # no active row: unavailable, like a copy not yet prepared
+        raise BaseModelUnavailable(exc.message, code=exc.code) from exc
+
+
+def adapter_base_model_name(base_model: BaseModel) -> str:
+    """The ``base_model_name_or_path`` an adapter trained on this base model writes, as
+    manage.py train_adapter chooses it: the hub name when it is an alias, else the first
+    ``org/name`` alias, else the model's name (all of them names intake accepts)."""
+    if SMOLLM2_HUB_NAME in base_model.aliases:
+        return SMOLLM2_HUB_NAME
+    with_org = [alias for alias in base_model.aliases if "/" in alias and not alias.startswith("/")]
+    return with_org[0] if with_org else base_model.name
+
+
+def files_listing_sha256(files: dict[str, dict]) -> str:
+    """sha256 of ``<sha256>  <name>`` lines in name order, as ``sha256sum`` prints them."""
+    listing = "".join(f"{files[name]['sha256']}  {name}\n" for name in sorted(files))
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()
+
+
+class BaseModelManifestApi(APIView):
+    """The active base model's prepared files, to download one by one (``tessera train``
+    fetches them into its cache to train an adapter on a contributor's machine)."""
+
+    @extend_schema(
+        responses={200: s.BaseModelManifestOut, **BASE_MODEL_ERRORS},
+        operation_id="base_model_manifest",
+    )
+    def get(self, request: Request) -> Response:
+        base_model = _active_base_model()
+        _folder, files = _prepared_copy(base_model)
+        listed = [
+            {
+                "name": name,
+                "size": files[name]["size"],
+                "sha256": files[name]["sha256"],
+                "url": request.build_absolute_uri(
+                    reverse("api:base-model-file", kwargs={"name": name})
+                ),
+            }
+            for name in sorted(files)
+        ]
+        data = {
+            "name": base_model.name,
+            "aliases": base_model.aliases,
+            "adapter_base_model_name": adapter_base_model_name(base_model),
+            "weights_sha256": base_model.weights_sha256,
+            "sha256": files_listing_sha256(files),
+            "total_size": sum(entry["size"] for entry in listed),
+            "files": listed,
+        }
+        return Response(s.BaseModelManifestOut(data).data)
+
+
+class BaseModelFileApi(APIView):
+    """One file of the manifest, streamed. Only the manifest's names are served: anything
+    else (another file in the folder, a path) is an unknown file."""
+
+    @extend_schema(
+        responses={
+            (200, "application/octet-stream"): bytes,
+            404: OpenApiResponse(
+                description="Not a file of the manifest (`base_model_file_unknown`)."
+            ),
+            **BASE_MODEL_ERRORS,
+        },
+        operation_id="base_model_file",
+    )
+    def get(self, request: Request, name: str) -> FileResponse:
+        folder, files = _prepared_copy(_active_base_model())
+        if name not in files:
+            raise DomainError(
+                "base_model_file_unknown",
+                f"The base model has no file {name!r}; GET /api/v1/base-model/ lists its files.",
+                kind="not_found",
+            )
+        # FileResponse streams the file in blocks and closes it when the response is done.
+        handle = open(folder / name, "rb")  # noqa: SIM115
+        response = FileResponse(handle, as_attachment=True, filename=name)
+        response["Content-Type"] = "application/octet-stream"
+        return response
