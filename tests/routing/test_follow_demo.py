@@ -140,21 +140,26 @@ def test_the_command_ends_when_the_scored_mixture_serves(demo, health_server):
     assert "/leaderboard/" in text and "/playground/" in text
 
 
-def test_the_command_gives_up_at_its_timeout_while_the_server_serves_an_older_mixture(
-    demo, health_server
+@pytest.mark.django_db(transaction=True)  # on_commit mail goes out as in production
+def test_the_command_approves_mails_to_a_file_and_gives_up_at_its_timeout(
+    demo, health_server, settings, tmp_path
 ):
     _server, url = health_server
-    demo_step()
-    _scored(mixture_selectors.mixture_active())
+    settings.EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"
+    settings.VAR_DIR = tmp_path
     _Health.mixture = None  # still starting
     out = StringIO()
+    arguments = ["--api-url", url, "--interval", "0.05", "--timeout", "0.3"]
     with pytest.raises(SystemExit) as exited:
-        call_command(
-            "follow_demo", "--api-url", url, "--interval", "0.05", "--timeout", "0.3", stdout=out
-        )
+        call_command("follow_demo", *arguments, stdout=out)
     assert exited.value.code == 1
-    assert "waiting for the inference server to load mixture" in out.getvalue()
-    assert "not serving yet" in out.getvalue()
+    text = out.getvalue()
+    assert "ada/three-digit-addition: approved by the demo maintainer" in text
+    assert "not serving yet" in text
+    # The approval's e-mail went to a file under var/mail, not into the progress.
+    assert "A Tessera maintainer reviewed" not in text
+    (mail,) = (tmp_path / "mail").iterdir()
+    assert "ada/three-digit-addition" in mail.read_text()
 
 
 def test_the_command_says_so_when_no_demo_adapter_was_uploaded(db):

@@ -13,13 +13,18 @@ serves, 1 on the timeout (the servers keep running either way).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+from django.conf import settings
 from django.core.management.base import BaseCommand
+from django.test.utils import override_settings
 
 from routing.demo import DemoState, VersionLine, board_summary, demo_step, serving_mixture
 
 # How often a running evaluation's progress is printed again when nothing else changed.
 PROGRESS_EVERY = 15.0
+CONSOLE_MAIL = "django.core.mail.backends.console.EmailBackend"
+FILE_MAIL = "django.core.mail.backends.filebased.EmailBackend"
 
 
 class Command(BaseCommand):
@@ -45,6 +50,15 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
+        # The review e-mails to the demo contributors would be printed in the middle of the
+        # progress by the development console backend: they go to var/mail/ instead.
+        if settings.EMAIL_BACKEND == CONSOLE_MAIL:
+            mail = Path(settings.VAR_DIR) / "mail"
+            with override_settings(EMAIL_BACKEND=FILE_MAIL, EMAIL_FILE_PATH=str(mail)):
+                return self._follow(options)
+        return self._follow(options)
+
+    def _follow(self, options) -> None:
         started = options["started"] or time.time()
         deadline = time.monotonic() + options["timeout"]
         printed: dict[str, str] = {}
@@ -117,6 +131,10 @@ class Command(BaseCommand):
         self.stdout.write(f"  Playground:  {site}/playground/")
         self.stdout.write(f"  Review:      {site}/review/")
         self.stdout.write(f"  API:         {options['api_url'].rstrip('/')}/v1")
+        if settings.EMAIL_BACKEND == FILE_MAIL:
+            self.stdout.write(
+                f"  The review e-mails to the demo contributors: {settings.EMAIL_FILE_PATH}/"
+            )
 
 
 def _status_words(line: VersionLine) -> str:
