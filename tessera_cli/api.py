@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
 
@@ -19,6 +19,9 @@ USER_AGENT = "tessera-cli/0.1"
 TIMEOUT = httpx.Timeout(30.0, read=120.0)
 # An upload of the largest allowed adapter can take a while on a slow line.
 UPLOAD_TIMEOUT = httpx.Timeout(30.0, read=600.0, write=600.0)
+# Downloads are streamed in chunks this large; TIMEOUT's read limit applies to each chunk,
+# so a slow line only has to keep bytes coming.
+DOWNLOAD_CHUNK = 1024 * 1024
 MAX_THROTTLE_WAITS = 5
 
 
@@ -109,9 +112,10 @@ class Platform(_Client):
         super().__init__(platform_base(url), token, transport=transport)
         self.api = f"{self.url}/api/v1/"
 
-    def request(self, method: str, path: str, **kwargs) -> Any:
-        """JSON from ``/api/v1/<path>`` (or an absolute URL the API gave, like ``next``).
-        A 429 is waited out as its ``Retry-After`` says, a few times."""
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """The response of ``/api/v1/<path>`` (or an absolute URL the API gave, like
+        ``next``), its error raised as ApiError. A 429 is waited out as its ``Retry-After``
+        says, a few times."""
         url = urljoin(self.api, path)
         for _ in range(MAX_THROTTLE_WAITS):
             try:
@@ -124,7 +128,36 @@ class Platform(_Client):
             break
         if response.is_error:
             raise error_from(response)
+        return response
+
+    def request(self, method: str, path: str, **kwargs) -> Any:
+        """JSON from ``/api/v1/<path>``."""
+        response = self._send(method, path, **kwargs)
         return response.json() if response.content else None
+
+    def get_bytes(self, path: str) -> bytes:
+        """The body of a GET that answers something else than JSON (a JSONL download)."""
+        return self._send("GET", path).content
+
+    def download(self, path: str, write: Callable[[bytes], Any]) -> None:
+        """Stream a GET of ``/api/v1/<path>`` into ``write``, chunk by chunk, never holding
+        the whole body (the base model's weights are hundreds of MB)."""
+        url = urljoin(self.api, path)
+        try:
+            for _ in range(MAX_THROTTLE_WAITS):
+                with self.http.stream("GET", url) as response:
+                    if response.status_code == 429:
+                        time.sleep(_retry_after(response, 5.0))
+                        continue
+                    if response.is_error:
+                        response.read()
+                        raise error_from(response)
+                    for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
+                        write(chunk)
+                    return
+        except httpx.TransportError as exc:
+            raise _connection_error(self.url, exc) from exc
+        raise ApiError(429, "throttled", f"{url} kept answering 429 Too Many Requests.")
 
     def get(self, path: str, **params) -> Any:
         return self.request("GET", path, params=params or None)
@@ -154,6 +187,16 @@ class Platform(_Client):
             if adapter["owner"] == owner and adapter["slug"] == slug:
                 return self.get(f"adapters/{adapter['id']}/")
         return None
+
+    def base_model(self) -> dict:
+        """The active base model's files: names, sizes, sha256 (``GET base-model/``)."""
+        return self.get("base-model/")
+
+    def download_base_model_file(self, name: str, write: Callable[[bytes], Any]) -> None:
+        self.download(f"base-model/files/{quote(name)}", write)
+
+    def suites(self) -> list[dict]:
+        return self.get("suites/")
 
     def upload(self, adapter_id: int, files: list[tuple[str, bytes]]) -> dict:
         """A new version: every file a part of the multipart field ``files``."""

@@ -4,6 +4,10 @@ One JSON file, readable by its owner only (0600) since it holds a bearer token, 
 user's config directory: ``$TESSERA_CONFIG_DIR`` when set (tests, several accounts), else
 platformdirs' config dir when platformdirs is installed, else ``$XDG_CONFIG_HOME/tessera``
 (``~/.config/tessera``).
+
+What ``tessera train`` downloads (the base model's files) goes to the user's cache
+directory instead, found the same way: ``$TESSERA_CACHE_DIR``, platformdirs' cache dir, else
+``$XDG_CACHE_HOME/tessera`` (``~/.cache/tessera``).
 """
 
 from __future__ import annotations
@@ -37,6 +41,18 @@ def config_dir() -> Path:
         base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
         return Path(base) / "tessera"
     return Path(platformdirs.user_config_dir("tessera"))
+
+
+def cache_dir() -> Path:
+    override = os.environ.get("TESSERA_CACHE_DIR")
+    if override:
+        return Path(override)
+    try:
+        import platformdirs
+    except ImportError:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(base) / "tessera"
+    return Path(platformdirs.user_cache_dir("tessera"))
 
 
 def config_path() -> Path:

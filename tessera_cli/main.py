@@ -1,8 +1,8 @@
-"""The ``tessera`` command: login, push, status, withdraw, import-hub and ask.
+"""The ``tessera`` command: login, push, status, withdraw, import-hub, ask and train.
 
 Exit codes: 0 done (for push and import-hub: the version passed or was admitted), 1 the
 version failed evaluation (or was rejected), 2 a usage error, a refusal by an API (its own
-message is shown) or an unreachable server.
+message is shown), an unreachable server or a training that could not run.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from tessera_cli import config, follow, intake
+from tessera_cli import basemodel, config, follow, intake, train
 from tessera_cli.api import ApiError, Inference, Platform, platform_base
 
 EXIT_OK = 0
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tessera",
         description="Upload LoRA adapters to a Tessera platform, follow their evaluation, "
-        "and ask the served mixture.",
+        "ask the served mixture, and train an adapter locally.",
         epilog="Exit codes: 0 done or passed, 1 the version failed evaluation, 2 an error.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -339,6 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--temperature", type=float)
     ask.add_argument("--inference-url", help="over the one stored at login")
     ask.set_defaults(handler=cmd_ask)
+
+    trainer = commands.add_parser(
+        "train",
+        help="train a LoRA adapter for the platform's base model on this machine's CPU",
+        description="Fetch the platform's base model (once; it is cached), train a LoRA "
+        "adapter on a task's examples as `manage.py train_adapter` does, score the task's "
+        "public split before and after, and write the folder `tessera push` uploads.",
+    )
+    train.add_arguments(trainer)
+    trainer.set_defaults(handler=train.cmd_train)
     return parser
 
 
@@ -361,10 +371,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, problems in fields.items():
                 print(f"  {name}: {_first(problems)}", file=sys.stderr)
         return EXIT_ERROR
-    except (UsageError, config.NotLoggedIn, intake.IntakeError, TimeoutError) as exc:
+    except (
+        UsageError,
+        config.NotLoggedIn,
+        intake.IntakeError,
+        TimeoutError,
+        train.TrainError,
+        basemodel.BaseModelError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
+        if args.command == "train":
+            print("interrupted: the training stopped", file=sys.stderr)
+            return 130
         # Only the waiting stops: an uploaded version's evaluation goes on on the platform.
         print("interrupted (`tessera status SLUG` shows where things stand)", file=sys.stderr)
         return 130
