@@ -2,5 +2,6 @@
 
 It speaks only to Tessera's two public HTTP APIs, the REST API (``/api/v1/…``) and the
 OpenAI-compatible inference API (``/v1/…``), so it runs on a contributor's machine without the
-platform's server code or its database.
+platform's server code or its database. ``tessera train`` also runs the training kit
+(evaluation.training, imported only by that command), which needs neither.
 """

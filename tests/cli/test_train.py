@@ -295,12 +295,14 @@ def test_before_login_it_says_so(cli, data_file, tmp_path):
 
 
 def test_a_damaged_cached_copy_is_downloaded_again(
-    logged_in, key, tiny_base_model, tmp_path, downloads
+    logged_in, key, tiny_base_model, tmp_path, downloads, capsys
 ):
     with Platform(logged_in, key) as platform:
         manifest = basemodel.parse_manifest(platform.base_model())
-        first = basemodel.fetch(platform, manifest, tmp_path, progress=False)
+        first = basemodel.fetch(platform, manifest, tmp_path, progress=True)
         assert first.downloaded and len(downloads) == len(manifest.files)
+        bar = capsys.readouterr().err  # the download's progress line
+        assert "base model: 100%" in bar and "B/" in bar
         assert not basemodel.fetch(platform, manifest, tmp_path, progress=False).downloaded
         config = first.folder / "config.json"
         damaged = bytearray(config.read_bytes())
