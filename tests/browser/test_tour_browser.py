@@ -24,10 +24,12 @@ from evaluation import models as em
 from evaluation.services import review as review_services
 from evaluation.services.test_sets import contributor_test_set_create
 from tests.browser.conftest import (
+    AUTOFOCUSED,
     BROWSER_MARKS,
     DESKTOP,
     PHONE,
     SCREENSHOTS,
+    UNFOCUSED,
     audit,
     log_in,
     sideways_scroll,
@@ -39,7 +41,8 @@ from tests.factories import AdapterFactory, UserFactory
 from tests.routing import test_leaderboard as leaderboard_data
 from tests.routing.test_public_pages import README, with_readme
 
-pytest.importorskip("playwright.sync_api")
+playwright_sync = pytest.importorskip("playwright.sync_api")
+expect = playwright_sync.expect
 
 pytestmark = BROWSER_MARKS
 
@@ -160,11 +163,34 @@ def test_every_page_at_desktop_and_phone_width(browser_context, live_server, tou
             found = [] if response.status == stop.status else [f"status {response.status}"]
             if width == "phone" and (wider := sideways_scroll(page)) > 0:
                 found.append(f"scrolls sideways by {wider}px")
+            if not page.evaluate(f"({UNFOCUSED}) || {AUTOFOCUSED}"):
+                found.append("something has the focus as the page opens")
             found += audit(page)
             found += [f"failed to load: {what}" for what in page.broken]
             problems += [f"{width}: {problem}" for problem in found]
         if problems:
             failed[f"{stop.name} ({stop.path})"] = problems
+
+    # On a phone the main navigation folds behind a Menu button, opened and closed by
+    # keyboard or pointer.
+    page = pages[OWNER]
+    page.set_viewport_size(PHONE)
+    page.goto(f"{live_server.url}/")
+    nav = page.get_by_role("navigation", name="Main")
+    menu = nav.get_by_role("button", name="Menu")
+    expect(nav.get_by_role("link", name="Leaderboard")).to_be_hidden()
+    menu.click()
+    expect(menu).to_have_attribute("aria-expanded", "true")
+    expect(nav.get_by_role("link", name="Leaderboard")).to_be_visible()
+    expect(nav.get_by_role("button", name="Log out")).to_be_visible()
+    page.screenshot(path=str(SCREENSHOTS / "menu-phone.png"))
+    page.keyboard.press("Escape")
+    expect(menu).to_have_attribute("aria-expanded", "false")
+    expect(menu).to_be_focused()
+    expect(nav.get_by_role("link", name="Leaderboard")).to_be_hidden()
+    page.set_viewport_size(DESKTOP)  # wide: the links show without the button
+    expect(menu).to_be_hidden()
+    expect(nav.get_by_role("link", name="Leaderboard")).to_be_visible()
 
     for page in pages.values():
         page.context.close()
