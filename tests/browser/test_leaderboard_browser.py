@@ -61,7 +61,7 @@ def test_a_visitor_reads_the_leaderboard_and_its_chart(page, live_server, world)
     expect(contributors).to_contain_text("70.0%")
     history = page.get_by_role("table", name="Scores by mixture version (hidden examples)")
     expect(history.get_by_role("row")).to_have_count(3)
-    page.screenshot(path=str(SCREENSHOTS / "leaderboard-desktop.png"), full_page=True)
+    page.screenshot(path=str(SCREENSHOTS / "leaderboard-chart-desktop.png"), full_page=True)
 
     # Filtering is a plain GET form.
     page.get_by_label("Task", exact=True).select_option("dates")
@@ -80,7 +80,7 @@ def test_a_visitor_reads_the_leaderboard_and_its_chart(page, live_server, world)
     box = page.locator(".lb-chart canvas").first.bounding_box()
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"]
     assert page.locator(".lb-chart canvas").first.evaluate(PAINTED) > 500
-    page.screenshot(path=str(SCREENSHOTS / "leaderboard-phone.png"), full_page=True)
+    page.screenshot(path=str(SCREENSHOTS / "leaderboard-chart-phone.png"), full_page=True)
     assert page.js_errors == []
 
 

@@ -83,7 +83,7 @@ def test_a_contributor_asks_the_mixture_and_watches_the_answer_and_its_attributi
     )
     expect(attribution.get_by_role("table", name="Routing scores")).to_be_visible()
     expect(attribution).to_contain_text("embedding")
-    page.screenshot(path=str(SCREENSHOTS / "playground-desktop.png"), full_page=True)
+    page.screenshot(path=str(SCREENSHOTS / "playground-answer-desktop.png"), full_page=True)
 
     # No key anywhere in the page the browser holds.
     key = browser_context.pages[0].evaluate("document.documentElement.outerHTML")
@@ -107,4 +107,4 @@ def test_a_contributor_asks_the_mixture_and_watches_the_answer_and_its_attributi
     expect(attribution.get_by_role("table", name="Routing scores")).to_be_visible()
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, f"the page scrolls sideways on a phone ({width}px)"
-    page.screenshot(path=str(SCREENSHOTS / "playground-phone.png"), full_page=True)
+    page.screenshot(path=str(SCREENSHOTS / "playground-answer-phone.png"), full_page=True)

@@ -58,8 +58,8 @@ def test_a_visitor_goes_from_the_leaderboard_to_a_card_and_its_contributor(
     expect(bars).to_have_count(30)
     assert bars.last.bounding_box()["height"] > 50  # today's 60 answers: the tallest bar
     expect(page.get_by_role("link", name="Back to the leaderboard")).to_be_visible()
-    page.screenshot(path=str(SCREENSHOTS / "model-card-desktop.png"), full_page=True)
-    _fits_a_phone(page, "model-card")
+    page.screenshot(path=str(SCREENSHOTS / "visitor-model-card-desktop.png"), full_page=True)
+    _fits_a_phone(page, "visitor-model-card")
 
     # The contributor's profile, from the card.
     page.get_by_role("definition").get_by_role("link", name="Ann").click()
@@ -69,8 +69,8 @@ def test_a_visitor_goes_from_the_leaderboard_to_a_card_and_its_contributor(
     credit = page.get_by_role("table", name="The mixture score each adapter added")
     expect(credit).to_contain_text("+0.250")
     expect(page.get_by_text("70.0%")).to_be_visible()
-    page.screenshot(path=str(SCREENSHOTS / "contributor-desktop.png"), full_page=True)
-    _fits_a_phone(page, "contributor")
+    page.screenshot(path=str(SCREENSHOTS / "visitor-contributor-desktop.png"), full_page=True)
+    _fits_a_phone(page, "visitor-contributor")
 
     assert alerts == []  # the README's script never ran
     assert page.js_errors == []
