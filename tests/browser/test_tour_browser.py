@@ -7,7 +7,7 @@ saved as var/screenshots/<page>-desktop.png and <page>-phone.png, and checked: t
 it should answer with, one <h1> and headings in order, landmarks and a working skip link,
 a label for every form control, alt text, text contrast of WCAG AA, no uncaught JavaScript
 error, nothing that fails to load, and no sideways scrolling on a phone. Every problem of
-every page is listed in one failure.
+every page is listed in one failure. A page broken on purpose shows the checks can fail.
 """
 
 from __future__ import annotations
@@ -199,3 +199,40 @@ def test_every_page_at_desktop_and_phone_width(browser_context, live_server, tou
         for name, problems in failed.items()
     )
     assert not failed, f"{len(failed)} of {len(TOUR)} pages have problems:\n{report}"
+
+
+BROKEN = """<!doctype html><html><head><title>Broken</title></head><body>
+<a class="skip-link" href="#nowhere">Skip</a>
+<header><nav>Unlabelled</nav></header>
+<main id="main"><h1>One</h1><h1>Two</h1><h3>Skipped a level</h3>
+<p style="color: #bbb; background: #fff">Pale grey on white</p>
+<input type="text" name="alone"><select name="choice"><option>a</option></select>
+<img src="data:,"><div role="img"></div><button></button></main>
+</body></html>"""
+
+
+def test_the_audit_finds_what_it_looks_for(page):
+    problems = audit(page_with(page, BROKEN))
+    expected = [
+        "2 <h1> elements",
+        "heading skips from h1 to h3",
+        "no labelled <nav> in the header",
+        "no <footer>",
+        "no skip link to <main>",
+        "no lang on <html>",
+        "form control without a label: <input",
+        "form control without a label: <select",
+        "form control without a label: <button",
+        "image without alt",
+        "role=img without a name",
+        "contrast 1.92:1",
+        "the focused skip link shows no focus ring",
+    ]
+    for start in expected:
+        assert any(p.startswith(start) for p in problems), (start, "\n".join(problems))
+    assert len(problems) == len(expected), problems
+
+
+def page_with(page, html: str):
+    page.set_content(html)
+    return page
