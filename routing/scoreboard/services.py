@@ -87,10 +87,12 @@ def scoreboard_compute(*, board_id: int) -> str:
     """Everything ``routing.score_mixture`` does; returns what happened in one word:
     gone | finished | superseded | busy | done | failed.
 
-    In two steps, so that the board is public within seconds of the members' outcomes:
-    the routers' figures (stored outcomes only) are settled first, with
-    ``methods_pending``; the mixing methods, which generate answers in a sandboxed child
-    and take minutes, are then measured and written over the same row."""
+    In two steps, so that the board is public within seconds of the members' admission:
+    first what stands on the outcomes admission stored (the hidden and paraphrase splits,
+    under the embedding router and the learned router if it is trained already), settled
+    with ``methods_pending``; then what needs a sandboxed child and takes minutes (the
+    learned router's training, the composite split's outcomes, the mixing methods), written
+    over the same row."""
     board = Scoreboard.objects.select_related("mixture").filter(pk=board_id).first()
     if board is None:
         return "gone"
@@ -99,7 +101,7 @@ def scoreboard_compute(*, board_id: int) -> str:
     if stopped is not None:
         return stopped
     try:
-        inputs = board_inputs(mixture=board.mixture)
+        first = board_inputs(mixture=board.mixture, stored_only=True)
     except Exception as exc:
         logger.exception("scoreboard of %s failed", board.mixture)
         job_settle(
@@ -113,11 +115,20 @@ def scoreboard_compute(*, board_id: int) -> str:
         row=board,
         status=Status.DONE,
         finished_at=timezone.now(),
-        figures=inputs.figures(methods={}, methods_pending=True),
+        figures=first.figures(methods={}, methods_pending=True),
     )
-    if not settled:  # taken over meanwhile: the other worker measures the methods
+    if not settled:  # taken over meanwhile: the other worker measures the rest
         return "done"
-    methods, methods_failed = measure_methods(inputs)
+    try:
+        inputs = board_inputs(mixture=board.mixture)
+    except RunFailure as failure:  # the composite split could not be measured
+        logger.error("the composite split of %s could not be measured: %s", board.mixture, failure)
+        inputs, methods, methods_failed = first, {}, failure.code
+    except Exception:
+        logger.exception("the second step of the board of %s failed", board.mixture)
+        inputs, methods, methods_failed = first, {}, "methods_error"
+    else:
+        methods, methods_failed = measure_methods(inputs)
     figures = inputs.figures(methods=methods, methods_failed=methods_failed)
     # Only over this job's own first step: a board recomputed meanwhile is left alone.
     Scoreboard.objects.filter(pk=board.pk, figures__methods_pending=True).update(
@@ -188,8 +199,8 @@ class BoardInputs:
             "routers": list(ROUTERS),
             "learned": _learned_summary(mixture) if self.catalog.learned is not None else None,
             "merged": self.merged is not None,
-            # True between the board's two steps: the routers' figures are final, the
-            # mixing methods are being measured.
+            # True between the board's two steps: the hidden and paraphrase splits' routers
+            # are in; the learned router, the composite split and the mixing methods follow.
             "methods_pending": methods_pending,
             "methods_failed": methods_failed,
             "composition": deployment_composition(),
@@ -215,25 +226,29 @@ class BoardInputs:
         }
 
 
-def board_inputs(*, mixture: MixtureVersion) -> BoardInputs:
-    """Everything but the mixing methods (see the module docstring)."""
+def board_inputs(*, mixture: MixtureVersion, stored_only: bool = False) -> BoardInputs:
+    """Everything but the mixing methods (see the module docstring). ``stored_only``: the
+    board's first step, from the outcomes admission stored, without the composite split
+    and with the learned router only if it is trained already (neither starts a child,
+    unless a member's union outcomes are missing)."""
     started = time.monotonic()
     base_model = base_model_active()
     members = [
         v for v in members_of(mixture) if v.adapter.visibility != v.adapter.Visibility.PRIVATE
     ]
     splits = union_splits()
-    composite = composite_splits()
+    composite = [] if stored_only else composite_splits()
     unmeasured = outcomes_measure(
         base_model=base_model, versions=members, splits=[*splits, *composite]
     )
-    learned = _learned_model(mixture)
+    learned = learned_router_load(mixture_id=mixture.pk) if stored_only else _learned_model(mixture)
     catalog = dataclasses.replace(public_catalog(mixture, members), learned=learned)
     candidates = [Candidate(None, BASE)] + [
         Candidate(a.version_id, a.model_id, a.version_number) for a in catalog.adapters
     ]
     grouped = {name: [s for s in splits if s.split == name] for name in UNION_SPLITS}
-    grouped[COMPOSITE] = composite
+    if not stored_only:
+        grouped[COMPOSITE] = composite
     routing = {
         name: _split_routing(base_model.pk, catalog, candidates, parts)
         for name, parts in grouped.items()

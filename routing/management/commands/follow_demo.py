@@ -118,12 +118,15 @@ class Command(BaseCommand):
                 f"serves, {_minutes(time.time() - started)} after `make run` started."
             )
         )
-        self.stdout.write("Scoreboard (hidden examples; routed = the mixture):")
+        self.stdout.write(
+            "Scoreboard (routed: the mixture; each split scored on its held-out examples):"
+        )
         for line in board_summary(state.figures):
             self.stdout.write(line)
         if state.figures.get("methods_pending"):
             self.stdout.write(
-                "  The composition methods are being measured; the leaderboard shows them "
+                "  The learned router, the composite split and the composition methods are being "
+                "measured; the leaderboard shows them "
                 "when they are done."
             )
         self.stdout.write("")
