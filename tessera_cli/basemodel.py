@@ -210,6 +210,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# The platform hashes its own copy the same way (contributions.base_models), but that module
+# needs Django's settings: the command line runs on a contributor's machine without them.
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
