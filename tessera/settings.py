@@ -208,6 +208,9 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         # kombu's default is "control" in the current directory: the exchange tables that
         # route each message to its queue belong with the queue, shared by every process.
         "control_folder": str(VAR_DIR / "broker" / "control"),
+        # One message per poll: at kombu's default of a second, a burst of admissions
+        # (three small jobs per mixture version) waited seconds per job just to be read.
+        "polling_interval": 0.2,
     }
 CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default="") or None
 CELERY_TASK_SERIALIZER = "json"
