@@ -98,8 +98,9 @@ BAR = """() => {
   const bar = document.querySelector("progress.run-progress");
   if (!bar) return null;
   const label = document.getElementById(bar.dataset.labelId);
+  const badge = bar.closest(".version").querySelector(".badge");
   return {value: bar.value, max: bar.max, label: label ? label.textContent : "",
-          reloaded: window.__journeyMark !== true};
+          badge: badge ? badge.textContent : "", reloaded: window.__journeyMark !== true};
 }"""
 
 PASSPHRASE = "a long enough passphrase 42"
@@ -146,6 +147,8 @@ def watch_the_bar(page, timeout: float = 90) -> list[tuple[float, float]]:
             seen.append((bar["value"], bar["max"]))
             if 0 < bar["value"] < bar["max"]:
                 assert re.fullmatch(r"\d+ of \d+ · scoring", bar["label"]), bar["label"]
+                # The version's badge follows its run without a reload.
+                assert bar["badge"] == "evaluating", bar["badge"]
                 shot(page, "progress")
         time.sleep(0.25)
     return seen
