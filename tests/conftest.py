@@ -4,7 +4,9 @@ binaries for the session; plus personas and the test base model.
 PostgreSQL comes from pytest-postgresql's process fixture, through tests/support/pg_ctl,
 which runs it as the postgres user when the suite runs as root (CI does). Django's test
 database is created on that server by pytest-django, so every test that touches the
-database talks to PostgreSQL, never SQLite.
+database talks to PostgreSQL, never SQLite, unless TESSERA_TEST_DATABASE=sqlite: then
+Django's own SQLite test database stands in (tests/tessera/test_sqlite_pages.py runs the
+public pages' tests that way, since SQLite is what a fresh clone runs on).
 """
 
 from __future__ import annotations
@@ -47,11 +49,19 @@ def pg_server(_service_tmp_access, request: pytest.FixtureRequest):
     return request.getfixturevalue("postgresql_proc")
 
 
+SQLITE = os.environ.get("TESSERA_TEST_DATABASE") == "sqlite"
+
+
 @pytest.fixture(scope="session")
-def django_db_modify_db_settings(pg_server, redis_proc) -> None:
+def django_db_modify_db_settings(request: pytest.FixtureRequest, redis_proc) -> None:
     """Point Django at the suite's PostgreSQL and Redis before the test database exists."""
     from django.conf import settings
 
+    if SQLITE:
+        settings.DATABASES["default"]["ENGINE"] = "django.db.backends.sqlite3"
+        _redis_cache(settings, redis_proc)
+        return
+    pg_server = request.getfixturevalue("pg_server")
     db = settings.DATABASES["default"]
     # Mutated in place: Django's connection handler holds this very dict (with its
     # defaults filled in), and no connection has been opened yet.
@@ -73,6 +83,10 @@ def django_db_modify_db_settings(pg_server, redis_proc) -> None:
     for alias in connections:
         with contextlib.suppress(AttributeError):
             del connections[alias]
+    _redis_cache(settings, redis_proc)
+
+
+def _redis_cache(settings, redis_proc) -> None:
     settings.CACHES["default"] = {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": redis_url(redis_proc, db=1),

@@ -405,10 +405,14 @@ def latest_runs(versions: list[AdapterVersion]) -> dict[int, int]:
             version_id__in=[v.pk for v in versions], status=EvaluationRun.Status.SUCCEEDED
         )
         .order_by("version_id", "-finished_at", "-id")
-        .distinct("version_id")
         .values_list("version_id", "id")
     )
-    return dict(rows)
+    # The first row of each version, newest first; by hand, not DISTINCT ON, which only
+    # PostgreSQL has (the embedded default is SQLite). A version has a run or two.
+    latest: dict[int, int] = {}
+    for version_id, run_id in rows:
+        latest.setdefault(version_id, run_id)
+    return latest
 
 
 def task_results(runs: dict[int, int]) -> list[TaskResult]:
