@@ -169,6 +169,11 @@ class IntakeRulesOut(serializers.Serializer):
     base_model_aliases = serializers.ListField(child=serializers.CharField())
     target_modules = serializers.ListField(child=serializers.CharField())
     max_rank = serializers.IntegerField()
+    max_alpha = serializers.FloatField()
+    scale_range = serializers.ListField(
+        child=serializers.FloatField(), help_text="[lowest, highest] lora_alpha / r."
+    )
+    max_dropout = serializers.FloatField()
     max_upload_bytes = serializers.IntegerField()
     allowed_dtypes = serializers.ListField(child=serializers.CharField())
     licenses = serializers.DictField(child=serializers.CharField())

@@ -23,6 +23,7 @@ from contributions import selectors, services
 from contributions.api import serializers as s
 from contributions.base_models import MANIFEST_NAME
 from contributions.intake import IntakeLimits, UploadPart
+from contributions.intake.config import LORA_SCALE_RANGE, MAX_LORA_ALPHA, MAX_LORA_DROPOUT
 from contributions.licenses import LICENSES
 from contributions.models import Adapter, BaseModel
 from contributions.upload_handlers import upload_limit_bytes
@@ -55,6 +56,9 @@ class IntakeRulesApi(APIView):
             "base_model_aliases": base_model.aliases,
             "target_modules": base_model.target_module_names,
             "max_rank": limits.max_rank,
+            "max_alpha": MAX_LORA_ALPHA,
+            "scale_range": list(LORA_SCALE_RANGE),
+            "max_dropout": MAX_LORA_DROPOUT,
             "max_upload_bytes": limits.max_upload_bytes,
             "allowed_dtypes": ["float16", "bfloat16", "float32"],
             "licenses": LICENSES,

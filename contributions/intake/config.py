@@ -17,6 +17,13 @@ from typing import Any
 from contributions.intake.base import IntakeError, load_json_strictly
 
 CONFIG_MAX_BYTES = 64 * 1024
+# What real LoRA adapters use, with room to spare: alpha is usually r to 4r (16 to 256 at the
+# ranks we take), so the scale alpha/r the engine folds into B is about 0.25 to 4; dropout
+# is 0 to 0.1, sometimes 0.3. A scale far outside this is no adapter anyone trained: it
+# multiplies B into float16 overflow, or nothing at all.
+MAX_LORA_ALPHA = 1024.0
+LORA_SCALE_RANGE = (1 / 128, 64.0)
+MAX_LORA_DROPOUT = 0.5
 _REQUIRED = ("peft_type", "task_type", "r", "lora_alpha", "target_modules")
 # Keys that import code, fetch files, smuggle full layers or tokens, or replace the weights'
 # initialisation with a recipe of their own. Refused whenever they hold a value; PEFT writes
@@ -122,9 +129,12 @@ def parse_config(
     for key, types in _IGNORED_TYPES.items():
         if key in config and not _is_a(config[key], types):
             raise _invalid(key, f"must be {' or '.join(t.__name__ for t in types)}")
+    rank = _rank(config["r"], max_rank)
+    alpha = _alpha(config["lora_alpha"])
+    _check_scale(alpha, rank)
     return LoraSettings(
-        rank=_rank(config["r"], max_rank),
-        alpha=_alpha(config["lora_alpha"]),
+        rank=rank,
+        alpha=alpha,
         dropout=_dropout(config.get("lora_dropout", 0.0)),
         target_modules=_target_modules(config["target_modules"], target_names),
     )
@@ -218,12 +228,36 @@ def _rank(value: Any, max_rank: int) -> int:
 def _alpha(value: Any) -> float:
     if not _is_a(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise _invalid("lora_alpha", "must be a positive number")
+    if value > MAX_LORA_ALPHA:
+        raise IntakeError(
+            "config_alpha_out_of_range",
+            f"The LoRA alpha is {value}; it must be at most {MAX_LORA_ALPHA:g}.",
+            details={"lora_alpha": value, "max_alpha": MAX_LORA_ALPHA},
+        )
     return float(value)
 
 
+def _check_scale(alpha: float, rank: int) -> None:
+    low, high = LORA_SCALE_RANGE
+    scale = alpha / rank
+    if not low <= scale <= high:
+        raise IntakeError(
+            "config_scale_out_of_range",
+            f"The LoRA scale lora_alpha / r is {scale:g} ({alpha:g} / {rank}); it must be "
+            f"between {low:g} and {high:g}.",
+            details={"scale": scale, "min_scale": low, "max_scale": high},
+        )
+
+
 def _dropout(value: Any) -> float:
-    if not _is_a(value, (int, float)) or not 0 <= value < 1:
-        raise _invalid("lora_dropout", "must be a number at least 0 and below 1")
+    if not _is_a(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise _invalid("lora_dropout", "must be a number at least 0")
+    if value > MAX_LORA_DROPOUT:
+        raise IntakeError(
+            "config_dropout_out_of_range",
+            f"The LoRA dropout is {value}; it must be at most {MAX_LORA_DROPOUT:g}.",
+            details={"lora_dropout": value, "max_dropout": MAX_LORA_DROPOUT},
+        )
     return float(value)
 
 

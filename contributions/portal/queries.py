@@ -12,6 +12,7 @@ from django.db.models import OuterRef, QuerySet, Subquery
 
 from contributions import selectors
 from contributions.intake import IntakeLimits
+from contributions.intake.config import LORA_SCALE_RANGE, MAX_LORA_ALPHA, MAX_LORA_DROPOUT
 from contributions.licenses import LICENSE_CHOICES
 from contributions.models import Adapter, AdapterVersion, ApiToken, AuditEvent, BaseModel
 from tessera.errors import DomainError
@@ -85,6 +86,9 @@ class IntakeRules:
     target_modules: list[str]
     base_model_names: list[str]  # what adapter_config.json's base_model_name_or_path may say
     licenses: list[tuple[str, str]]
+    max_alpha: float = MAX_LORA_ALPHA
+    scale_range: tuple[float, float] = LORA_SCALE_RANGE
+    max_dropout: float = MAX_LORA_DROPOUT
 
 
 def intake_rules() -> IntakeRules:

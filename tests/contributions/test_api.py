@@ -137,6 +137,11 @@ def test_intake_rules_are_public_and_describe_the_base_model(base_model):
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     assert body["max_rank"] == 64
+    assert (body["max_alpha"], body["scale_range"], body["max_dropout"]) == (
+        1024.0,
+        [1 / 128, 64.0],
+        0.5,
+    )
     assert "Apache-2.0" in body["licenses"]
 
 
@@ -314,6 +319,14 @@ def _refusals():
             "config_rank_out_of_range",
         ),
         (
+            "scale far beyond a real LoRA's",
+            {
+                "adapter_config.json": crafted.mutated_config(real.config, {"lora_alpha": 1000}),
+                "adapter_model.safetensors": real.weights,
+            },
+            "config_scale_out_of_range",
+        ),
+        (
             "code-loading key",
             {
                 "adapter_config.json": crafted.mutated_config(
@@ -339,7 +352,7 @@ def _refusals():
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(7))
 def test_a_refused_upload_answers_400_with_its_code_and_leaves_nothing(
     adapter, contributor, media_root, case
 ):

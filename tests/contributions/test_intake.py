@@ -521,6 +521,37 @@ def test_the_rank_limit_comes_from_the_limits():
 
 
 @pytest.mark.parametrize(
+    ("changes", "code"),
+    [
+        ({"lora_alpha": 2048}, "config_alpha_out_of_range"),
+        ({"lora_alpha": 1e308}, "config_alpha_out_of_range"),
+        ({"lora_alpha": 257}, "config_scale_out_of_range"),  # 64.25 at r = 4
+        ({"lora_alpha": 0.02}, "config_scale_out_of_range"),  # 0.005
+        ({"r": 64, "lora_alpha": 0.1}, "config_scale_out_of_range"),
+        ({"lora_dropout": 0.6}, "config_dropout_out_of_range"),
+        ({"lora_dropout": 1.0}, "config_dropout_out_of_range"),
+    ],
+    ids=repr,
+)
+def test_numbers_beyond_what_a_real_lora_uses_are_refused_with_their_bound(changes, code):
+    error = refusal(with_config_changes(changes))
+    assert error.code == code
+    bound = {"max_alpha", "min_scale", "max_scale", "max_dropout"} & set(error.details)
+    assert bound, error.details
+
+
+@pytest.mark.parametrize(
+    "changes", [{"lora_alpha": 256}, {"lora_alpha": 4 / 128}, {"lora_dropout": 0.5}], ids=repr
+)
+def test_the_bounds_themselves_are_accepted(changes):
+    result = validate(with_config_changes(changes))
+    if "lora_alpha" in changes:
+        assert result.alpha == float(changes["lora_alpha"])
+    if "lora_dropout" in changes:
+        assert result.dropout == changes["lora_dropout"]
+
+
+@pytest.mark.parametrize(
     "changes",
     [
         {"r": "4"},
@@ -530,7 +561,6 @@ def test_the_rank_limit_comes_from_the_limits():
         {"lora_alpha": -8},
         {"lora_alpha": "8"},
         {"lora_alpha": True},
-        {"lora_dropout": 1.0},
         {"lora_dropout": -0.1},
         {"lora_dropout": "0"},
         {"target_modules": []},

@@ -668,6 +668,8 @@ def test_rules_page_lists_limits_targets_and_licenses(client, base_model, settin
     settings.TESSERA_MAX_LORA_RANK = 32
     page = text(client.get(reverse("portal:rules")))
     assert "<dd>32</dd>" in page
+    assert "at most 1024, and <code>lora_alpha / r</code> between 0.0078 and 64" in page
+    assert "<dd>0 to 0.5</dd>" in page
     for module in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
         assert f"<code>{module}</code>" in page
     assert "Apache-2.0" in page and "OpenRAIL-M" in page
