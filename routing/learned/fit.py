@@ -3,9 +3,12 @@ compared by cross-validated routing accuracy; pure numpy and scikit-learn, no da
 
 Routing accuracy is the scoreboard's: among held-out examples some candidate solves (score
 at least 0.5), the share where the candidate the router picks (by the serving rule: the
-best adapter if it beats the base model's prediction, else the base model) solves it. Only
-public benchmark examples are held out; contributors' example prompts always stay in the
-training folds, as they say something about one adapter only.
+best adapter if it beats the base model's prediction by the margin, else the base model)
+solves it. It cannot see examples nobody solves (there every pick scores the same), so ties
+in accuracy go to the setting that leaves more of those to the base model, the safe
+default: an adapter that does not help should not answer. Only public benchmark examples
+are held out; contributors' example prompts always stay in the training folds, as they say
+something about one adapter only.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ from routing.router.learned import KINDS, LearnedRouterModel
 SOLVED = 0.5
 KS = (40, 20, 10, 5, 3, 1)  # largest first: on a tie the smoother model wins
 CS = (0.1, 1.0, 10.0)  # strongest regularisation first, for the same reason
+# How much an adapter's P(correct) must beat the base model's: the one kept routes the
+# held-out examples best (accuracy, then the base model's share of what nobody solves; the
+# larger margin on a tie), so prompts nobody solves stay on the base model wherever that
+# costs no solvable example.
+MARGINS = (0.0, 0.05, 0.1, 0.2, 0.3)
 FOLDS = 5
 MIN_SCORED = 2  # fewer scored examples than this: nothing to cross-validate on
 
@@ -50,9 +58,34 @@ class Fitted:
     model: LearnedRouterModel
     kind: str
     params: dict
-    # {kind: {"accuracy": best cross-validated accuracy or None, "params": its params,
-    #         "grid": [{"params": ..., "accuracy": ...}, ...], "n": examples it was over}}
+    # {kind: {"accuracy": best cross-validated accuracy or None, "base_kept": its share of
+    #         unsolved examples kept on the base model, "params": its params,
+    #         "grid": [{"params": ..., "accuracy": ..., "base_kept": ...}, ...],
+    #         "n": solvable examples it was over}}
     cv: dict = field(default_factory=dict)
+    # [{"margin": m, "accuracy": ..., "base_kept": ...}, ...] for the chosen kind
+    margins: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CrossValidated:
+    """How held-out examples were routed: ``accuracy`` over the solvable ones (None: none),
+    ``base_kept`` the share of the unsolvable ones left to the base model (None: none)."""
+
+    accuracy: float | None
+    n: int
+    base_kept: float | None
+    unsolved: int
+
+    def key(self) -> tuple[float, float]:
+        """Accuracy first; the base model's share of what nobody solves breaks ties."""
+        return (
+            -1.0 if self.accuracy is None else self.accuracy,
+            0.0 if self.base_kept is None else self.base_kept,
+        )
+
+    def entry(self) -> dict:
+        return {"accuracy": self.accuracy, "base_kept": self.base_kept}
 
 
 def fit_best(
@@ -65,70 +98,121 @@ def fit_best(
     seed: int = 0,
 ) -> Fitted:
     """Tune each kind in ``kinds`` by cross-validation, keep the best one (ties: the first
-    kind listed), refit it on everything."""
+    kind listed), choose its margin, refit it on everything."""
     grids = {"knn": [{"k": k} for k in ks], "linear": [{"C": c} for c in cs]}
     splits = _folds(data.scored, folds, seed)
     cv: dict = {}
-    best: tuple[float, str, dict] | None = None
+    best: tuple[tuple[float, float], str, dict] | None = None
     for kind in kinds:
-        results = []
-        for params in grids[kind]:
-            accuracy, n = cross_validated(data, kind, params, splits)
-            results.append({"params": params, "accuracy": accuracy})
-        scored = [r for r in results if r["accuracy"] is not None]
-        top = max(scored, key=lambda r: r["accuracy"]) if scored else results[0]
-        cv[kind] = {"accuracy": top["accuracy"], "params": top["params"], "grid": results, "n": n}
-        value = -1.0 if top["accuracy"] is None else top["accuracy"]
-        if best is None or value > best[0]:
-            best = (value, kind, top["params"])
+        results = [(params, cross_validated(data, kind, params, splits)) for params in grids[kind]]
+        # max keeps the first of equals: the smoother setting, listed first.
+        params, top = max(results, key=lambda result: result[1].key())
+        cv[kind] = {
+            **top.entry(),
+            "params": params,
+            "grid": [{"params": p, **r.entry()} for p, r in results],
+            "n": top.n,
+        }
+        if best is None or top.key() > best[0]:
+            best = (top.key(), kind, params)
     assert best is not None, "at least one kind to fit"
-    _value, kind, params = best
-    model = fit(data, kind, params, rows=np.arange(data.scored))
-    return Fitted(model=model, kind=kind, params=params, cv=cv)
+    _key, kind, params = best
+    margin, margins = _margin(data, kind, params, splits)
+    model = fit(data, kind, params, rows=np.arange(data.scored), margin=margin)
+    return Fitted(
+        model=model, kind=kind, params={**params, "margin": margin}, cv=cv, margins=margins
+    )
+
+
+def _margin(
+    data: TrainingSet, kind: str, params: dict, splits: list[np.ndarray]
+) -> tuple[float, list]:
+    """The margin of MARGINS that routes held-out examples best (accuracy, then the base
+    model's share of what nobody solves; the larger margin on a tie), and each one's
+    figures."""
+    held, predicted = held_out_predictions(data, kind, params, splits)
+    results = [(m, routing_hits(predicted, data, held, margin=m)) for m in MARGINS]
+    chosen = max(results, key=lambda result: (result[1].key(), result[0]))[0]
+    return chosen, [{"margin": m, **r.entry()} for m, r in results]
 
 
 def cross_validated(
     data: TrainingSet, kind: str, params: dict, splits: list[np.ndarray]
-) -> tuple[float | None, int]:
-    """(routing accuracy over every held-out fold, how many solvable examples it is over);
-    None when there was nothing to hold out or nothing solvable."""
-    solved = n = 0
+) -> CrossValidated:
+    """How the held-out folds were routed by models fitted without them."""
+    held, predicted = held_out_predictions(data, kind, params, splits)
+    return routing_hits(predicted, data, held)
+
+
+def held_out_predictions(
+    data: TrainingSet, kind: str, params: dict, splits: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the held-out rows, each one's prediction by the model fitted without its fold)."""
     everything = np.arange(data.scored)
+    rows, predictions = [], []
     for held in splits:
         train = np.setdiff1d(everything, held)
-        if not len(train) and not len(data.owner):
+        if not len(held) or (not len(train) and not len(data.owner)):
             continue
         model = fit(data, kind, params, rows=train)
-        hits, count = routing_accuracy_counts(model, data, held)
-        solved, n = solved + hits, n + count
-    return (solved / n if n else None), n
+        rows.append(held)
+        predictions.append(model.predict(data.points[held]))
+    if not rows:
+        columns = data.correct.shape[1]
+        return np.zeros(0, dtype=np.intp), np.zeros((0, columns), dtype=np.float32)
+    return np.concatenate(rows), np.concatenate(predictions)
+
+
+def routing_hits(
+    predicted: np.ndarray, data: TrainingSet, rows: np.ndarray, *, margin: float = 0.0
+) -> CrossValidated:
+    """How ``rows`` are routed by their ``predicted`` values (see the module docstring)."""
+    if not len(rows):
+        return CrossValidated(None, 0, None, 0)
+    picks = picks_of(predicted, margin=margin)
+    known = data.known[rows]
+    solves = known & (data.correct[rows] >= SOLVED)
+    solvable = solves.any(axis=1)
+    unsolved = known.any(axis=1) & ~solvable
+    hit = solves[np.arange(len(rows)), picks] & solvable
+    kept = (picks == 0) & unsolved
+    return CrossValidated(
+        accuracy=_accuracy(int(hit.sum()), int(solvable.sum())),
+        n=int(solvable.sum()),
+        base_kept=_accuracy(int(kept.sum()), int(unsolved.sum())),
+        unsolved=int(unsolved.sum()),
+    )
 
 
 def routing_accuracy_counts(
     model: LearnedRouterModel, data: TrainingSet, rows: np.ndarray
-) -> tuple[int, int]:
-    """(solvable rows among ``rows`` whose pick solves them, solvable rows)."""
-    if not len(rows):
-        return 0, 0
-    predicted = model.predict(data.points[rows])
-    picks = picks_of(predicted)
-    solves = data.known[rows] & (data.correct[rows] >= SOLVED)
-    solvable = solves.any(axis=1)
-    hit = solves[np.arange(len(rows)), picks]
-    return int((hit & solvable).sum()), int(solvable.sum())
+) -> CrossValidated:
+    """How ``model`` routes ``rows``."""
+    return routing_hits(
+        model.predict(data.points[rows]) if len(rows) else np.zeros((0, model.columns)),
+        data,
+        rows,
+        margin=model.margin,
+    )
 
 
-def picks_of(predicted: np.ndarray) -> np.ndarray:
+def _accuracy(solved: int, n: int) -> float | None:
+    return solved / n if n else None
+
+
+def picks_of(predicted: np.ndarray, *, margin: float = 0.0) -> np.ndarray:
     """The serving rule over every column: the best adapter if it beats the base model's
-    prediction, else the base model (column 0)."""
+    prediction by ``margin``, else the base model (column 0)."""
     if predicted.shape[1] == 1:
         return np.zeros(len(predicted), dtype=np.intp)
     best = 1 + np.argmax(predicted[:, 1:], axis=1)
-    beats = predicted[np.arange(len(predicted)), best] > predicted[:, 0]
+    beats = predicted[np.arange(len(predicted)), best] > predicted[:, 0] + margin
     return np.where(beats, best, 0)
 
 
-def fit(data: TrainingSet, kind: str, params: dict, *, rows: np.ndarray) -> LearnedRouterModel:
+def fit(
+    data: TrainingSet, kind: str, params: dict, *, rows: np.ndarray, margin: float = 0.0
+) -> LearnedRouterModel:
     """A model of ``kind`` on the scored ``rows`` and every example prompt."""
     prior = _prior(data, rows)
     if kind == "knn":
@@ -144,6 +228,7 @@ def fit(data: TrainingSet, kind: str, params: dict, *, rows: np.ndarray) -> Lear
             known=np.ascontiguousarray(data.known[rows], dtype=np.float32),
             owner=np.asarray(data.owner, dtype=np.int64),
             k=int(params["k"]),
+            margin=margin,
         )
     if kind == "linear":
         weights, bias = _logistic(data, rows, prior, float(params["C"]))
@@ -154,6 +239,7 @@ def fit(data: TrainingSet, kind: str, params: dict, *, rows: np.ndarray) -> Lear
             mixture_number=data.mixture_number,
             weights=weights,
             bias=bias,
+            margin=margin,
         )
     raise ValueError(f"unknown learned router kind {kind!r}")
 

@@ -98,8 +98,9 @@ def _decide(
     columns = np.fromiter((index[a] for a in scored), dtype=np.intp, count=len(scored))
     values = predicted[columns].astype(np.float64)
     best, scores, ranked = ranking(scored, values)
-    base = float(predicted[0])
-    # Strictly better than the base model: on a tie the base answers, the safe default.
+    # Better than the base model by the model's margin: on a tie, or a gain too small for
+    # cross-validation to trust, the base answers, the safe default.
+    base = float(predicted[0]) + model.margin
     accepted = ranked[0][1] > base if threshold is None else ranked[0][1] >= threshold
     return RoutingDecision(
         router=LEARNED,

@@ -40,6 +40,9 @@ class LearnedRouterModel:
     owner: np.ndarray | None = None  # int64 [N - N_public]
     k: int = 0
     alpha: float = 1.0
+    # How much an adapter's predicted P(correct) must exceed the base model's for it to
+    # answer (chosen by cross-validation: the largest that costs no held-out example).
+    margin: float = 0.0
     # linear
     weights: np.ndarray | None = None  # float32 [C, d]
     bias: np.ndarray | None = None  # float32 [C]
@@ -111,8 +114,12 @@ class LearnedRouterModel:
             at = (np.repeat(np.arange(n), top.shape[1]), owners.reshape(-1))
             np.add.at(numerator, at, prompt_weight.reshape(-1))
             np.add.at(denominator, at, prompt_weight.reshape(-1))
+        # Every column is pulled towards the base model's prior, not its own: where the
+        # neighbours say nothing about an adapter, it predicts what the base does (and the
+        # base answers, the tie going to it); a column's own mean would hand a prompt that
+        # nobody solves to whichever adapter does best elsewhere.
         pull = self.alpha * weight.mean(axis=1, keepdims=True)
-        return ((numerator + pull * self.prior) / (denominator + pull)).astype(np.float32)
+        return ((numerator + pull * self.prior[0]) / (denominator + pull)).astype(np.float32)
 
     # --- Storage: an .npz without pickles -----------------------------------------------------
 
@@ -125,6 +132,7 @@ class LearnedRouterModel:
             "prior": np.asarray(self.prior, dtype=np.float32),
             "k": np.asarray(self.k, dtype=np.int64),
             "alpha": np.asarray(self.alpha, dtype=np.float64),
+            "margin": np.asarray(self.margin, dtype=np.float64),
         }
         for name in ("points", "correct", "known", "weights", "bias"):
             value = getattr(self, name)
@@ -160,6 +168,8 @@ class LearnedRouterModel:
             owner=optional("owner", np.int64),
             k=int(arrays["k"]),
             alpha=float(arrays["alpha"]),
+            # Files written before the margin existed route with none.
+            margin=float(arrays["margin"]) if "margin" in arrays else 0.0,
             weights=optional("weights", np.float32),
             bias=optional("bias", np.float32),
         )
@@ -178,6 +188,8 @@ class LearnedRouterModel:
         ]
         if not all(np.isfinite(a).all() for a in present):
             raise ValueError("a learned router's arrays must be finite")
+        if not 0.0 <= self.margin < 1.0:
+            raise ValueError("a learned router's margin is a probability difference in [0, 1)")
         if self.kind == "knn":
             dense = len(self.correct)
             prompts = 0 if self.owner is None else len(self.owner)

@@ -4,6 +4,7 @@ from the database's public outcomes only, the Celery job, and the serving catalo
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from pathlib import Path
@@ -182,6 +183,68 @@ def test_prompts_no_adapter_helps_go_to_the_base_model(fitted):
         assert decision.ranked  # still ranked, for a composition that wants them
 
 
+def unhelped() -> TrainingSet:
+    """Skill 0: STRONG solves every example; skill 2: nobody solves any of its five public
+    examples, the base model included; STRONG's example prompts sit half-way between the two
+    skills, as a units adapter's number-laden prompts sit near number-word prompts."""
+    rng = np.random.default_rng(1)
+    middle = 2 * CENTRES[0] + CENTRES[2]
+    middle = middle / np.linalg.norm(middle)
+    prompts = middle + 0.04 * rng.standard_normal((10, DIMENSIONS))
+    prompts /= np.linalg.norm(prompts, axis=1, keepdims=True)
+    correct = np.concatenate(
+        [np.tile([0, 1], (30, 1)), np.zeros((5, 2))]  # columns: base, STRONG
+    ).astype(np.float32)
+    return TrainingSet(
+        points=np.concatenate([near(0, 30, rng), near(2, 5, rng), prompts]).astype(np.float32),
+        correct=correct,
+        known=np.ones_like(correct, dtype=bool),
+        owner=np.ones(10, dtype=np.int64),
+        version_ids=[STRONG],
+        example_ids=list(range(1, 36)),
+        mixture_number=1,
+    )
+
+
+def test_a_prompt_no_adapter_helps_goes_to_the_base_model_even_near_an_adapters_prompts():
+    fitted = fit_best(unhelped())
+    # Both kinds solve every solvable held-out example; the unsolved ones break the tie: the
+    # linear model hands them to the adapter, the nearest neighbours keep them on the base.
+    assert fitted.kind == "knn" and fitted.cv["knn"]["base_kept"] == 1.0
+    assert fitted.cv["linear"]["base_kept"] < 1.0
+    assert fitted.model.margin > 0 and fitted.params["margin"] == fitted.model.margin
+    assert [g["margin"] for g in fitted.margins] == [0.0, 0.05, 0.1, 0.2, 0.3]
+    catalog = Catalog(
+        mixture_number=1,
+        router="learned",
+        router_settings={},
+        adapters=(served("ann/units", version_id=STRONG, signature=CENTRES[0]),),
+        learned=fitted.model,
+    )
+    unhelped_picks = [
+        route_learned_embedded(catalog=catalog, query=q).adapter
+        for q in near(2, 10, np.random.default_rng(7))
+    ]
+    assert unhelped_picks.count(None) >= 9, unhelped_picks
+    helped = [
+        route_learned_embedded(catalog=catalog, query=q).adapter
+        for q in near(0, 10, np.random.default_rng(8))
+    ]
+    assert [a.model_id for a in helped] == ["ann/units"] * 10
+
+
+def test_the_margin_round_trips_and_an_old_file_without_one_routes_with_none(fitted):
+    model = dataclasses.replace(fitted.model, margin=0.2)
+    assert LearnedRouterModel.from_npz(model.to_npz()).margin == 0.2
+    buffer = io.BytesIO()
+    with np.load(io.BytesIO(model.to_npz()), allow_pickle=False) as stored:
+        arrays = {name: stored[name] for name in stored.files if name != "margin"}
+    np.savez(buffer, **arrays)
+    assert LearnedRouterModel.from_npz(buffer.getvalue()).margin == 0.0
+    with pytest.raises(ValueError):
+        dataclasses.replace(fitted.model, margin=1.5).check()
+
+
 def test_the_weaker_adapter_still_answers_when_the_stronger_one_is_filtered_out(fitted):
     catalog = learned_catalog(fitted.model)
     query = near(0, 1, np.random.default_rng(8))[0]
@@ -196,9 +259,11 @@ def test_cross_validation_reports_each_kind_and_chooses_the_best():
     assert set(result.cv) == {"knn", "linear"}
     best = max(entry["accuracy"] for entry in result.cv.values())
     assert result.cv[result.kind]["accuracy"] == best
-    # Every solvable synthetic example is solved by routing it right.
+    # Every solvable synthetic example is solved by routing it right, and the ones nobody
+    # solves (skill 2's other half) stay on the base model.
     assert best == pytest.approx(1.0)
     assert result.cv["knn"]["n"] == 75  # skill 0 and 1 (60) + the base's half of skill 2
+    assert result.cv[result.kind]["base_kept"] == 1.0
 
 
 def test_route_uses_the_learned_router_by_name(fitted, monkeypatch):
