@@ -38,7 +38,12 @@ class Command(BaseCommand):
             "kind": router.kind,
             "params": router.params,
             "cv_accuracy": {
-                kind: {"accuracy": entry["accuracy"], "params": entry["params"], "n": entry["n"]}
+                kind: {
+                    "accuracy": entry["accuracy"],
+                    "base_kept": entry.get("base_kept"),
+                    "params": entry["params"],
+                    "n": entry["n"],
+                }
                 for kind, entry in router.cv_accuracy.items()
             },
             "training": router.training,
@@ -53,14 +58,21 @@ class Command(BaseCommand):
             f"{training.get('example_prompts', 0)} example prompts, "
             f"{training.get('candidates', 0)} candidates"
         )
-        self.stdout.write("| kind | cross-validated routing accuracy | best params | n |")
-        self.stdout.write("|---|---:|---|---:|")
+        self.stdout.write(
+            "| kind | cross-validated routing accuracy | unsolved kept on the base model "
+            "| best params | n |"
+        )
+        self.stdout.write("|---|---:|---:|---|---:|")
         for kind, entry in result["cv_accuracy"].items():
-            accuracy = "—" if entry["accuracy"] is None else f"{entry['accuracy']:.3f}"
             self.stdout.write(
-                f"| {kind}{' (chosen)' if kind == router.kind else ''} | {accuracy} | "
+                f"| {kind}{' (chosen)' if kind == router.kind else ''} | "
+                f"{_share(entry['accuracy'])} | {_share(entry['base_kept'])} | "
                 f"{_params(entry['params'])} | {entry['n']} |"
             )
+
+
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
 
 
 def _params(params: dict) -> str:
