@@ -120,7 +120,9 @@ def start_worker(redis_proc, pg_server, settings):
 @pytest.fixture
 def send_through_redis(redis_proc, monkeypatch):
     """The service sends its task (after commit) through a client on the suite's Redis."""
-    client = Celery("client", broker=redis_url(redis_proc, 0))
+    # Not set as the current app: a current app outlives the test in this thread, and every
+    # later test's patch of the task would land on this client's copy instead of tessera's.
+    client = Celery("client", broker=redis_url(redis_proc, 0), set_as_current=False)
     client.conf.task_serializer = "json"
     sent: list = []
 
