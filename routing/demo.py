@@ -146,12 +146,9 @@ def _line(version: AdapterVersion, run: EvaluationRun | None) -> VersionLine:
         return VersionLine(_model_id(version), version.number, version.status)
     failed = []
     if version.status == Status.FAILED:
-        failed = [
-            detail
-            for detail in RuleResult.objects.filter(run=run, passed=False).values_list(
-                "detail", flat=True
-            )
-        ]
+        failed = list(
+            RuleResult.objects.filter(run=run, passed=False).values_list("detail", flat=True)
+        )
     return VersionLine(
         model_id=_model_id(version),
         number=version.number,

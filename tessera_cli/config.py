@@ -32,27 +32,23 @@ class Config:
 
 
 def config_dir() -> Path:
-    override = os.environ.get("TESSERA_CONFIG_DIR")
-    if override:
-        return Path(override)
-    try:
-        import platformdirs
-    except ImportError:
-        base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
-        return Path(base) / "tessera"
-    return Path(platformdirs.user_config_dir("tessera"))
+    return _user_dir("TESSERA_CONFIG_DIR", "XDG_CONFIG_HOME", ".config", "user_config_dir")
 
 
 def cache_dir() -> Path:
-    override = os.environ.get("TESSERA_CACHE_DIR")
-    if override:
-        return Path(override)
+    return _user_dir("TESSERA_CACHE_DIR", "XDG_CACHE_HOME", ".cache", "user_cache_dir")
+
+
+def _user_dir(override: str, xdg: str, home_default: str, platformdirs_name: str) -> Path:
+    """``$override``, else platformdirs' folder for tessera, else the XDG one by hand."""
+    if os.environ.get(override):
+        return Path(os.environ[override])
     try:
         import platformdirs
     except ImportError:
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        base = os.environ.get(xdg) or Path.home() / home_default
         return Path(base) / "tessera"
-    return Path(platformdirs.user_cache_dir("tessera"))
+    return Path(getattr(platformdirs, platformdirs_name)("tessera"))
 
 
 def config_path() -> Path:
