@@ -11,6 +11,7 @@ import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from django.core.cache import cache
 from django.test import AsyncClient, Client
+from django.utils.html import escape
 from django.utils import timezone
 
 from contributions import services
@@ -152,15 +153,31 @@ def test_the_page_lists_the_served_models_and_never_shows_the_key(browser, skill
     assert ApiToken.objects.filter(name=keys.KEY_LABEL).count() == 1
 
 
-def test_without_javascript_the_form_posts_and_the_page_shows_the_whole_answer(browser, skills):
+def test_without_javascript_the_form_posts_and_the_page_shows_the_whole_answer(
+    browser, skills, monkeypatch
+):
+    answers = []  # what the inference API sent back, to compare the page with
+    complete = upstream.complete
+
+    def recorded(key, body):
+        answers.append(complete(key, body))
+        return answers[-1]
+
+    monkeypatch.setattr(upstream, "complete", recorded)
     response = browser.post(PAGE, {"prompt": UNITS_PROMPT, "max_tokens": "6"})
     assert response.status_code == 200
     html = response.content.decode()
     assert "Adapters that answered" in html
     assert "<code>owner/unit-conversion</code>" in html
     assert "Routing scores" in html
+    [result] = answers
     answer = html.split('id="playground-answer"')[1].split(">", 1)[1].split("</div>")[0]
-    assert answer.strip()  # the answer's text (the tiny random model's)
+    # The answer's whole text as the API gave it (the tiny random model's words, which may
+    # be blank: what is checked is that the page shows them, escaped, and their count).
+    assert answer == escape(result["choices"][0]["message"]["content"])
+    usage = result["usage"]
+    assert usage["completion_tokens"] >= 1
+    assert f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} answer" in html
     assert session_key_of(browser) not in html
 
 
