@@ -245,6 +245,112 @@ def public_jsonl(
     return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
 
 
+# --- Secret splits ----------------------------------------------------------------------------
+
+# What a private file holds and a committed built-in file must not: the splits admission
+# and the scoreboard judge on.
+SECRET_SPLITS = ("hidden", "paraphrase")
+
+
+def merged_jsonl(*, public: bytes, secret: bytes) -> bytes:
+    """A complete suite file: ``public`` (a committed file: header, tasks, public examples,
+    no secret split) followed by the examples of ``secret`` (a private file: a header naming
+    the same suite, then hidden and paraphrase example lines only, for tasks the committed
+    file declares). The result is validated whole, as an upload would be; a problem in the
+    private part names its line in that file (``details["line"]``, ``details["file"]`` is
+    ``"private"``)."""
+    committed = parse_suite_jsonl(public, min_examples={})
+    held = sorted(
+        {example.split for task in committed.tasks for example in task.examples}
+        & set(SECRET_SPLITS)
+    )
+    if held:
+        raise DomainError(
+            "suite_public_holds_secret",
+            f"The committed file of suite {committed.slug!r} holds {' and '.join(held)} "
+            "examples; they belong in the private part only.",
+            details={"suite": committed.slug, "splits": held},
+        )
+    if len(secret) > MAX_SUITE_BYTES:
+        raise DomainError(
+            "suite_too_large",
+            f"The private file is {len(secret)} bytes; the limit is {MAX_SUITE_BYTES}.",
+            kind="too_large",
+            details={"size_bytes": len(secret), "max_bytes": MAX_SUITE_BYTES, "file": "private"},
+        )
+    try:
+        text = secret.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise DomainError("suite_not_utf8", "The private file is not UTF-8 text.") from exc
+    tasks = {task.slug for task in committed.tasks}
+    header_seen = False
+    kept: list[tuple[int, str]] = []  # (line number in the private file, raw line)
+    for number, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
+        if not raw.strip():
+            continue
+        obj = _load_line(raw, number)
+        if not header_seen:
+            _private_header(obj, committed, number)
+            header_seen = True
+            continue
+        if obj.get("split") not in SECRET_SPLITS:
+            raise _private_error(
+                "suite_private_line_invalid",
+                f"Line {number} of the private file is not a hidden or paraphrase example; "
+                "task lines and public examples live in the committed file.",
+                number,
+            )
+        if obj.get("task") not in tasks:
+            raise _private_error(
+                "suite_task_unknown",
+                f"The example is for task {obj.get('task')!r}, which the committed file of "
+                f"suite {committed.slug!r} does not declare.",
+                number,
+            )
+        kept.append((number, raw))
+    if not header_seen:
+        raise DomainError("suite_empty", "The private file holds no lines.")
+    body = public.decode("utf-8").removeprefix("\ufeff")
+    if body and not body.endswith("\n"):
+        body += "\n"
+    offset = body.count("\n")
+    merged = (body + "".join(raw + "\n" for _, raw in kept)).encode()
+    try:
+        parse_suite_jsonl(merged)
+    except DomainError as exc:
+        line = exc.details.get("line")
+        if isinstance(line, int) and line > offset:
+            exc.details["line"] = kept[line - offset - 1][0]
+            exc.details["file"] = "private"
+        raise
+    return merged
+
+
+def _private_header(obj: dict[str, Any], committed: ParsedSuite, number: int) -> None:
+    if obj.get("suite") != committed.slug:
+        raise _private_error(
+            "suite_private_header_invalid",
+            f"The private file's first line must be the header of suite {committed.slug!r} "
+            f'({{"suite": "{committed.slug}"}}), not {str(obj.get("suite"))[:64]!r}.',
+            number,
+        )
+    _no_unknown_keys(obj, _HEADER_KEYS, number, "suite_private_header_invalid")
+    given = {"title": committed.title, "description": committed.description}
+    given["purpose"] = committed.purpose
+    for key, value in given.items():
+        if key in obj and obj[key] != value:
+            raise _private_error(
+                "suite_private_header_invalid",
+                f"The private file's header gives another {key} than the committed file's.",
+                number,
+            )
+
+
+def _private_error(code: str, message: str, line: int) -> DomainError:
+    return DomainError(code, message, details={"line": line, "file": "private"})
+
+
 # --- Lines ------------------------------------------------------------------------------------
 
 

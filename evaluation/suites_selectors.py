@@ -1,6 +1,7 @@
 """Reads for benchmark suites. Hidden and paraphrase examples never leave through these
-helpers except ``task_examples``, which the evaluation runner (not any page or API) calls
-with ``split="hidden"`` (or ``"paraphrase"``)."""
+helpers except ``task_examples`` (and ``task_examples_with_ids``), which the evaluation
+runner (not any page or API) calls with ``split="hidden"`` (or ``"paraphrase"``), and
+``suite_secret_examples``, which only ``manage.py load_suites`` calls."""
 
 from __future__ import annotations
 
@@ -113,3 +114,27 @@ def tasks_targeted(*, tags: list[str]) -> QuerySet[Task]:
     ).select_related("suite_version__suite")
     ids = [task.pk for task in tasks if wanted & {t.lower() for t in task.tags}]
     return Task.objects.filter(pk__in=ids).select_related("suite_version__suite").order_by("slug")
+
+
+def suite_secret_examples(*, slug: str) -> dict[tuple[str, str], list[tuple]] | None:
+    """The current version of suite ``slug``'s hidden and paraphrase examples, by (task,
+    split), in order, each as (fields, target, choices, prompt_template); None when the
+    suite has no version. For ``load_suites`` alone, which must tell whether a reload would
+    change them: no page or API calls this."""
+    version = SuiteVersion.objects.filter(suite__slug=slug, is_current=True).first()
+    if version is None:
+        return None
+    rows = (
+        Example.objects.filter(
+            task__suite_version=version,
+            split__in=[Example.Split.HIDDEN, Example.Split.PARAPHRASE],
+        )
+        .select_related("task")
+        .order_by("task__slug", "split", "position")
+    )
+    out: dict[tuple[str, str], list[tuple]] = {}
+    for row in rows:
+        out.setdefault((row.task.slug, row.split), []).append(
+            (row.fields, row.target, list(row.choices), row.prompt_template)
+        )
+    return out

@@ -234,6 +234,16 @@ if CELERY_TASK_SOFT_TIME_LIMIT >= CELERY_TASK_TIME_LIMIT:
     raise ImproperlyConfigured("CELERY_TASK_SOFT_TIME_LIMIT must be below CELERY_TASK_TIME_LIMIT.")
 
 # --- Evaluation ---------------------------------------------------------------------------
+# The secret seed the built-in suites' hidden, paraphrase and composite examples are drawn
+# from at deployment time (load_suites): the committed files hold only public splits, so
+# without a secret seed anyone could regenerate the admission test. Required in production,
+# like DJANGO_SECRET_KEY; in development an unset seed is made once and kept in
+# var/suite-seed (evaluation.suites.suite_seed).
+TESSERA_SUITE_SEED = env.str("TESSERA_SUITE_SEED", default="")
+if not TESSERA_SUITE_SEED and not DEBUG:
+    raise ImproperlyConfigured("TESSERA_SUITE_SEED must be set when DJANGO_DEBUG is false.")
+if TESSERA_SUITE_SEED and len(TESSERA_SUITE_SEED) < 16:
+    raise ImproperlyConfigured("TESSERA_SUITE_SEED must be at least 16 characters.")
 # Runs go to eval-gpu when the deployment has GPU workers, else to eval-cpu.
 TESSERA_EVAL_GPU_WORKERS = env.bool("TESSERA_EVAL_GPU_WORKERS", default=False)
 TESSERA_EVAL_MAX_ATTEMPTS = env.int("TESSERA_EVAL_MAX_ATTEMPTS", default=2)

@@ -24,6 +24,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SUPPORT = Path(__file__).parent / "support"
 
+# The built-in suites' secret splits (load_suites, evaluation.suites.complete_suite) are
+# drawn from this seed in every test, so that they are the same on every machine and run.
+TEST_SUITE_SEED = "tessera-test-suite-seed"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from django.conf import settings
+
+    settings.TESSERA_SUITE_SEED = TEST_SUITE_SEED
+
+
 postgresql_proc = pg_factories.postgresql_proc(
     executable=str(SUPPORT / "pg_ctl"),
     port=None,

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 from collections.abc import Callable, Iterator
@@ -54,6 +55,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
+# The committed files' seed. The secret splits come from another one (TESSERA_SUITE_SEED),
+# drawn away from every key this one gave.
+PUBLIC_SEED = 0
 HIDDEN_PER_TASK = 200
 PUBLIC_PER_TASK = 50
 TRAIN_PER_SKILL = 2400  # 150 steps x batch 16, each seen once
@@ -90,14 +94,40 @@ def _unique(make: Callable[[random.Random], tuple], rng: random.Random, count: i
 
 
 def _splits(keys: list, *, train: int) -> Iterator[tuple[str, object]]:
-    """Hidden first, then public, then train: disjoint by construction."""
+    """Retired first, then public, then train: disjoint by construction. The retired keys
+    were the hidden split while it was committed; they are still drawn (so the public and
+    training examples stay what they were) and never used again, since anyone can read
+    them in the history."""
     for index, key in enumerate(keys):
         if index < HIDDEN_PER_TASK:
-            yield "hidden", key
+            yield "retired", key
         elif index < HIDDEN_PER_TASK + PUBLIC_PER_TASK:
             yield "public", key
         elif index < HIDDEN_PER_TASK + PUBLIC_PER_TASK + train:
             yield "train", key
+
+
+def _draw_new(
+    skill: Skill, rng: random.Random, count: int, *, avoid: set, keep: Callable[[dict], bool]
+) -> list[tuple[object, dict]]:
+    """``count`` (key, example) pairs on problems not in ``avoid`` (which grows with them),
+    each example made by ``keep``'s caller-side check; the example's phrasing comes from
+    ``rng`` too, so one stream decides everything."""
+    out: list[tuple[object, dict]] = []
+    attempts = 0
+    while len(out) < count:
+        attempts += 1
+        if attempts > count * 200:
+            raise RuntimeError(f"could not draw {count} new {skill.slug} keys")
+        key = skill.draw(rng)
+        if skill.problem(key) in avoid:
+            continue
+        example = keep(key)
+        if example is None:
+            continue
+        avoid.add(skill.problem(key))
+        out.append((key, example))
+    return out
 
 
 # --- Number words -------------------------------------------------------------------------------
@@ -583,30 +613,19 @@ def _task_line(skill: Skill) -> dict:
     }
 
 
-def paraphrase_lines(skill: Skill, seed: int, *, taken: list) -> list[str]:
+def paraphrase_lines(skill: Skill, seed: int | str, *, taken: list) -> list[str]:
     """The paraphrase split: PARAPHRASE_PER_TASK examples, each paraphrase in turn, whose
-    problems none of the ``taken`` keys (hidden, public, train) asks, and whose prompts do
-    not already hold their answer (a list drawn in sorted order, an example date that is
-    the key's own).
-
-    Its own random stream, so the other splits' files stay byte for byte what they were
-    before this split existed."""
+    problems none of the ``taken`` keys (committed, retired and hidden) asks, and whose
+    prompts do not already hold their answer (a list drawn in sorted order, an example date
+    that is the key's own). ``seed`` is the secret seed; the stream is the split's own."""
     rng = random.Random(f"tessera:{skill.slug}:paraphrase:{seed}")
-    avoid = {skill.problem(key) for key in taken}
-    lines = []
-    attempts = 0
-    while len(lines) < PARAPHRASE_PER_TASK:
-        attempts += 1
-        if attempts > PARAPHRASE_PER_TASK * 200:
-            raise RuntimeError(f"could not draw {PARAPHRASE_PER_TASK} new {skill.slug} keys")
-        key = skill.draw(rng)
-        if skill.problem(key) in avoid:
-            continue
+    lines: list[str] = []
+
+    def make(key) -> dict | None:
         phrasing = skill.paraphrases[len(lines) % len(skill.paraphrases)]
         example = skill.fill(key, phrasing)
         if example["target"] in example["fields"]["question"]:
-            continue
-        avoid.add(skill.problem(key))
+            return None
         lines.append(
             _line(
                 {
@@ -617,27 +636,62 @@ def paraphrase_lines(skill: Skill, seed: int, *, taken: list) -> list[str]:
                 }
             )
         )
+        return example
+
+    avoid = {skill.problem(key) for key in taken}
+    _draw_new(skill, rng, PARAPHRASE_PER_TASK, avoid=avoid, keep=make)
     return lines
 
 
-def skill_files(skill: Skill, seed: int) -> tuple[str, str]:
-    """(suite JSONL, train JSONL) for one skill."""
-    rng = random.Random(f"tessera:{skill.slug}:{seed}")
-    keys = skill.keys(rng, HIDDEN_PER_TASK + PUBLIC_PER_TASK + TRAIN_PER_SKILL)
-    header = {
+def _committed_keys(skill: Skill, public_seed: int) -> list:
+    """Every key the committed files were drawn from: retired, public and train."""
+    rng = random.Random(f"tessera:{skill.slug}:{public_seed}")
+    return skill.keys(rng, HIDDEN_PER_TASK + PUBLIC_PER_TASK + TRAIN_PER_SKILL)
+
+
+def _skill_header(skill: Skill) -> dict:
+    return {
         "suite": skill.slug,
         "title": skill.title,
         "description": skill.description,
         "purpose": "skill",
     }
+
+
+def skill_files(skill: Skill, seed: int = PUBLIC_SEED) -> tuple[str, str]:
+    """(suite JSONL, train JSONL) for one skill, as committed: the suite file holds the
+    header, the task and the public split; the secret splits come from skill_secret."""
+    rng = random.Random(f"tessera:{skill.slug}:{seed}")
+    keys = skill.keys(rng, HIDDEN_PER_TASK + PUBLIC_PER_TASK + TRAIN_PER_SKILL)
+    header = _skill_header(skill)
     suite = [_line(header), _line(_task_line(skill))]
     train = [_line({**header, "title": f"{skill.title} (training data)"})]
     train.append(_line(_task_line(skill)))
     for split, key in _splits(keys, train=TRAIN_PER_SKILL):
+        # Retired examples are still made: their phrasings come from the same stream.
         line = _line({"task": skill.slug, "split": split, **skill.example(key, rng)})
-        (train if split == "train" else suite).append(line)
-    suite += paraphrase_lines(skill, seed, taken=keys)
+        if split == "train":
+            train.append(line)
+        elif split == "public":
+            suite.append(line)
     return "".join(suite), "".join(train)
+
+
+def skill_secret(skill: Skill, secret_seed: str, *, public_seed: int = PUBLIC_SEED) -> str:
+    """One skill's secret part (a private file: the header, then HIDDEN_PER_TASK hidden and
+    PARAPHRASE_PER_TASK paraphrase examples), drawn from ``secret_seed`` on problems that no
+    committed or retired key asks, the paraphrase split's away from the hidden one's too.
+    The same phrasings, template and answer format as the committed public split."""
+    taken = _committed_keys(skill, public_seed)
+    rng = random.Random(f"tessera:{skill.slug}:hidden:{secret_seed}")
+    avoid = {skill.problem(key) for key in taken}
+    hidden = _draw_new(
+        skill, rng, HIDDEN_PER_TASK, avoid=avoid, keep=lambda key: skill.example(key, rng)
+    )
+    lines = [_line(_skill_header(skill))]
+    lines += [_line({"task": skill.slug, "split": "hidden", **example}) for _, example in hidden]
+    lines += paraphrase_lines(skill, secret_seed, taken=taken + [key for key, _ in hidden])
+    return "".join(lines)
 
 
 # --- The general suite --------------------------------------------------------------------------
@@ -895,7 +949,13 @@ _SENTENCE_ACTIONS = [
 ]
 
 
-def general_suite(seed: int) -> str:
+def general_suite(seed: int = PUBLIC_SEED) -> str:
+    """The general suite as committed: header, tasks and public split (_general_all's
+    hidden lines are retired: see _splits)."""
+    return _without_secret(_general_all(seed))
+
+
+def _general_all(seed: int) -> str:
     rng = random.Random(f"tessera:general:{seed}")
     lines = [
         _line(
@@ -1076,6 +1136,105 @@ def general_suite(seed: int) -> str:
                 }
             )
         )
+    return "".join(lines)
+
+
+def _identity(example: dict) -> str:
+    """What an example asks and answers, its wording aside where the wording is the only
+    field (the general tasks), for keeping a secret split away from the public one."""
+    return json.dumps([example["fields"], example["target"]], sort_keys=True)
+
+
+GENERAL_HEADER_KEYS = ("suite", "title", "description", "purpose")
+
+
+def general_secret(secret_seed: str, *, public_seed: int = PUBLIC_SEED) -> str:
+    """The general suite's secret part: each task's hidden split drawn from ``secret_seed``
+    out of the whole of that task's items less its committed public ones. The items are the
+    short lists above, so what stays secret is which of them are asked, how (distractors,
+    choice order, the scrambled sentence), and never the public ones; a maintainer who
+    wants more provides a private file (load_suites --private)."""
+    rng = random.Random(f"tessera:general:hidden:{secret_seed}")
+    committed = [json.loads(line) for line in general_suite(public_seed).splitlines()]
+    public = {_identity(line) for line in committed if line.get("split") == "public"}
+    header = {key: committed[0][key] for key in GENERAL_HEADER_KEYS}
+    lines = [_line(header)]
+
+    def emit(task: str, items: list[dict], count: int) -> None:
+        rng.shuffle(items)
+        fresh = [item for item in items if _identity(item) not in public]
+        seen: set = set()
+        for item in fresh:
+            if len(seen) == count:
+                break
+            if _identity(item) in seen:
+                continue
+            seen.add(_identity(item))
+            lines.append(_line({"task": task, "split": "hidden", **item}))
+
+    capitals = [
+        {
+            "fields": {"question": phrasing.format(country=country), "country": country},
+            "target": capital,
+        }
+        for country, capital in _CAPITALS
+        for phrasing in _CAPITAL_PHRASINGS
+    ]
+    emit("capitals", capitals, HIDDEN_PER_TASK)
+
+    palette = sorted({color for _thing, color in _COLORS})
+    colors = []
+    for thing, color in _COLORS:
+        for phrasing in _COLOR_PHRASINGS:
+            choices = [color, *rng.sample([c for c in palette if c != color], 3)]
+            rng.shuffle(choices)
+            colors.append(
+                {
+                    "fields": {"question": phrasing.format(thing=thing)},
+                    "target": color,
+                    "choices": choices,
+                }
+            )
+    emit("colors", colors, 2 * len(_COLORS) - 10)
+
+    all_words = sorted({w for pair in _OPPOSITES for w in pair})
+    choice_items = []
+    for word, opposite in _OPPOSITES + [(b, a) for a, b in _OPPOSITES]:
+        distractors = rng.sample([w for w in all_words if w not in (word, opposite)], 3)
+        choice_items.append((f'What is the opposite of "{word}"?', opposite, distractors))
+    categories = sorted(_CATEGORIES)
+    for category in categories:
+        others = sorted(
+            {
+                w
+                for c in categories
+                if c != category
+                for w in _CATEGORIES[c]
+                if w not in _CATEGORIES[category]
+            }
+        )
+        for thing in _CATEGORIES[category]:
+            noun = _CATEGORY_NOUNS[category]
+            choice_items.append((f"Which word names a {noun}?", thing, rng.sample(others, 3)))
+    common = []
+    for question, answer, distractors in choice_items:
+        choices = [answer, *distractors]
+        rng.shuffle(choices)
+        common.append({"fields": {"question": question}, "target": answer, "choices": choices})
+    emit("common-sense-choice", common, 120)
+
+    sentences = []
+    for subject in _SENTENCE_SUBJECTS:
+        for action, topic in _SENTENCE_ACTIONS:
+            fluent = f"{subject} {action}."
+            words = fluent.rstrip(".").split()
+            scrambled = words[:]
+            while scrambled == words:
+                rng.shuffle(scrambled)
+            choices = [fluent, " ".join(scrambled).capitalize() + "."]
+            rng.shuffle(choices)
+            sentences.append({"fields": {"topic": topic}, "target": fluent, "choices": choices})
+    emit("plain-sentences", sentences, 120)
     return "".join(lines)
 
 
@@ -1273,32 +1432,32 @@ COMPOSITES: list[Composite] = [
 ]
 
 
-def composite_lines(task: Composite, seed: int) -> list[str]:
-    """The task line, then COMPOSITE_HIDDEN_PER_TASK hidden and COMPOSITE_PUBLIC_PER_TASK
-    public examples on distinct keys, from the task's own random stream. A key is skipped
-    when a part is in the question already (a model repeating the prompt would score) or
-    inside the other part (it would be found whenever that one is; suite_io refuses it)."""
-    rng = random.Random(f"tessera:composite:{task.slug}:{seed}")
-    lines = [
-        _line(
-            {
-                "task": task.slug,
-                "title": task.title,
-                "description": task.description,
-                "tags": task.tags,
-                "metric": "parts",
-                "prompt_template": task.prompt_template,
-                "max_new_tokens": task.max_new_tokens,
-            }
-        )
-    ]
+def _composite_task_line(task: Composite) -> dict:
+    return {
+        "task": task.slug,
+        "title": task.title,
+        "description": task.description,
+        "tags": task.tags,
+        "metric": "parts",
+        "prompt_template": task.prompt_template,
+        "max_new_tokens": task.max_new_tokens,
+    }
+
+
+def _composite_examples(
+    task: Composite, rng: random.Random, count: int, *, avoid: frozenset = frozenset()
+) -> list[dict]:
+    """``count`` examples on distinct keys from ``rng``, none on a key whose example (its
+    wording aside) is in ``avoid``. A key is skipped when a part is in the question already
+    (a model repeating the prompt would score) or inside the other part (it would be found
+    whenever that one is; suite_io refuses it)."""
     seen: set = set()
-    total = COMPOSITE_HIDDEN_PER_TASK + COMPOSITE_PUBLIC_PER_TASK
+    out: list[dict] = []
     attempts = 0
-    while len(seen) < total:
+    while len(out) < count:
         attempts += 1
-        if attempts > total * 200:
-            raise RuntimeError(f"could not draw {total} {task.slug} examples")
+        if attempts > count * 200:
+            raise RuntimeError(f"could not draw {count} {task.slug} examples")
         key = task.draw(rng)
         if key in seen:
             continue
@@ -1309,30 +1468,61 @@ def composite_lines(task: Composite, seed: int) -> list[str]:
             continue
         if _found(first, second) or _found(second, first):
             continue
-        split = "hidden" if len(seen) < COMPOSITE_HIDDEN_PER_TASK else "public"
+        example = {"fields": example["fields"], "target": PARTS_SEPARATOR.join(example["parts"])}
+        if _composite_identity(example) in avoid:
+            continue
         seen.add(key)
-        target = PARTS_SEPARATOR.join(example["parts"])
-        lines.append(
-            _line(
-                {"task": task.slug, "split": split, "fields": example["fields"], "target": target}
-            )
-        )
+        out.append(example)
+    return out
+
+
+def _composite_identity(example: dict) -> str:
+    fields = {k: v for k, v in example["fields"].items() if k != "question"}
+    return json.dumps(fields, sort_keys=True)
+
+
+def _composite_committed(task: Composite, public_seed: int) -> list[dict]:
+    """The public seed's draw: COMPOSITE_HIDDEN_PER_TASK retired examples (see _splits),
+    then the COMPOSITE_PUBLIC_PER_TASK public ones."""
+    rng = random.Random(f"tessera:composite:{task.slug}:{public_seed}")
+    return _composite_examples(task, rng, COMPOSITE_HIDDEN_PER_TASK + COMPOSITE_PUBLIC_PER_TASK)
+
+
+def composite_lines(task: Composite, seed: int = PUBLIC_SEED) -> list[str]:
+    """The task line, then its COMPOSITE_PUBLIC_PER_TASK public examples, as committed."""
+    public = _composite_committed(task, seed)[COMPOSITE_HIDDEN_PER_TASK:]
+    lines = [_line(_composite_task_line(task))]
+    lines += [_line({"task": task.slug, "split": "public", **example}) for example in public]
     return lines
 
 
-def composite_suite(seed: int) -> str:
-    header = {
-        "suite": "composite",
-        "title": "Two skills in one answer",
-        "description": (
-            "Each prompt asks for two of the skills at once (convert and reformat a date, add "
-            "then convert, read a number then add, sort and reverse), each part in the format "
-            "that skill's own task answers in, on a line of its own. Scored per part; never "
-            "part of an adapter's admission: it judges composed mixtures."
-        ),
-        "purpose": "composite",
-    }
-    lines = [_line(header)]
+def composite_secret(secret_seed: str, *, public_seed: int = PUBLIC_SEED) -> str:
+    """The composite suite's secret part: COMPOSITE_HIDDEN_PER_TASK hidden examples a task,
+    from ``secret_seed``, on keys that neither its public nor its retired examples use."""
+    lines = [_line(COMPOSITE_HEADER)]
+    for task in COMPOSITES:
+        avoid = frozenset(_composite_identity(e) for e in _composite_committed(task, public_seed))
+        rng = random.Random(f"tessera:composite:{task.slug}:hidden:{secret_seed}")
+        for example in _composite_examples(task, rng, COMPOSITE_HIDDEN_PER_TASK, avoid=avoid):
+            lines.append(_line({"task": task.slug, "split": "hidden", **example}))
+    return "".join(lines)
+
+
+COMPOSITE_HEADER = {
+    "suite": "composite",
+    "title": "Two skills in one answer",
+    "description": (
+        "Each prompt asks for two of the skills at once (convert and reformat a date, add "
+        "then convert, read a number then add, sort and reverse), each part in the format "
+        "that skill's own task answers in, on a line of its own. Scored per part; never "
+        "part of an adapter's admission: it judges composed mixtures."
+    ),
+    "purpose": "composite",
+}
+
+
+def composite_suite(seed: int = PUBLIC_SEED) -> str:
+    lines = [_line(COMPOSITE_HEADER)]
     for task in COMPOSITES:
         lines += composite_lines(task, seed)
     return "".join(lines)
@@ -1503,9 +1693,19 @@ def replay_prompts(seed: int) -> str:
 
 # --- Entry point --------------------------------------------------------------------------------
 
+SECRET_SPLITS = ("hidden", "paraphrase")
 
-def generate(out_dir: Path, *, seed: int = 0) -> list[Path]:
-    """Write every file under ``out_dir``; return their paths."""
+
+def _without_secret(text: str) -> str:
+    return "".join(
+        line + "\n"
+        for line in text.splitlines()
+        if json.loads(line).get("split") not in SECRET_SPLITS
+    )
+
+
+def generate(out_dir: Path, *, seed: int = PUBLIC_SEED) -> list[Path]:
+    """Write every committed file under ``out_dir``; return their paths."""
     out_dir = Path(out_dir)
     (out_dir / "train").mkdir(parents=True, exist_ok=True)
     written = []
@@ -1529,11 +1729,52 @@ def generate(out_dir: Path, *, seed: int = 0) -> list[Path]:
     return written
 
 
+def secret_suites(secret_seed: str, *, public_seed: int = PUBLIC_SEED) -> dict[str, str]:
+    """Every built-in suite's secret part, by suite slug: what ``load_suites`` merges into
+    the committed files, in the format of its ``--private`` files."""
+    if not str(secret_seed):
+        raise ValueError("the secret seed is empty")
+    parts = {
+        skill.slug: skill_secret(skill, secret_seed, public_seed=public_seed) for skill in SKILLS
+    }
+    parts["general"] = general_secret(secret_seed, public_seed=public_seed)
+    parts["composite"] = composite_secret(secret_seed, public_seed=public_seed)
+    return parts
+
+
+def write_secret(out_dir: Path, *, secret_seed: str) -> list[Path]:
+    """Write each suite's secret part to ``out_dir/<suite>.jsonl`` (private files for
+    ``load_suites --private``); never into this folder, whose files are committed."""
+    out_dir = Path(out_dir).resolve()
+    if out_dir == HERE or HERE in out_dir.parents:
+        raise SystemExit(f"refusing to write secret splits under {HERE}: its files are committed")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for slug, text in secret_suites(secret_seed).items():
+        path = out_dir / f"{slug}.jsonl"
+        path.write_text(text, encoding="utf-8", newline="\n")
+        written.append(path)
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=HERE, help="folder to write (default: here)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=PUBLIC_SEED, help="the committed files' seed")
+    parser.add_argument(
+        "--secret-out",
+        type=Path,
+        help="write the secret splits (private files) to this folder instead, from the "
+        "secret seed in the TESSERA_SUITE_SEED environment variable",
+    )
     args = parser.parse_args()
+    if args.secret_out is not None:
+        secret_seed = os.environ.get("TESSERA_SUITE_SEED", "")
+        if not secret_seed:
+            raise SystemExit("set TESSERA_SUITE_SEED to the secret seed")
+        for path in write_secret(args.secret_out, secret_seed=secret_seed):
+            print(path)
+        return
     for path in generate(args.out, seed=args.seed):
         print(path)
 

@@ -22,6 +22,7 @@ from evaluation.models import Example, Outcome, Suite, Task
 from evaluation.services import outcomes
 from evaluation.services.plans import plan_for, union_examples
 from evaluation.suite_io import PURPOSES, parse_suite_jsonl
+from evaluation.suites import complete_suite
 from evaluation.suites_selectors import tasks_targeted
 from evaluation.worker import scoring
 from evaluation.worker.scoring import (
@@ -143,7 +144,8 @@ def expected_parts(task: str, fields: dict) -> list[str]:
 
 
 def committed():
-    return parse_suite_jsonl((SUITES_DIR / "composite.jsonl").read_bytes())
+    """The composite suite whole: its committed public part and the test seed's hidden one."""
+    return parse_suite_jsonl(complete_suite(SUITES_DIR / "composite.jsonl"))
 
 
 def _load_generator():
@@ -184,7 +186,7 @@ def test_the_suite_holds_the_composite_tasks_scored_by_parts_with_enough_example
 
 def test_each_part_is_the_single_skill_answer_in_that_skills_own_format():
     for skill in {s for pair in COMPOSITE_TASKS.values() for s in pair}:
-        own = parse_suite_jsonl((SUITES_DIR / f"{skill}.jsonl").read_bytes()).tasks[0]
+        own = parse_suite_jsonl(complete_suite(SUITES_DIR / f"{skill}.jsonl")).tasks[0]
         assert all(re.fullmatch(ANSWER_FORMS[skill], e.target) for e in own.examples), skill
     for task in committed().tasks:
         for example in task.examples:

@@ -1039,10 +1039,13 @@ def test_job_json_round_trips_to_the_child_contract(
 
 
 def trimmed_suite(path: Path, *, hidden: int = 30, public: int = 5, paraphrase: int = 10) -> bytes:
-    """A built-in suite with only the first examples of each split (hidden and public at the
-    minimum a suite may have), so the real model evaluates it in about a minute."""
+    """A built-in suite, its secret splits drawn from the test seed, with only the first
+    examples of each split (hidden and public at the minimum a suite may have), so the real
+    model evaluates it in about a minute."""
+    from evaluation.suites import complete_suite
+
     keep = {"hidden": hidden, "public": public, "paraphrase": paraphrase}
-    return sampled_jsonl(path.read_bytes(), keep=keep)
+    return sampled_jsonl(complete_suite(path), keep=keep)
 
 
 def smollm2_adapter_files(config_dir: Path) -> dict[str, bytes]:

@@ -30,6 +30,7 @@ from evaluation.services.suites import (
     suite_version_lock,
 )
 from evaluation.suite_io import MIN_EXAMPLES, ParsedExample, ParsedTask, parse_suite_jsonl
+from evaluation.suites import complete_suite
 from evaluation.suites_selectors import task_examples, task_split_template
 from tessera.errors import DomainError
 from tests.factories import UserFactory
@@ -138,6 +139,11 @@ def stored_counts() -> tuple[int, int, int, int]:
     )
 
 
+def built_in(name: str) -> bytes:
+    """A built-in suite whole: its committed file and the test seed's secret splits."""
+    return complete_suite(SUITES_DIR / f"{name}.jsonl")
+
+
 def snapshot(version: SuiteVersion) -> list:
     return [
         (
@@ -175,7 +181,7 @@ def test_the_generator_rewrites_the_committed_files_byte_for_byte(tmp_path: Path
 
 def test_training_files_are_disjoint_from_the_evaluation_splits():
     for skill in SKILL_TAGS:
-        suite = parse_suite_jsonl((SUITES_DIR / f"{skill}.jsonl").read_bytes())
+        suite = parse_suite_jsonl(built_in(skill))
         train = parse_suite_jsonl(
             (SUITES_DIR / "train" / f"{skill}.jsonl").read_bytes(),
             splits=("train",),
@@ -205,7 +211,7 @@ GENERATOR = _load_generator()
 
 
 def skill_suite(skill: str) -> ParsedTask:
-    return parse_suite_jsonl((SUITES_DIR / f"{skill}.jsonl").read_bytes()).tasks[0]
+    return parse_suite_jsonl(built_in(skill)).tasks[0]
 
 
 def skill_train(skill: str) -> ParsedTask:
@@ -352,7 +358,7 @@ def test_paraphrase_keys_are_disjoint_from_the_train_public_and_hidden_keys():
 
 
 def test_the_general_suite_has_no_paraphrase_split():
-    general = parse_suite_jsonl((SUITES_DIR / "general.jsonl").read_bytes())
+    general = parse_suite_jsonl(built_in("general"))
 
     assert general.tasks
     assert all(not task.split("paraphrase") for task in general.tasks)

@@ -33,7 +33,9 @@ def test_production_without_a_secret_key_refuses_to_start():
 
 
 def test_production_with_a_secret_key_starts():
-    result = _load_settings(DJANGO_DEBUG="false", DJANGO_SECRET_KEY="x" * 50)
+    result = _load_settings(
+        DJANGO_DEBUG="false", DJANGO_SECRET_KEY="x" * 50, TESSERA_SUITE_SEED="s" * 32
+    )
     assert result.returncode == 0, result.stderr
 
 
