@@ -46,6 +46,8 @@ from multilora.requests import (
 )
 from multilora.sampling import Sampler
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
 
 class Engine:
     """The base model, its LoRA registry, and batched generation over both.
@@ -384,6 +386,9 @@ class Engine:
                 raise GenerationError("top_p must be in (0, 1].")
             if any(not isinstance(stop, str) or not stop for stop in request.stop):
                 raise GenerationError("Stop sequences must be non-empty strings.")
+            if request.seed is not None and not SEED_MIN <= request.seed <= SEED_MAX:
+                # torch.Generator.manual_seed raises past these, mid-batch.
+                raise GenerationError(f"seed must be in [{SEED_MIN}, {SEED_MAX}].")
             rows.append(
                 _Row(
                     index=index,

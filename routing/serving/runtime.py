@@ -88,6 +88,7 @@ def _start() -> Runtime:
         scheduler = Scheduler(
             engine,
             max_batch_size=settings.TESSERA_SERVING_MAX_BATCH,
+            max_batch_tokens=settings.TESSERA_SERVING_MAX_BATCH_TOKENS,
             max_queue=settings.TESSERA_SERVING_MAX_QUEUE,
         )
         scheduler.start()

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load
 
 from multilora import Composition, Engine, GenerationRequest
-from routing.serving.scheduler import Failure, Job, QueueFull, Scheduler
+from routing.serving.scheduler import Failure, Job, QueueFull, Scheduler, Size, batch_tokens
 from tests.multilora.test_engine import random_adapter
 from tests.support.tiny_model import tiny_llama_config, tiny_tokenizer
 
@@ -217,3 +217,154 @@ def test_a_request_cancelled_as_its_batch_forms_is_still_stopped(scheduler):
     final = items[-2].result
     assert final.finish_reason == "cancelled"
     assert final.completion_tokens <= 2
+
+
+# --- Token bounds ---------------------------------------------------------------------------
+
+
+def ids(n: int) -> list[int]:
+    return list(range(10, 10 + n))
+
+
+def test_a_batch_holds_no_more_tokens_than_its_bound(engine):
+    # Each request: 1 lane x (6 prompt tokens + 4 new) = 10 tokens; two fit in 20, not three.
+    scheduler = Scheduler(engine, max_batch_size=16, max_batch_tokens=20, max_queue=8)
+    try:
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            jobs = [
+                scheduler.submit(GenerationRequest(prompt_ids=ids(6), max_new_tokens=4), loop=loop)
+                for _ in range(5)
+            ]
+            scheduler.start()
+            for job in jobs:
+                await drain(job)
+            return [job.started_at for job in jobs]
+
+        started = run(main())
+    finally:
+        scheduler.stop()
+    assert settled(scheduler, completed=5).batches == 3
+    assert [started.count(at) for at in dict.fromkeys(started)] == [2, 2, 1]
+
+
+def test_the_token_bound_counts_the_padded_cache_and_a_large_request_still_runs_alone(engine):
+    assert batch_tokens([Size(1, 6, 4), Size(1, 30, 2)]) == 2 * (30 + 4)
+    assert batch_tokens([Size(3, 5, 5)]) == 30  # a logit request: one lane per adapter
+    scheduler = Scheduler(engine, max_batch_size=16, max_batch_tokens=20, max_queue=8)
+    try:
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            big = scheduler.submit(
+                GenerationRequest(prompt_ids=ids(30), max_new_tokens=4), loop=loop
+            )
+            small = scheduler.submit(
+                GenerationRequest(prompt_ids=ids(3), max_new_tokens=2), loop=loop
+            )
+            scheduler.start()
+            return await drain(big), await drain(small)
+
+        big, small = run(main())
+    finally:
+        scheduler.stop()
+    assert big[-1] is None and small[-1] is None
+    assert settled(scheduler, completed=2).batches == 2
+
+
+# --- One row's failure stays its own ------------------------------------------------------
+
+POISON = "Poisoned prompt"
+
+
+def failing_forward(monkeypatch, engine, *, when):
+    """The model's forward raises when ``when(input_ids)`` holds: a failure at the engine's
+    edge that no check foresees."""
+    forward = engine.model.forward
+
+    def patched(*args, **kwargs):
+        if when(kwargs["input_ids"]):
+            raise RuntimeError("injected failure")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", patched)
+
+
+def texts_of(items) -> tuple[str, str]:
+    """(the streamed text, the result's text) of a drained job."""
+    events = [item for item in items if item is not None and not isinstance(item, Failure)]
+    return "".join(event.text for event in events), events[-1].result.text
+
+
+GOOD = [
+    request(8, seed=None),
+    request(8, temperature=0.9, seed=5),
+    GenerationRequest(prompt="Add 123 and 456:", max_new_tokens=8),
+]
+
+
+def alone(engine, requests) -> list[str]:
+    return [engine.generate([r])[0].text for r in requests]
+
+
+def test_a_row_that_breaks_the_engine_fails_alone_and_its_neighbours_answer_as_alone(
+    scheduler, engine, monkeypatch
+):
+    expected = alone(engine, GOOD)
+    poison = engine.tokenizer(POISON)["input_ids"]
+
+    def holds_poison(input_ids) -> bool:
+        width = len(poison)
+        return input_ids.shape[1] >= width and any(
+            row[-width:].tolist() == poison for row in input_ids
+        )
+
+    failing_forward(monkeypatch, engine, when=holds_poison)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        jobs = [scheduler.submit(r, loop=loop) for r in GOOD[:2]]
+        jobs.append(scheduler.submit(GenerationRequest(prompt=POISON, max_new_tokens=8), loop=loop))
+        jobs.append(scheduler.submit(GOOD[2], loop=loop))
+        scheduler.start()
+        return [await drain(job) for job in jobs]
+
+    first, second, bad, third = run(main())
+    assert settled(scheduler, completed=4).batches == 1
+    assert isinstance(bad[-1], Failure) and bad[-1].code == "engine_error"
+    assert "RuntimeError" in bad[-1].message
+    for items, text in zip((first, second, third), expected, strict=True):
+        assert items[-1] is None
+        assert texts_of(items) == (text, text)
+
+
+def test_rows_of_a_batch_that_fails_mid_answer_resume_without_repeating_what_they_sent(
+    scheduler, engine, monkeypatch
+):
+    expected = alone(engine, GOOD)
+    steps = {"batched": 0}
+
+    def third_batched_step(input_ids) -> bool:
+        # The batch's third decoding step raises, once; the rows then run apart.
+        if input_ids.shape == (3, 1):
+            steps["batched"] += 1
+            return steps["batched"] == 3
+        return False
+
+    failing_forward(monkeypatch, engine, when=third_batched_step)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        jobs = [scheduler.submit(r, loop=loop) for r in GOOD]
+        scheduler.start()
+        return [await drain(job) for job in jobs]
+
+    results = run(main())
+    assert steps["batched"] == 3
+    for items, text in zip(results, expected, strict=True):
+        assert items[-1] is None, items[-1]
+        # Tokens streamed before the failure are not streamed twice.
+        assert texts_of(items) == (text, text)
+        events = items[:-1]
+        assert len(events) == events[-1].result.completion_tokens > 3
