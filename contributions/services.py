@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import math
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -127,6 +129,24 @@ def contributor_ensure(*, user: AbstractBaseUser) -> Contributor:
     return contributor
 
 
+def contributor_lock(*, user_id: int) -> None:
+    """Lock the user's Contributor row until the caller's transaction ends.
+
+    Per-contributor caps (uploads per hour, live evaluations, test sets, API keys) count
+    rows and then write one; without a lock, two requests at once would both count N-1 and
+    both write. Every such write takes this lock first, so the count it sees is exact.
+    """
+    rows = Contributor.objects.select_for_update().filter(user_id=user_id)
+    if not list(rows.values_list("pk", flat=True)):
+        contributor_ensure(user=get_user_model().objects.get(pk=user_id))
+        list(rows.values_list("pk", flat=True))
+
+
+def seconds_until(moment: dt.datetime) -> int:
+    """Whole seconds from now until ``moment``, at least 1 (a Retry-After value)."""
+    return max(1, math.ceil((moment - timezone.now()).total_seconds()))
+
+
 # Maintainers read everything in the admin and may correct adapter metadata; versions,
 # statuses and the audit trail change only through services, never by editing rows.
 MAINTAINER_PERMISSIONS = {
@@ -181,11 +201,14 @@ def api_token_create(
     _check_token_limits(
         user=user, requests_per_minute=requests_per_minute, tokens_per_day=tokens_per_day
     )
+    _check_key_count(user=user)
     for _ in range(5):
         prefix = secrets.token_hex(4)
         secret = secrets.token_urlsafe(32)
         try:
             with transaction.atomic():
+                contributor_lock(user_id=user.pk)
+                _check_key_count(user=user)
                 token = ApiToken.objects.create(
                     user=user,
                     name=name[:100],
@@ -235,6 +258,22 @@ def _check_token_limits(
                 "tokens_per_day_too_high",
                 f"Tokens per day can be at most {default}, the deployment's default.",
             )
+
+
+def _check_key_count(*, user: AbstractBaseUser) -> None:
+    """At most TESSERA_API_KEYS_PER_USER live keys. Each key has its own requests per minute,
+    so without a cap more keys would mean more requests (the daily token quota is also
+    counted per user, routing.limits.user_quota_check, so keys never multiply tokens)."""
+    limit = settings.TESSERA_API_KEYS_PER_USER
+    live = ApiToken.objects.filter(user=user, revoked_at__isnull=True).count()
+    if live >= limit:
+        raise DomainError(
+            "api_key_limit_reached",
+            f"You have {live} live API keys, the most allowed is {limit}; revoke one you no "
+            "longer use on the API tokens page first.",
+            kind="conflict",
+            details={"limit": limit, "live": live},
+        )
 
 
 def _hash_secret(secret: str) -> str:
@@ -378,6 +417,8 @@ def adapter_version_create(
     Validation runs before anything is written; if anything after it fails, the files
     already written are removed again, so a refused upload leaves nothing behind.
     """
+    # Counted before validation too, so a contributor over the cap costs no parsing.
+    _check_upload_rate(owner_id=adapter.owner_id)
     base_model = selectors.base_model_active()
     validated = validate_upload(
         parts,
@@ -392,7 +433,10 @@ def adapter_version_create(
     written: list[str] = []
     try:
         with transaction.atomic():
-            # Lock the adapter row so two concurrent uploads get different numbers.
+            # The owner's lock makes the caps exact (this one, and the live evaluations the
+            # transition's listener counts); the adapter row's gives each upload its number.
+            contributor_lock(user_id=adapter.owner_id)
+            _check_upload_rate(owner_id=adapter.owner_id)
             Adapter.objects.select_for_update().filter(pk=adapter.pk).first()
             number = (adapter.versions.aggregate(n=Max("number"))["n"] or 0) + 1
             version = AdapterVersion(
@@ -427,6 +471,36 @@ def adapter_version_create(
                 raise _duplicate_error(duplicate, actor) from exc
         raise
     return version
+
+
+UPLOAD_WINDOW = dt.timedelta(hours=1)
+
+
+def _check_upload_rate(*, owner_id: int) -> None:
+    """At most TESSERA_UPLOADS_PER_HOUR stored uploads per contributor in any hour.
+
+    Counted from the versions themselves, so the count is exact and the same for every
+    process (the API's per-process throttle is only a first line); refused uploads store
+    nothing and so never count. Each upload costs an evaluation run on the workers, which
+    is what this shares fairly.
+    """
+    limit = settings.TESSERA_UPLOADS_PER_HOUR
+    since = timezone.now() - UPLOAD_WINDOW
+    recent = AdapterVersion.objects.filter(adapter__owner_id=owner_id, created_at__gt=since)
+    count = recent.count()
+    if count < limit:
+        return
+    # A slot frees when the upload that brings the count below the limit leaves the hour.
+    frees = recent.order_by("-created_at").values_list("created_at", flat=True)[limit - 1]
+    retry_after = seconds_until(frees + UPLOAD_WINDOW)
+    raise DomainError(
+        "upload_rate_limited",
+        f"You have uploaded {count} versions in the last hour, the most allowed is {limit}; "
+        f"try again in {math.ceil(retry_after / 60)} minute(s).",
+        kind="rate_limited",
+        details={"limit": limit, "window_seconds": 3600, "retry_after": retry_after},
+        retry_after=retry_after,
+    )
 
 
 def _duplicate_error(duplicate: AdapterVersion, actor: AbstractBaseUser) -> DomainError:

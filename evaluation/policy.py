@@ -194,12 +194,21 @@ def admission_check_register(check: AdmissionCheck) -> None:
         admission_checks.append(check)
 
 
-def review_required(*, mode: str, contributor_has_admitted: bool) -> bool:
+def review_required(
+    *, mode: str, contributor_has_admitted: bool, contributor_suspended: bool = False
+) -> bool:
     """Whether a passing version waits for a maintainer. "first": only a contributor's
-    first admission; "always"; "never"."""
+    first admission; "always"; "never".
+
+    ``contributor_suspended``: a maintainer suspended one of the contributor's versions and
+    has admitted none of theirs since. Whatever the mode, their passing versions then wait
+    for a maintainer: the automatic admission a track record earned is what the suspension
+    called into question, and without this a contributor whose adapter was pulled for
+    misbehaving could upload the same thing again and have it served at once.
+    """
     if mode not in REVIEW_MODES:
         raise ValueError(f"unknown review mode {mode!r}")
-    if mode == "always":
+    if contributor_suspended or mode == "always":
         return True
     if mode == "never":
         return False
@@ -234,6 +243,11 @@ def policy_rules_in_words(policy: PolicySettings | None = None) -> list[str]:
         "always": "A maintainer reviews every adapter that passes before it is admitted.",
         "never": "Every adapter that passes is admitted at once, without a maintainer's review.",
     }[policy.review]
+    if policy.review != "always":
+        review += (
+            " A contributor whose adapter a maintainer suspended has every passing version "
+            "reviewed, until a maintainer admits one of theirs again."
+        )
     return [
         "Every upload is evaluated automatically in a sandbox with no network access, against "
         "the base model, on benchmark examples no contributor can see (the hidden split).",

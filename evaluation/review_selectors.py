@@ -304,7 +304,10 @@ def evaluation_panel(
         appeal=appeal,
         can_appeal=is_owner and version.status == Status.REJECTED and appeal is None,
         show_log=is_owner or is_maintainer,
-        can_suspend=is_maintainer and version.status in (Status.PASSED, Status.ADMITTED),
+        # Not on their own upload: a maintainer cannot decide on it (evaluation.services.review).
+        can_suspend=is_maintainer
+        and not is_owner
+        and version.status in (Status.PASSED, Status.ADMITTED),
         deciding=latest
         if latest is not None and latest.decision == _DECIDED_BY.get(outcome.kind)
         else None,

@@ -20,6 +20,7 @@ from evaluation.models import (
     ContributorTestSet,
     EvaluationRun,
     Example,
+    ReviewDecision,
     RuleResult,
     Suite,
     Task,
@@ -115,6 +116,26 @@ def contributor_has_admitted(*, user_id: int, exclude_version_id: int | None = N
     return (
         versions.filter(status__in=[Status.ADMITTED, Status.SUSPENDED]).exists() or events.exists()
     )
+
+
+def contributor_under_suspension(*, user_id: int, exclude_version_id: int | None = None) -> bool:
+    """Whether a maintainer suspended one of the user's versions (a review decision, not a
+    mixture rollback, which says nothing about the contributor) and has approved none of
+    theirs since."""
+    decisions = ReviewDecision.objects.filter(version__adapter__owner_id=user_id)
+    if exclude_version_id is not None:
+        decisions = decisions.exclude(version_id=exclude_version_id)
+    suspended = (
+        decisions.filter(decision=ReviewDecision.Decision.SUSPEND)
+        .order_by("-created_at")
+        .values_list("created_at", flat=True)
+        .first()
+    )
+    if suspended is None:
+        return False
+    return not decisions.filter(
+        decision=ReviewDecision.Decision.APPROVE, created_at__gt=suspended
+    ).exists()
 
 
 # --- Runs, as their owner and the maintainers see them ---------------------------------------

@@ -23,6 +23,7 @@ STATUS_BY_KIND = {
     "not_found": status.HTTP_404_NOT_FOUND,
     "conflict": status.HTTP_409_CONFLICT,
     "too_large": status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+    "rate_limited": status.HTTP_429_TOO_MANY_REQUESTS,
 }
 
 
@@ -42,9 +43,11 @@ def _first_message(detail: Any) -> str:
 
 def exception_handler(exc: Exception, context: dict) -> Response | None:
     if isinstance(exc, DomainError):
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
         return Response(
             error_body(exc.code, exc.message, exc.details),
             status=STATUS_BY_KIND[exc.kind],
+            headers=headers,
         )
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()

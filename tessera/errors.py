@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-ErrorKind = Literal["invalid", "forbidden", "not_found", "conflict", "too_large"]
+ErrorKind = Literal["invalid", "forbidden", "not_found", "conflict", "too_large", "rate_limited"]
 
 
 class DomainError(Exception):
@@ -21,6 +21,7 @@ class DomainError(Exception):
         *,
         kind: ErrorKind | None = None,
         details: dict[str, Any] | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -28,6 +29,8 @@ class DomainError(Exception):
         if kind is not None:
             self.kind = kind
         self.details = details or {}
+        # Whole seconds until trying again makes sense (a rate limit): sent as Retry-After.
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"

@@ -277,8 +277,26 @@ TESSERA_SANDBOX_MEMORY_BYTES = env.int("TESSERA_SANDBOX_MEMORY_BYTES", default=1
 TESSERA_SANDBOX_CPU_SECONDS = env.int("TESSERA_SANDBOX_CPU_SECONDS", default=3 * 3600)
 TESSERA_SANDBOX_OPEN_FILES = env.int("TESSERA_SANDBOX_OPEN_FILES", default=512)
 TESSERA_SANDBOX_FILE_BYTES = env.int("TESSERA_SANDBOX_FILE_BYTES", default=64 * 1024 * 1024)
+# RLIMIT_NPROC of the child's uid: processes and threads (torch starts about one per core).
+TESSERA_SANDBOX_PROCESSES = env.int("TESSERA_SANDBOX_PROCESSES", default=512)
+# The size of each of the child's two private tmpfs (/tmp and its work folder) under bwrap.
+TESSERA_SANDBOX_TMPFS_BYTES = env.int("TESSERA_SANDBOX_TMPFS_BYTES", default=512 * 1024**2)
+# A root worker's child runs as this uid plus the worker's pid: no user of the host.
+TESSERA_SANDBOX_UID_BASE = env.int("TESSERA_SANDBOX_UID_BASE", default=2_000_000_000)
+# unshare isolates the network and the processes but leaves the host's files readable:
+# a development fallback only ("auto" never picks it with DEBUG off).
+TESSERA_SANDBOX_ALLOW_UNSHARE = DEBUG
 if TESSERA_SANDBOX not in {"auto", "bwrap", "unshare", "none"}:
     raise ImproperlyConfigured("TESSERA_SANDBOX must be one of auto, bwrap, unshare, none.")
+if not DEBUG and TESSERA_SANDBOX == "unshare":
+    raise ImproperlyConfigured(
+        "TESSERA_SANDBOX=unshare gives no filesystem isolation: production needs bwrap."
+    )
+for _name in ("TESSERA_SANDBOX_PROCESSES", "TESSERA_SANDBOX_TMPFS_BYTES"):
+    if globals()[_name] <= 0:
+        raise ImproperlyConfigured(f"{_name} must be a positive integer.")
+if not 0 < TESSERA_SANDBOX_UID_BASE < 2**31 - 2**22:
+    raise ImproperlyConfigured("TESSERA_SANDBOX_UID_BASE must leave room for a pid below 2**31.")
 if not DEBUG and (TESSERA_SANDBOX == "none" or TESSERA_SANDBOX_ALLOW_NETWORK):
     raise ImproperlyConfigured("Production never evaluates without network isolation.")
 if TESSERA_EVAL_DEADLINE_SECONDS >= CELERY_TASK_SOFT_TIME_LIMIT:
@@ -379,6 +397,44 @@ if TESSERA_API_TOKENS_PER_DAY < 0:
 if TESSERA_USAGE_FLUSH_SECONDS <= 0:
     raise ImproperlyConfigured("TESSERA_USAGE_FLUSH_SECONDS must be positive.")
 
+# --- Fairness and abuse limits ----------------------------------------------------------------
+# Each is enforced by the service that writes (so the portal and the API share it) and counted
+# from the database, except the sign-in throttles, which count in the cache (Redis in
+# production, so every process shares one count). docs/security.md explains each.
+TESSERA_UPLOADS_PER_HOUR = env.int("TESSERA_UPLOADS_PER_HOUR", default=20)
+TESSERA_LIVE_RUNS_PER_CONTRIBUTOR = env.int("TESSERA_LIVE_RUNS_PER_CONTRIBUTOR", default=10)
+TESSERA_TEST_SETS_PER_ADAPTER = env.int("TESSERA_TEST_SETS_PER_ADAPTER", default=5)
+TESSERA_TEST_SETS_PER_CONTRIBUTOR = env.int("TESSERA_TEST_SETS_PER_CONTRIBUTOR", default=50)
+TESSERA_TEST_SET_MAX_EXAMPLES = env.int("TESSERA_TEST_SET_MAX_EXAMPLES", default=500)
+TESSERA_TEST_SET_EXAMPLE_MAX_CHARS = env.int("TESSERA_TEST_SET_EXAMPLE_MAX_CHARS", default=8000)
+TESSERA_API_KEYS_PER_USER = env.int("TESSERA_API_KEYS_PER_USER", default=10)
+# Prompt plus completion tokens per UTC day for all of a user's keys together, so more keys
+# never mean more tokens; 0 means none. A key a maintainer raised above it raises its owner's.
+TESSERA_API_USER_TOKENS_PER_DAY = env.int(
+    "TESSERA_API_USER_TOKENS_PER_DAY", default=TESSERA_API_TOKENS_PER_DAY
+)
+TESSERA_LOGIN_FAILURES_PER_IP = env.int("TESSERA_LOGIN_FAILURES_PER_IP", default=30)
+TESSERA_LOGIN_FAILURES_PER_USERNAME = env.int("TESSERA_LOGIN_FAILURES_PER_USERNAME", default=10)
+TESSERA_SIGNUPS_PER_IP = env.int("TESSERA_SIGNUPS_PER_IP", default=10)
+TESSERA_AUTH_THROTTLE_WINDOW_SECONDS = env.int("TESSERA_AUTH_THROTTLE_WINDOW_SECONDS", default=900)
+for _name in (
+    "TESSERA_UPLOADS_PER_HOUR",
+    "TESSERA_LIVE_RUNS_PER_CONTRIBUTOR",
+    "TESSERA_TEST_SETS_PER_ADAPTER",
+    "TESSERA_TEST_SETS_PER_CONTRIBUTOR",
+    "TESSERA_TEST_SET_MAX_EXAMPLES",
+    "TESSERA_TEST_SET_EXAMPLE_MAX_CHARS",
+    "TESSERA_API_KEYS_PER_USER",
+    "TESSERA_LOGIN_FAILURES_PER_IP",
+    "TESSERA_LOGIN_FAILURES_PER_USERNAME",
+    "TESSERA_SIGNUPS_PER_IP",
+    "TESSERA_AUTH_THROTTLE_WINDOW_SECONDS",
+):
+    if globals()[_name] <= 0:
+        raise ImproperlyConfigured(f"{_name} must be a positive integer.")
+if TESSERA_API_USER_TOKENS_PER_DAY < 0:
+    raise ImproperlyConfigured("TESSERA_API_USER_TOKENS_PER_DAY must be 0 (no quota) or positive.")
+
 # --- Inference server ------------------------------------------------------------------------
 # The OpenAI-compatible API runs in its own ASGI process (uvicorn tessera.serving:application)
 # with the engine in it; see routing/serving/scheduler.py for how requests are batched.
@@ -388,6 +444,8 @@ TESSERA_SERVING_TORCH_THREADS = env.int("TESSERA_SERVING_TORCH_THREADS", default
 # Rows decoded together, and requests allowed to wait beyond them (then 503 + Retry-After).
 TESSERA_SERVING_MAX_BATCH = env.int("TESSERA_SERVING_MAX_BATCH", default=16)
 TESSERA_SERVING_MAX_QUEUE = env.int("TESSERA_SERVING_MAX_QUEUE", default=64)
+# Tokens a batch's key/value cache may hold: rows x (widest prompt + longest max_tokens).
+TESSERA_SERVING_MAX_BATCH_TOKENS = env.int("TESSERA_SERVING_MAX_BATCH_TOKENS", default=16384)
 # max_tokens when a request gives none, and the most a request may ask for: a batch lasts as
 # long as its longest row, so this cap also bounds how long a new request waits.
 TESSERA_SERVING_DEFAULT_MAX_TOKENS = env.int("TESSERA_SERVING_DEFAULT_MAX_TOKENS", default=256)
@@ -406,6 +464,7 @@ if TESSERA_SERVING_DTYPE not in {"float32", "bfloat16", "float16"}:
 for _name in (
     "TESSERA_SERVING_MAX_BATCH",
     "TESSERA_SERVING_MAX_QUEUE",
+    "TESSERA_SERVING_MAX_BATCH_TOKENS",
     "TESSERA_SERVING_DEFAULT_MAX_TOKENS",
     "TESSERA_SERVING_MAX_TOKENS",
     "TESSERA_SERVING_MAX_BODY_BYTES",

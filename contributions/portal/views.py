@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth import login
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
@@ -16,7 +17,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_POST
 
-from contributions import selectors, services
+from contributions import auth_throttle, selectors, services
 from contributions.models import Adapter
 from contributions.portal import queries
 from contributions.portal.forms import (
@@ -64,10 +65,23 @@ def rules(request: HttpRequest) -> HttpResponse:
     return render(request, "portal/rules.html", {"rules": queries.intake_rules()})
 
 
+def _throttled(response: HttpResponse, refusal: DomainError) -> HttpResponse:
+    response.status_code = 429
+    response["Retry-After"] = str(refusal.retry_after)
+    return response
+
+
 def signup(request: HttpRequest) -> HttpResponse:
     if request.user.is_authenticated:
         return redirect("portal:dashboard")
     form = SignUpForm(request.POST if request.method == "POST" else None)
+    refusal = (
+        auth_throttle.signup_refusal(ip=auth_throttle.client_ip(request)) if form.is_bound else None
+    )
+    if refusal is not None:
+        # Nothing is validated or stored: the form comes back with what was typed.
+        context = {"form": SignUpForm(initial=_signup_initial(request)), "throttled": refusal}
+        return _throttled(render(request, "portal/signup.html", context), refusal)
     if form.is_bound and form.is_valid():
         try:
             contributor = services.contributor_sign_up(**form.service_kwargs())
@@ -78,6 +92,47 @@ def signup(request: HttpRequest) -> HttpResponse:
             messages.success(request, f"Welcome, {contributor.display_name}. You are signed in.")
             return redirect("portal:dashboard")
     return render(request, "portal/signup.html", {"form": form}, status=_form_status(form))
+
+
+def _signup_initial(request: HttpRequest) -> dict:
+    return {
+        name: request.POST.get(name, "")
+        for name in SignUpForm.base_fields
+        if "password" not in name
+    }
+
+
+class LoginView(auth_views.LoginView):
+    """Django's log-in, throttled per client IP and per username (contributions.auth_throttle).
+
+    A throttled attempt is answered before the password is checked, so a guesser learns
+    nothing from it, and with a 429 and a Retry-After, so a script knows to stop.
+    """
+
+    template_name = "registration/login.html"
+    redirect_authenticated_user = True
+
+    def post(self, request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        username = request.POST.get("username", "")
+        refusal = auth_throttle.login_refusal(
+            ip=auth_throttle.client_ip(request), username=username
+        )
+        if refusal is None:
+            return super().post(request, *args, **kwargs)
+        form = self.get_form_class()(request, initial={"username": username})
+        context = self.get_context_data(form=form, throttled=refusal)
+        return _throttled(self.render_to_response(context), refusal)
+
+    def form_valid(self, form):
+        auth_throttle.login_succeeded(username=form.cleaned_data.get("username", ""))
+        return super().form_valid(form)
+
+    def form_invalid(self, form):
+        auth_throttle.login_failed(
+            ip=auth_throttle.client_ip(self.request),
+            username=self.request.POST.get("username", ""),
+        )
+        return super().form_invalid(form)
 
 
 # --- adapters ---------------------------------------------------------------------------
@@ -155,7 +210,10 @@ def _upload_page(request, adapter, form, refusal: DomainError | None = None) -> 
         "refusal": refusal,
         "rules": queries.intake_rules(),
     }
-    return render(request, "portal/version_upload.html", context, status=status)
+    response = render(request, "portal/version_upload.html", context, status=status)
+    if refusal is not None and refusal.retry_after:
+        response["Retry-After"] = str(refusal.retry_after)
+    return response
 
 
 def _upload_too_large(request: HttpRequest) -> bool:

@@ -94,11 +94,7 @@ def _detail_page(
         item = review_selectors.review_item_get(user=request.user, version_id=version_id)
     except DomainError as exc:
         raise _http(exc) from exc
-    allowed = [
-        decision
-        for decision in DECISIONS.values
-        if item.version.status in review_services.DECISION_FROM[decision]
-    ]
+    allowed = review_services.review_decisions_open(version=item.version, actor=request.user)
     forms = {decision: DecisionForm(prefix=decision) for decision in allowed}
     if bound is not None and bound[0] in forms:
         forms[bound[0]] = bound[1]

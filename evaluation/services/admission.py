@@ -19,7 +19,7 @@ from contributions.models import AdapterVersion
 from contributions.services import adapter_version_transition
 from evaluation.models import EvaluationRun, RuleResult
 from evaluation.policy import PolicyOutcome, Rule, admission_checks, review_required
-from evaluation.selectors import contributor_has_admitted
+from evaluation.selectors import contributor_has_admitted, contributor_under_suspension
 from tessera.errors import DomainError
 
 logger = logging.getLogger(__name__)
@@ -50,10 +50,12 @@ def version_admit(
 
 def admission_needs_review(*, version: AdapterVersion, mode: str) -> bool:
     """Whether a passing version waits for a maintainer under review ``mode``."""
-    has_admitted = contributor_has_admitted(
-        user_id=version.adapter.owner_id, exclude_version_id=version.pk
+    owner_id = version.adapter.owner_id
+    has_admitted = contributor_has_admitted(user_id=owner_id, exclude_version_id=version.pk)
+    suspended = contributor_under_suspension(user_id=owner_id, exclude_version_id=version.pk)
+    return review_required(
+        mode=mode, contributor_has_admitted=has_admitted, contributor_suspended=suspended
     )
-    return review_required(mode=mode, contributor_has_admitted=has_admitted)
 
 
 def rule_results_store(*, run: EvaluationRun, outcome: PolicyOutcome) -> list[RuleResult]:

@@ -138,6 +138,14 @@ def _checked(
         raise DomainError(
             "not_maintainer", "Only maintainers decide on versions.", kind="forbidden"
         )
+    if is_own_upload(version=version, actor=actor):
+        # Review is a second pair of eyes: a maintainer approving their own upload (or
+        # rejecting a rival's in the same breath) would have none.
+        raise DomainError(
+            "own_upload",
+            "You cannot decide on your own upload; another maintainer will review it.",
+            kind="forbidden",
+        )
     reason = (reason or "").strip()
     if not reason:
         raise DomainError(
@@ -161,6 +169,18 @@ def _checked(
             details={"from": version.status, "decision": decision},
         )
     return reason
+
+
+def is_own_upload(*, version: AdapterVersion, actor: AbstractBaseUser) -> bool:
+    return actor.is_authenticated and version.adapter.owner_id == actor.pk
+
+
+def review_decisions_open(*, version: AdapterVersion, actor: AbstractBaseUser) -> list[str]:
+    """The decisions ``actor`` may take on ``version`` now, for pages to offer (the
+    decision itself checks again, in _checked)."""
+    if not user_is_maintainer(actor) or is_own_upload(version=version, actor=actor):
+        return []
+    return [decision for decision, allowed in DECISION_FROM.items() if version.status in allowed]
 
 
 def _decision_record(

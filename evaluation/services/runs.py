@@ -53,6 +53,7 @@ from evaluation.models import (
 from evaluation.worker.sandbox import (
     LOG_CAP_BYTES,
 )
+from tessera.errors import DomainError
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def evaluation_run_create(*, version: AdapterVersion) -> EvaluationRun:
     surrounding transaction commits (a worker must find the row)."""
     queue = evaluation_queue()
     with transaction.atomic():
+        _check_live_runs(owner_id=version.adapter.owner_id)
         adapter_version_transition(
             version=version,
             to_status=VersionStatus.QUEUED,
@@ -101,6 +103,26 @@ def evaluation_run_create(*, version: AdapterVersion) -> EvaluationRun:
         run_id = run.pk
         transaction.on_commit(lambda: run_enqueue(run_id=run_id, queue=queue))
     return run
+
+
+def _check_live_runs(*, owner_id: int) -> None:
+    """At most TESSERA_LIVE_RUNS_PER_CONTRIBUTOR queued or running evaluations per
+    contributor, so one contributor's burst of uploads cannot fill the workers' queue ahead
+    of everyone else. Raised inside the upload's transaction (this runs from its transition
+    listener), so the refused upload is rolled back with its files; the upload holds the
+    owner's lock (contributions.services.contributor_lock), which makes the count exact."""
+    limit = settings.TESSERA_LIVE_RUNS_PER_CONTRIBUTOR
+    live = EvaluationRun.objects.filter(
+        version__adapter__owner_id=owner_id, status__in=[RunStatus.QUEUED, RunStatus.RUNNING]
+    ).count()
+    if live >= limit:
+        raise DomainError(
+            "too_many_live_evaluations",
+            f"You have {live} evaluations queued or running, the most at once is {limit}; "
+            "upload this version when one of them has finished.",
+            kind="conflict",
+            details={"limit": limit, "live": live},
+        )
 
 
 def version_validated_queue(event: VersionTransition) -> None:

@@ -14,14 +14,17 @@ import hashlib
 import json
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 
 from contributions.models import Adapter, AuditEvent
+from contributions.services import contributor_lock
 from evaluation.models import ContributorTestSet, Task
 from tessera.errors import DomainError
 
 MAX_TEST_SET_BYTES = 1024 * 1024
+# The default of TESSERA_TEST_SET_MAX_EXAMPLES, which is what is enforced.
 MAX_TEST_SET_LINES = 500
 MAX_NAME_CHARS = 100
 MAX_CHOICES = 26
@@ -43,11 +46,14 @@ def contributor_test_set_create(
             f"The metric must be one of {', '.join(METRICS)}.",
             details={"field": "metric", "allowed": list(METRICS)},
         )
+    _check_test_set_count(adapter=adapter)
     examples = jsonl_examples_parse(jsonl, metric=metric)
     if ContributorTestSet.objects.filter(adapter=adapter, name=name).exists():
         raise _name_taken(name)
     try:
         with transaction.atomic():
+            contributor_lock(user_id=adapter.owner_id)  # so the count below stays exact
+            _check_test_set_count(adapter=adapter)
             test_set = ContributorTestSet.objects.create(
                 adapter=adapter,
                 name=name,
@@ -64,6 +70,30 @@ def contributor_test_set_create(
     except IntegrityError as exc:  # the same name, attached concurrently
         raise _name_taken(name) from exc
     return test_set
+
+
+def _check_test_set_count(*, adapter: Adapter) -> None:
+    """At most TESSERA_TEST_SETS_PER_ADAPTER test sets on an adapter (every run of it
+    scores them all, so this bounds what one upload costs the workers) and
+    TESSERA_TEST_SETS_PER_CONTRIBUTOR across a contributor's adapters (what they store)."""
+    per_adapter = settings.TESSERA_TEST_SETS_PER_ADAPTER
+    on_adapter = ContributorTestSet.objects.filter(adapter=adapter).count()
+    if on_adapter >= per_adapter:
+        raise DomainError(
+            "test_set_limit_reached",
+            f"This adapter has {on_adapter} test sets, the most allowed is {per_adapter}.",
+            kind="conflict",
+            details={"scope": "adapter", "limit": per_adapter, "count": on_adapter},
+        )
+    per_owner = settings.TESSERA_TEST_SETS_PER_CONTRIBUTOR
+    owned = ContributorTestSet.objects.filter(adapter__owner_id=adapter.owner_id).count()
+    if owned >= per_owner:
+        raise DomainError(
+            "test_set_limit_reached",
+            f"Your adapters have {owned} test sets together, the most allowed is {per_owner}.",
+            kind="conflict",
+            details={"scope": "contributor", "limit": per_owner, "count": owned},
+        )
 
 
 def _clean_name(name: str) -> str:
@@ -111,11 +141,12 @@ def jsonl_examples_parse(jsonl: bytes, *, metric: str) -> list[dict[str, Any]]:
     lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise DomainError("test_set_empty", "The file has no examples.", details={"field": "file"})
-    if len(lines) > MAX_TEST_SET_LINES:
+    max_lines = settings.TESSERA_TEST_SET_MAX_EXAMPLES
+    if len(lines) > max_lines:
         raise DomainError(
             "test_set_too_many_lines",
-            f"A test set has at most {MAX_TEST_SET_LINES} examples (this one has {len(lines)}).",
-            details={"field": "file", "max_lines": MAX_TEST_SET_LINES, "lines": len(lines)},
+            f"A test set has at most {max_lines} examples (this one has {len(lines)}).",
+            details={"field": "file", "max_lines": max_lines, "lines": len(lines)},
         )
     return [_example(number, line, metric) for number, line in lines]
 
@@ -148,6 +179,15 @@ def _example(number: int, line: str, metric: str) -> dict[str, Any]:
         raise refuse("test_set_choices_invalid", '"choices" must be a list of non-empty strings.')
     if len(choices) > MAX_CHOICES:
         raise refuse("test_set_choices_invalid", f"at most {MAX_CHOICES} choices.")
+    # Each example becomes a prompt the workers run through the model twice (base and
+    # adapter); a bound per example keeps one line from being most of the file's budget.
+    size = len(prompt) + len(target) + sum(len(choice) for choice in choices)
+    max_chars = settings.TESSERA_TEST_SET_EXAMPLE_MAX_CHARS
+    if size > max_chars:
+        raise refuse(
+            "test_set_example_too_long",
+            f"the prompt, target and choices come to {size} characters; at most {max_chars}.",
+        )
     if metric == Task.Metric.MULTIPLE_CHOICE:
         if len(choices) < 2:
             raise refuse("test_set_choices_required", "multiple_choice needs at least two choices.")
