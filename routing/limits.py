@@ -15,7 +15,12 @@ Two limits, both per API key (``contributions.ApiToken``):
   to. It is checked before a request, so the request that crosses the quota finishes; the
   next one is refused until midnight UTC.
 
-When Redis is unreachable both checks **fail open** with a logged warning: the key was
+A third check sums the second over all of a user's keys (``user_quota_check``): the day's
+tokens of every key they hold, or revoked today, against TESSERA_API_USER_TOKENS_PER_DAY,
+so a user with five keys gets the same tokens a day as with one (and revoking a spent key
+for a fresh one gains nothing).
+
+When Redis is unreachable the checks **fail open** with a logged warning: the key was
 already authenticated against the database, the limits are about fairness rather than
 security (throttle counters are not atomic enough to be a security boundary), and a cache
 outage should not take the whole public API down with it. Timeouts are short for the same reason.
@@ -38,7 +43,9 @@ from dataclasses import dataclass
 
 import redis
 import redis.asyncio as aioredis
+from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db.models import Q
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -299,3 +306,71 @@ def token_quota_check_sync(*, token_id: int, tokens_per_day: int) -> LimitResult
         warn_redis_down("token quotas not enforced", exc)
         return _quota_open(tokens_per_day)
     return _quota_result(used, tokens_per_day)
+
+
+# --- Tokens per day, all of a user's keys together ------------------------------------------
+
+
+@dataclass(frozen=True)
+class UserQuotaPlan:
+    """Which counters make up a user's day, and their total's limit (0: no quota)."""
+
+    tokens_per_day: int
+    token_ids: tuple[int, ...]
+
+
+def user_quota_plan(*, user_id: int) -> UserQuotaPlan:
+    """The user's keys that can have spent tokens today (live, or revoked since midnight
+    UTC) and the limit on their sum: TESSERA_API_USER_TOKENS_PER_DAY, or more when a
+    maintainer gave one of the live keys a larger quota of its own (that key's quota would
+    mean nothing under a smaller total)."""
+    default = settings.TESSERA_API_USER_TOKENS_PER_DAY
+    midnight = dt.datetime.combine(utc_today(), dt.time(), tzinfo=dt.UTC)
+    rows = ApiToken.objects.filter(user_id=user_id).filter(
+        Q(revoked_at__isnull=True) | Q(revoked_at__gte=midnight)
+    )
+    keys = list(rows.values_list("pk", "tokens_per_day", "revoked_at"))
+    if not default:
+        return UserQuotaPlan(tokens_per_day=0, token_ids=())
+    own = [quota for _, quota, revoked in keys if quota and revoked is None]
+    return UserQuotaPlan(
+        tokens_per_day=max([default, *own]), token_ids=tuple(pk for pk, _, _ in keys)
+    )
+
+
+def _user_quota_keys(plan: UserQuotaPlan) -> list[str]:
+    day = utc_today()
+    return [quota_key(token_id=token_id, day=day) for token_id in plan.token_ids]
+
+
+def _user_quota_result(used: list, plan: UserQuotaPlan) -> LimitResult:
+    return _quota_result(sum(int(value or 0) for value in used), plan.tokens_per_day)
+
+
+async def user_quota_check(*, user_id: int) -> LimitResult:
+    """Whether the user's keys together have tokens left today (UTC): one indexed read of
+    their keys, one MGET of those keys' counters."""
+    plan = await sync_to_async(user_quota_plan)(user_id=user_id)
+    unlimited = _quota_unlimited(plan.tokens_per_day)
+    if unlimited is not None or not plan.token_ids:
+        return unlimited or _quota_open(plan.tokens_per_day)
+    try:
+        used = await redis_async().mget(_user_quota_keys(plan))
+    except redis.RedisError as exc:
+        warn_redis_down("token quotas not enforced", exc)
+        return _quota_open(plan.tokens_per_day)
+    return _user_quota_result(used, plan)
+
+
+def user_quota_check_sync(*, user_id: int) -> LimitResult:
+    """``user_quota_check`` for synchronous callers (the tokens page, tests)."""
+    plan = user_quota_plan(user_id=user_id)
+    unlimited = _quota_unlimited(plan.tokens_per_day)
+    if unlimited is not None or not plan.token_ids:
+        return unlimited or _quota_open(plan.tokens_per_day)
+    try:
+        used = redis_sync().mget(_user_quota_keys(plan))
+    except redis.RedisError as exc:
+        warn_redis_down("token quotas not enforced", exc)
+        return _quota_open(plan.tokens_per_day)
+    return _user_quota_result(used, plan)

@@ -90,6 +90,15 @@ async def admit(request: HttpRequest, schema) -> Admitted:
             type="insufficient_quota",
             headers={"Retry-After": str(quota.retry_after)},
         )
+    total = await limits.user_quota_check(user_id=key.user_id)
+    if not total.allowed:
+        raise ApiError(
+            429,
+            f"Your API keys together used your {total.limit} tokens for today (UTC).",
+            code="user_quota_exceeded",
+            type="insufficient_quota",
+            headers={"Retry-After": str(total.retry_after)},
+        )
     body = _parse(request, schema)
     rt = current_runtime()
     prompt_ids = _prompt_ids(rt, body)

@@ -1,6 +1,6 @@
 """Per-key limits of the inference API against the suite's real Redis: the sliding-window
-request limit, the daily token quota fed by usage recording, and failing open when Redis
-is unreachable."""
+request limit, the daily token quota fed by usage recording (per key, and for all of a
+user's keys together), and failing open when Redis is unreachable."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import datetime as dt
 import logging
 import socket
 
+import httpx
 import pytest
 
 from contributions import services
+from contributions.models import ApiToken
 from routing import limits, usage
 
 
@@ -231,3 +233,103 @@ def test_a_key_without_limits_follows_the_deployment_defaults(settings, contribu
         user=contributor, name="cron", requests_per_minute=6, tokens_per_day=100
     )
     assert limits.token_limits(token=own) == limits.TokenLimits(6, 100)
+
+
+# --- tokens per day, all of a user's keys together ------------------------------------------
+
+
+def user_quota(user_id: int) -> limits.LimitResult:
+    # The sync twin: the async one reads the keys in a thread of its own, with a database
+    # connection that cannot see this test's uncommitted rows (the server test below uses it).
+    return limits.user_quota_check_sync(user_id=user_id)
+
+
+@pytest.mark.django_db
+def test_a_users_keys_share_one_daily_quota(api_redis_db, settings, contributor):
+    settings.TESSERA_API_TOKENS_PER_DAY = 1000
+    settings.TESSERA_API_USER_TOKENS_PER_DAY = 1000
+    keys = [services.api_token_create(user=contributor, name=f"k{i}")[0] for i in range(5)]
+    for token in keys[:4]:
+        record(token.pk, 200, 50)
+    # Each key alone is far under its own quota; together they have spent 1000.
+    assert all(quota(token.pk, 1000).allowed for token in keys)
+    spent = user_quota(contributor.pk)
+    assert (spent.allowed, spent.limit, spent.remaining) == (False, 1000, 0)
+    assert spent.retry_after >= 1
+
+
+@pytest.mark.django_db
+def test_revoking_a_spent_key_for_a_fresh_one_gains_no_tokens(api_redis_db, settings, contributor):
+    settings.TESSERA_API_USER_TOKENS_PER_DAY = 500
+    spent, _ = services.api_token_create(user=contributor, name="spent")
+    record(spent.pk, 500, 0)
+    services.api_token_revoke(token=spent, actor=contributor)
+    services.api_token_create(user=contributor, name="fresh")
+    assert not user_quota(contributor.pk).allowed
+
+
+@pytest.mark.django_db
+def test_under_the_user_quota_keys_work_and_other_users_are_not_counted(
+    api_redis_db, settings, contributor, other_contributor
+):
+    settings.TESSERA_API_USER_TOKENS_PER_DAY = 500
+    mine, _ = services.api_token_create(user=contributor, name="mine")
+    theirs, _ = services.api_token_create(user=other_contributor, name="theirs")
+    record(mine.pk, 100, 0)
+    record(theirs.pk, 500, 0)
+    result = user_quota(contributor.pk)
+    assert (result.allowed, result.remaining) == (True, 400)
+    assert not user_quota(other_contributor.pk).allowed
+
+
+@pytest.mark.django_db
+def test_a_key_a_maintainer_raised_raises_its_owners_total(api_redis_db, settings, contributor):
+    settings.TESSERA_API_USER_TOKENS_PER_DAY = 500
+    token, _ = services.api_token_create(user=contributor, name="big")
+    ApiToken.objects.filter(pk=token.pk).update(tokens_per_day=5000)
+    record(token.pk, 1000, 0)
+    result = user_quota(contributor.pk)
+    assert (result.allowed, result.limit) == (True, 5000)
+
+
+@pytest.mark.django_db
+def test_a_user_quota_of_zero_means_none(api_redis_db, settings, contributor):
+    settings.TESSERA_API_USER_TOKENS_PER_DAY = 0
+    token, _ = services.api_token_create(user=contributor, name="ci")
+    record(token.pk, 10**6, 0)
+    assert user_quota(contributor.pk).allowed
+
+
+@pytest.mark.django_db
+def test_the_user_quota_fails_open_when_redis_is_unreachable(redis_down, settings, contributor):
+    settings.TESSERA_API_USER_TOKENS_PER_DAY = 10
+    services.api_token_create(user=contributor, name="ci")
+    assert user_quota(contributor.pk).allowed
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_inference_api_refuses_a_fresh_key_once_the_users_keys_spent_the_day(
+    server, settings, contributor, other_contributor
+):
+    settings.TESSERA_API_USER_TOKENS_PER_DAY = 300
+    first, _ = services.api_token_create(user=contributor, name="first")
+    second_key = services.api_token_create(user=contributor, name="second")[1]
+    other_key = services.api_token_create(user=other_contributor, name="other")[1]
+    body = {"model": "base", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+
+    def ask(key: str) -> httpx.Response:
+        return httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+
+    assert ask(second_key).status_code == 200  # under the quota, a key works
+    record(first.pk, 300, 0)
+    refused = ask(second_key)
+    assert refused.status_code == 429, refused.text
+    error = refused.json()["error"]
+    assert (error["code"], error["type"]) == ("user_quota_exceeded", "insufficient_quota")
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert ask(other_key).status_code == 200  # another user's keys are their own
