@@ -15,6 +15,7 @@ from contributions import services
 from contributions.portal import queries as contribution_queries
 from contributions.portal.forms import TokenCreateForm
 from routing.portal import queries
+from tessera.api import STATUS_BY_KIND
 from tessera.errors import DomainError
 
 # --- API tokens -------------------------------------------------------------------------
@@ -27,6 +28,7 @@ TOKEN_USAGE_DAYS = 30
 def tokens(request: HttpRequest) -> HttpResponse:
     form = TokenCreateForm(request.POST if request.method == "POST" else None)
     context = {"form": form, "new_key": None, "new_token": None}
+    status = 200
     if form.is_bound and form.is_valid():
         try:
             token, key = services.api_token_create(
@@ -37,6 +39,7 @@ def tokens(request: HttpRequest) -> HttpResponse:
             )
         except DomainError as exc:
             form.add_domain_error(exc)
+            status = STATUS_BY_KIND[exc.kind]
         else:
             # Shown on this response only: the key is not stored, and not kept in the session.
             context.update(new_key=key, new_token=token, form=TokenCreateForm())
@@ -48,7 +51,7 @@ def tokens(request: HttpRequest) -> HttpResponse:
         request,
         "routing/tokens.html",
         context,
-        status=400 if form.is_bound and form.errors else 200,
+        status=max(status, 400) if form.is_bound and form.errors else status,
     )
     response["Cache-Control"] = "no-store"
     return response

@@ -276,3 +276,41 @@ def test_usage_admin_lists_rows_read_only(superuser_client, contributor, version
     assert response.status_code == 403
     row.refresh_from_db()
     assert row.requests in (31, 47)
+
+
+# --- how many keys a user may hold ---------------------------------------------------------
+
+
+def test_the_tokens_page_refuses_a_key_past_the_live_key_limit(owner_client, contributor, settings):
+    settings.TESSERA_API_KEYS_PER_USER = 2
+    for name in ("laptop", "ci"):
+        assert owner_client.post(reverse("routing:tokens"), {"name": name}).status_code == 200
+    refused = owner_client.post(reverse("routing:tokens"), {"name": "third"})
+    assert refused.status_code == 409
+    page = text(refused)
+    assert "api_key_limit_reached" in page
+    assert "the most allowed is 2" in page
+    assert "shown this once" not in page
+    assert list(ApiToken.objects.filter(user=contributor).values_list("name", flat=True)) == [
+        "ci",
+        "laptop",
+    ]
+
+
+def test_a_revoked_key_frees_its_place(owner_client, contributor, settings):
+    settings.TESSERA_API_KEYS_PER_USER = 1
+    token, _ = services.api_token_create(user=contributor, name="old")
+    with pytest.raises(DomainError) as refused:
+        services.api_token_create(user=contributor, name="new")
+    assert (refused.value.code, refused.value.kind) == ("api_key_limit_reached", "conflict")
+    owner_client.post(reverse("routing:token-revoke", args=[token.pk]))
+    response = owner_client.post(reverse("routing:tokens"), {"name": "new"})
+    assert response.status_code == 200
+    assert ApiToken.objects.filter(user=contributor, revoked_at__isnull=True).get().name == "new"
+
+
+def test_the_key_limit_is_per_user(contributor, other_contributor, settings):
+    settings.TESSERA_API_KEYS_PER_USER = 1
+    services.api_token_create(user=contributor, name="mine")
+    services.api_token_create(user=other_contributor, name="theirs")
+    assert ApiToken.objects.count() == 2
