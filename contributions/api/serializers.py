@@ -111,6 +111,15 @@ class AdapterOut(serializers.ModelSerializer):
         return contributor.display_name if contributor else adapter.owner.get_username()
 
 
+class AdapterPageOut(serializers.Serializer):
+    """One page of LimitOffsetPagination, as the list view answers (``?limit=&offset=``)."""
+
+    count = serializers.IntegerField()
+    next = serializers.URLField(allow_null=True)
+    previous = serializers.URLField(allow_null=True)
+    results = AdapterOut(many=True)
+
+
 class AdapterDetailOut(AdapterOut):
     versions = VersionOut(many=True)
     audit_trail = AuditEventOut(source="audit_events", many=True)
@@ -162,6 +171,14 @@ class VersionUploadIn(serializers.Serializer):
 
 class WithdrawIn(serializers.Serializer):
     reason = serializers.CharField(required=False, allow_blank=True, max_length=2000)
+
+
+class MeOut(serializers.Serializer):
+    username = serializers.CharField()
+    display_name = serializers.CharField(allow_blank=True)
+    affiliation = serializers.CharField(allow_blank=True)
+    is_public = serializers.BooleanField()
+    is_maintainer = serializers.BooleanField()
 
 
 class IntakeRulesOut(serializers.Serializer):

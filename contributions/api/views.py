@@ -8,7 +8,7 @@ from pathlib import Path
 
 from django.http import FileResponse
 from django.urls import reverse
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import APIException
 from rest_framework.pagination import LimitOffsetPagination
@@ -67,7 +67,14 @@ class IntakeRulesApi(APIView):
 
 
 class AdapterListApi(APIView):
-    @extend_schema(responses=s.AdapterOut(many=True), operation_id="adapters_list")
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("limit", int, description="Adapters per page (default 50)."),
+            OpenApiParameter("offset", int, description="Adapters skipped."),
+        ],
+        responses=s.AdapterPageOut,
+        operation_id="adapters_list",
+    )
     def get(self, request: Request) -> Response:
         paginator = LimitOffsetPagination()
         adapters = selectors.adapter_list_visible(user=request.user)
@@ -212,7 +219,7 @@ class VersionFileApi(APIView):
 
 
 class MeApi(APIView):
-    @extend_schema(operation_id="me")
+    @extend_schema(responses={200: s.MeOut, 401: ERROR_RESPONSES[401]}, operation_id="me")
     def get(self, request: Request) -> Response:
         contributor = services.contributor_ensure(user=request.user)
         return Response(
