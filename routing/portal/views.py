@@ -14,6 +14,7 @@ from django.views.decorators.http import require_POST
 from contributions import services
 from contributions.portal import queries as contribution_queries
 from contributions.portal.forms import TokenCreateForm
+from routing import limits
 from routing.portal import queries
 from tessera.api import STATUS_BY_KIND
 from tessera.errors import DomainError
@@ -45,6 +46,9 @@ def tokens(request: HttpRequest) -> HttpResponse:
             context.update(new_key=key, new_token=token, form=TokenCreateForm())
     context["tokens"] = queries.api_token_rows(user=request.user, usage_days=TOKEN_USAGE_DAYS)
     context["usage_days"] = TOKEN_USAGE_DAYS
+    # Read live from the API's Redis, unlike the per-key usage (as of the last flush).
+    context["user_quota"] = limits.user_quota_check_sync(user_id=request.user.pk)
+    context["keys_allowed"] = settings.TESSERA_API_KEYS_PER_USER
     context["api_me_url"] = request.build_absolute_uri(reverse("api:me"))
     context["inference_url"] = settings.TESSERA_INFERENCE_URL
     response = render(

@@ -314,3 +314,23 @@ def test_the_key_limit_is_per_user(contributor, other_contributor, settings):
     services.api_token_create(user=contributor, name="mine")
     services.api_token_create(user=other_contributor, name="theirs")
     assert ApiToken.objects.count() == 2
+
+
+def test_the_tokens_page_shows_what_is_left_of_the_users_daily_tokens(
+    owner_client, contributor, settings, api_redis_db
+):
+    from routing import usage
+
+    settings.TESSERA_API_KEYS_PER_USER = 4
+    settings.TESSERA_API_USER_TOKENS_PER_DAY = 1000
+    token, _ = services.api_token_create(user=contributor, name="ci")
+    usage.usage_record_sync(
+        token_id=token.pk,
+        user_id=contributor.pk,
+        version_ids=[],
+        prompt_tokens=300,
+        completion_tokens=50,
+    )
+    page = re.sub(r"\s+", " ", text(owner_client.get(reverse("routing:tokens"))))
+    assert "You may hold 4 live keys" in page
+    assert "share 1000 tokens a UTC day; 650 are left today" in page
