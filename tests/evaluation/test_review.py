@@ -918,3 +918,126 @@ def test_the_panel_shows_the_contributors_own_test_set_scores(pending, adapter, 
 def test_other_contributors_never_see_the_panel(pending, adapter, other_contributor):
     url = reverse("portal:adapter-detail", args=[adapter.pk])
     assert client_for(other_contributor).get(url).status_code == 404
+
+
+# --- a maintainer's own upload ----------------------------------------------------------------
+
+
+@pytest.fixture
+def own_pending(maintainer, base_model):
+    """A version the maintainer uploaded themselves, waiting for review."""
+    adapter = AdapterFactory(owner=maintainer, slug="maint-adder", title="Maintainer's adder")
+    return pending_version(adapter)
+
+
+@pytest.mark.parametrize("decision", ["approve", "reject", "suspend"])
+def test_a_maintainer_cannot_decide_on_their_own_upload_through_the_api(
+    own_pending, maintainer, decision
+):
+    response = api_for(maintainer).post(
+        api_url(f"review-{decision}", version_id=own_pending.pk), {"reason": "Looks great."}
+    )
+    assert response.status_code == 403, response.content
+    assert error_code(response) == "own_upload"
+    own_pending.refresh_from_db()
+    assert own_pending.status == Status.PASSED
+    assert not em.ReviewDecision.objects.exists()
+    assert not AuditEvent.objects.filter(version=own_pending, actor=maintainer).exists()
+
+
+def test_a_maintainer_cannot_approve_their_own_upload_in_the_portal(own_pending, maintainer):
+    client = client_for(maintainer)
+    response = client.post(
+        reverse("evaluation:review-decide", args=[own_pending.pk, "approve"]),
+        {"approve-reason": "Mine is good."},
+    )
+    assert response.status_code == 403
+    assert "own_upload" in text(response)
+    own_pending.refresh_from_db()
+    assert own_pending.status == Status.PASSED
+    assert not em.ReviewDecision.objects.exists()
+
+
+def test_the_review_pages_offer_no_decision_on_ones_own_upload(own_pending, maintainer):
+    client = client_for(maintainer)
+    queue = text(client.get(reverse("evaluation:review-queue")))
+    assert "your upload: another maintainer decides" in queue
+    assert f"Review v{own_pending.number}</a>" not in queue
+    detail = text(client.get(reverse("evaluation:review-detail", args=[own_pending.pk])))
+    assert "This is your own upload: another maintainer decides on it." in detail
+    assert "Reason to approve" not in detail and "Reason to reject" not in detail
+    adapter_page = text(client.get(reverse("portal:adapter-detail", args=[own_pending.adapter_id])))
+    assert "Suspend v1" not in adapter_page
+
+
+def test_another_maintainer_decides_on_a_maintainers_upload(own_pending, maintainer):
+    from tests.factories import MaintainerFactory
+
+    colleague = MaintainerFactory(username="colleague")
+    client = client_for(colleague)
+    detail = text(client.get(reverse("evaluation:review-detail", args=[own_pending.pk])))
+    assert "Reason to approve" in detail
+    response = api_for(colleague).post(
+        api_url("review-approve", version_id=own_pending.pk), {"reason": "Checked it."}
+    )
+    assert response.status_code == 200
+    own_pending.refresh_from_db()
+    assert own_pending.status == Status.ADMITTED
+
+
+# --- a suspended contributor goes back to review ----------------------------------------------
+
+
+def needs_review(version: AdapterVersion, mode: str) -> bool:
+    from evaluation.services.admission import admission_needs_review
+
+    return admission_needs_review(version=version, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["first", "never"])
+def test_after_a_suspension_the_contributors_next_versions_wait_for_a_maintainer(
+    adapter, maintainer, mode
+):
+    admitted = make_version(adapter, number=1, status=Status.ADMITTED)
+    make_run(admitted, needs_review=False)
+    nxt = make_version(adapter, number=2, status=Status.EVALUATING)
+    assert needs_review(nxt, "first") is False  # a track record: admitted at once
+    response = api_for(maintainer).post(
+        api_url("review-suspend", version_id=admitted.pk), {"reason": "Leaks prompts."}
+    )
+    assert response.status_code == 200
+    assert needs_review(nxt, mode) is True
+    # Another contributor is not affected.
+    other = AdapterFactory(slug="other-adder")
+    make_version(other, number=1, status=Status.ADMITTED)
+    assert needs_review(make_version(other, number=2, status=Status.EVALUATING), mode) is False
+
+
+def test_a_maintainers_approval_after_the_suspension_restores_automatic_admission(
+    adapter, maintainer
+):
+    first = make_version(adapter, number=1, status=Status.ADMITTED)
+    review_services.review_suspend(version=first, actor=maintainer, reason="Pulled.")
+    second = pending_version(adapter, number=2)
+    third = make_version(adapter, number=3, status=Status.EVALUATING)
+    assert needs_review(third, "first") is True
+    review_services.review_approve(version=second, actor=maintainer, reason="Fixed now.")
+    assert needs_review(third, "first") is False
+
+
+def test_a_mixture_rollback_does_not_send_the_contributor_back_to_review(adapter, maintainer):
+    from contributions.services import adapter_version_transition
+
+    first = make_version(adapter, number=1, status=Status.ADMITTED)
+    adapter_version_transition(
+        version=first, to_status=Status.SUSPENDED, actor=maintainer, reason="Rolled back."
+    )
+    assert needs_review(make_version(adapter, number=2, status=Status.EVALUATING), "first") is False
+
+
+def test_the_policy_page_says_a_suspension_sends_a_contributor_back_to_review(
+    client, base_model, settings
+):
+    settings.TESSERA_ADMISSION_REVIEW = "first"
+    page = text(client.get(reverse("evaluation:policy")))
+    assert "A contributor whose adapter a maintainer suspended has every passing version" in page
