@@ -627,3 +627,43 @@ def test_no_page_api_response_or_log_line_shows_a_secret_example(
     assert seen >= 20
     logged = caplog.text + run.log
     assert not [s for s in secrets if holds(logged, s)]
+    _the_admin_shows_secret_examples_to_maintainers_only(client, secrets)
+
+
+def _the_admin_shows_secret_examples_to_maintainers_only(client, secrets: set[str]) -> None:
+    """Staff with every view permission but not the maintainer role (the Maintainers group,
+    or a superuser) walk every admin list and the first object's page of each model."""
+    from django.contrib import admin
+    from django.contrib.auth.models import Permission
+
+    staff = UserFactory(username="all-views", is_staff=True)
+    staff.user_permissions.add(*Permission.objects.filter(codename__startswith="view_"))
+    client.force_login(staff)
+    walked = 0
+    for model in admin.site._registry:
+        meta = model._meta
+        urls = [reverse(f"admin:{meta.app_label}_{meta.model_name}_changelist")]
+        first = model.objects.order_by("pk").first()
+        if first is not None:
+            urls.append(
+                reverse(f"admin:{meta.app_label}_{meta.model_name}_change", args=[first.pk])
+            )
+        for url in urls:
+            response = client.get(url)
+            assert response.status_code in (200, 403), (url, response.status_code)
+            text = response.content.decode()
+            assert not [s for s in secrets if holds(text, s)], url
+            walked += 1
+    assert walked >= 30
+    hidden = Example.objects.filter(split=Example.Split.HIDDEN).order_by("pk").first()
+    page = reverse("admin:evaluation_example_change", args=[hidden.pk])
+    assert client.get(page).status_code == 403
+    task_page = reverse("admin:evaluation_task_change", args=[hidden.task_id])
+    assert client.get(task_page).status_code == 200
+
+    # The check bites: a maintainer sees the same example on the same pages.
+    root = UserFactory(username="root", is_staff=True, is_superuser=True)
+    client.force_login(root)
+    question = hidden.fields["question"]
+    assert holds(client.get(page).content.decode(), question)
+    assert question in client.get(task_page).content.decode()
