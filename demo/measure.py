@@ -33,12 +33,15 @@ BOOTSTRAP_SAMPLES = 2000
 
 def load_tasks(split: str):
     from evaluation.suite_io import parse_suite_jsonl
+    from evaluation.suites import complete_suite
     from evaluation.training import _spec
     from evaluation.worker.specs import TaskSpec
 
     tasks = {}
     for path in sorted((ROOT / "evaluation" / "suites").glob("*.jsonl")):
-        suite = parse_suite_jsonl(path.read_bytes())
+        # The hidden splits are not committed: drawn from TESSERA_SUITE_SEED (else the
+        # development seed in var/suite-seed), as load_suites draws them.
+        suite = parse_suite_jsonl(complete_suite(path))
         for task in suite.tasks:
             spec = TaskSpec(
                 key=f"{suite.slug}/{task.slug}",
@@ -65,6 +68,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from evaluation.suites import complete_suite
     from evaluation.worker.scoring import bootstrap_delta_ci, score_task
 
     if args.threads:
@@ -76,7 +80,7 @@ def main() -> None:
     results.setdefault("suite_sha256", {})
     # A suite file that changed invalidates its cached scores.
     for path in sorted((ROOT / "evaluation" / "suites").glob("*.jsonl")):
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = hashlib.sha256(complete_suite(path)).hexdigest()
         if results["suite_sha256"].get(path.stem) != digest:
             prefix = f"{path.stem}/"
             for cache in (results["base"], *results["adapter_scores"].values()):

@@ -56,13 +56,20 @@ def complete_suite(
 def suite_seed() -> str:
     """The secret seed: ``settings.TESSERA_SUITE_SEED``; in development (DEBUG on) with none
     set, a random one made once and kept in ``VAR_DIR/suite-seed``, so a fresh clone works
-    with no setting and keeps its splits from one load to the next."""
+    with no setting and keeps its splits from one load to the next. Outside Django (the
+    benchmark and measuring scripts) the TESSERA_SUITE_SEED environment variable, else the
+    same development file."""
     from django.conf import settings
 
-    seed = str(getattr(settings, "TESSERA_SUITE_SEED", "") or "")
+    if settings.configured or os.environ.get("DJANGO_SETTINGS_MODULE"):
+        seed = str(getattr(settings, "TESSERA_SUITE_SEED", "") or "")
+        var_dir = Path(settings.VAR_DIR)
+    else:
+        seed = os.environ.get("TESSERA_SUITE_SEED", "")
+        var_dir = HERE.parents[1] / os.environ.get("TESSERA_VAR_DIR", "var")
     if seed:
         return seed
-    return _development_seed(Path(settings.VAR_DIR) / SEED_FILE)
+    return _development_seed(var_dir / SEED_FILE)
 
 
 def _development_seed(path: Path) -> str:
