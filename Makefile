@@ -12,7 +12,9 @@ PORT ?= 8000
 API_PORT ?= 8001
 # `make run` seeds the demo: its accounts, and every committed demo adapter pushed through
 # the pipeline (DEMO=0: accounts only). The suites are sampled so that the demo evaluates in
-# minutes on a laptop (FULL_SUITES=1: the whole files, hours on a CPU).
+# minutes on a laptop (FULL_SUITES=1: the whole files, hours on a CPU). Their hidden splits
+# are drawn from TESSERA_SUITE_SEED, or on a development machine from a seed made once in
+# var/suite-seed.
 DEMO ?= 1
 FULL_SUITES ?=
 # When `make run` started, so that it can say how long the demo took, install included.

@@ -3,9 +3,10 @@ version of a benchmark suite (JSONL) from the suites page.
 
 Everything is read-only. Suite versions are immutable and change only through
 evaluation.services.suites (the upload form calls it); runs, results, verdicts, review
-decisions and appeals change only through their services. Maintainers may read hidden and
-paraphrase examples here (they are the ones who write them); no page outside the admin
-shows them.
+decisions and appeals change only through their services. Maintainers (the Maintainers
+group, or superusers) may read hidden and paraphrase examples here (they are the ones who
+write them); other staff see their counts only, whatever view permissions they hold, and
+no page outside the admin shows them.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ class SuiteUploadForm(forms.Form):
 _UPLOAD_TEMPLATE = engines["django"].from_string(
     """{% extends "admin/base_site.html" %}
 {% block content %}
-<p>Upload a benchmark suite as JSONL. Built-in suites live in
-<code>evaluation/suites/</code>; <code>python manage.py load_suites</code> imports them.</p>
+<p>Upload a benchmark suite as JSONL. The built-in suites' public parts live in
+<code>evaluation/suites/</code>; <code>python manage.py load_suites</code> imports them with
+their hidden splits, drawn from the secret seed or read from private files.</p>
 <form method="post" enctype="multipart/form-data">{% csrf_token %}
 {{ form.as_p }}
 <input type="submit" value="Upload">
