@@ -1,14 +1,30 @@
 """Writes Tessera's built-in benchmark suites, deterministically.
 
     python evaluation/suites/generate.py [--out DIR]
+    TESSERA_SUITE_SEED=... python evaluation/suites/generate.py --secret-out DIR
 
-rewrites ``<DIR>/<suite>.jsonl`` (one file per suite: hidden + public splits, and a
-paraphrase split for each skill) and
-``<DIR>/train/<skill>.jsonl`` (training examples for the demo adapters, disjoint from both
-evaluation splits) and ``<DIR>/train/replay.jsonl`` (everyday prompts whose base-model
-answers training replays) byte for byte identically on every run: every random choice comes from a
-``random.Random`` seeded per suite, and nothing depends on the date, the machine or dict
+The first rewrites the committed files: ``<DIR>/<suite>.jsonl`` (one file per suite: its
+header, its tasks and its public split; nothing else), ``<DIR>/train/<skill>.jsonl``
+(training examples for the demo adapters, disjoint from every evaluation split) and
+``<DIR>/train/replay.jsonl`` (everyday prompts whose base-model answers training replays),
+byte for byte identically on every run: every random choice comes from a ``random.Random``
+seeded per suite from PUBLIC_SEED, and nothing depends on the date, the machine or dict
 ordering. DIR defaults to this file's folder.
+
+The hidden splits (and the skills' paraphrase splits, and the composite suite's hidden
+split), which decide admission and the public scoreboard, are never committed: anyone could
+train on them. ``secret_suites(seed)`` draws them from a secret seed (TESSERA_SUITE_SEED),
+each from a stream of its own, on problems that no committed public or training example
+asks, and none that the first PUBLIC_SEED draws held while they were the committed hidden
+split (they are in the history: see _splits); ``manage.py load_suites`` merges them into
+the committed files at deployment time. ``--secret-out`` writes them as private files
+instead (a header line, then hidden and paraphrase example lines: what ``load_suites
+--private`` reads), never into this folder. Two seeds give splits of the same shape: the
+same tasks, counts, phrasings, templates and answer formats. The skills' problems come from
+large spaces (the number-words skill's two- and three-digit numbers are nearly all taken by
+the training and public examples, so its hidden numbers are mostly four-digit); the general
+suite's items come from the short lists below, so what stays secret there is which items
+are asked and how (distractors, choice order, scrambles), never its public items.
 
 The file format (one JSON object a line; see evaluation/suite_io.py, which validates it):
 
@@ -17,9 +33,9 @@ The file format (one JSON object a line; see evaluation/suite_io.py, which valid
     {"task": slug, "title": ..., "description": ..., "tags": [...], "metric": ...,
      "prompt_template": "...{field}...", "max_new_tokens": n}
     {"task": slug, "split": "public" | "hidden", "fields": {...}, "target": "...",
-     "choices": [...]}
+     "choices": [...]}          (hidden: secret parts only)
     {"task": slug, "split": "paraphrase", "prompt_template": "{question}",
-     "fields": {"question": ..., ...}, "target": "..."}
+     "fields": {"question": ..., ...}, "target": "..."}      (secret parts only)
 
 Training files use the same format with ``"split": "train"``; they are never imported as
 suites (evaluation.training reads them).
@@ -40,7 +56,8 @@ sorting and word reversal), each part of the answer on a line of its own and in 
 the format that skill's own task answers in. Its ``parts`` metric checks each part apart
 (the target holds them one a line), so a mixture that routes each part to the right adapter
 can be told from one that solves only half. Its keys are drawn afresh, not kept apart from
-the skills' splits: what it judges is the combination. No adapter's admission reads it.
+the skills' splits: what it judges is the combination. No adapter's admission reads it; its
+hidden split is secret like the others, since the public scoreboard reads it.
 """
 
 from __future__ import annotations
@@ -108,11 +125,16 @@ def _splits(keys: list, *, train: int) -> Iterator[tuple[str, object]]:
 
 
 def _draw_new(
-    skill: Skill, rng: random.Random, count: int, *, avoid: set, keep: Callable[[dict], bool]
+    skill: Skill,
+    rng: random.Random,
+    count: int,
+    *,
+    avoid: set,
+    keep: Callable[[object], dict | None],
 ) -> list[tuple[object, dict]]:
-    """``count`` (key, example) pairs on problems not in ``avoid`` (which grows with them),
-    each example made by ``keep``'s caller-side check; the example's phrasing comes from
-    ``rng`` too, so one stream decides everything."""
+    """``count`` (key, example) pairs drawn from ``rng`` on distinct problems not in
+    ``avoid`` (which grows with them): ``keep(key)`` makes a key's example, or None to
+    skip the key."""
     out: list[tuple[object, dict]] = []
     attempts = 0
     while len(out) < count:
