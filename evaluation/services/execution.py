@@ -291,6 +291,7 @@ def _run_child(
         workdir=workdir,
         mode=mode,
         readonly=[adapter.adapter_dir for adapter in job.adapters],
+        inputs=[job.base_model_path],
         on_progress=beat.progress,
         tick=beat.tick,
     )

@@ -222,6 +222,7 @@ def child_run(job: JobSpec, workdir: Path) -> dict:
         workdir=workdir,
         mode=sandbox_mode(),
         readonly=[adapter.adapter_dir for adapter in job.adapters],
+        inputs=[job.base_model_path],
     )
     failure = outcome.failure()
     if failure is not None:

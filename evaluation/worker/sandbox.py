@@ -1,20 +1,30 @@
-"""Running a child process with no network, under rlimits and a wall-clock deadline.
+"""Running a child process isolated, under rlimits and a wall-clock deadline.
 
 The evaluation worker never touches a contributor's tensors itself: it runs
 ``python -m evaluation.worker.child`` through ``run_sandboxed``, which any command can go through
-(tests run small Python snippets under the very same limits).
+(tests run small Python snippets under the very same limits and isolation).
 
-Isolation, by mode (``settings.TESSERA_SANDBOX``; "auto" takes the first that works):
+Isolation, by mode (``settings.TESSERA_SANDBOX``; "auto" takes the first that works, and
+outside development only bwrap):
 
-* ``bwrap``: ``bwrap --unshare-net --unshare-pid --unshare-ipc --die-with-parent
-  --new-session --ro-bind / / --bind <workdir> <workdir> --ro-bind <adapter> <adapter>
-  --dev /dev --proc /proc``: a new network namespace (not even loopback is up), a read-only
-  view of the filesystem except the run's own folder, its own /proc (the worker's
-  environment is out of sight), no capabilities.
-* ``unshare``: ``unshare --net`` (root, or ``--map-root-user`` where unprivileged user
-  namespaces are allowed): a new network namespace. As root the child's capabilities are
-  dropped (``setpriv --bounding-set -all``), so it can neither raise its rlimits nor write
-  the read-only adapter copy, nor read the worker's /proc/<pid>/environ.
+* ``bwrap``: the child starts from an empty root (a tmpfs) holding only, read-only: the
+  system libraries (``/usr`` and its ``/bin``, ``/lib`` links, the dynamic loader's cache),
+  the Python environment (the venv and the interpreter's prefix), the project packages the
+  child imports (``evaluation/__init__.py``, ``evaluation/worker``, ``multilora``: never the
+  repository root with its ``.env``, ``var/`` and database), the run's ``inputs`` (the base
+  model's folder) and the adapter copies; a private size-capped tmpfs for ``/tmp`` and one
+  for its work folder; its own ``/proc`` and a minimal ``/dev``. New network, PID, IPC, UTS
+  and cgroup namespaces (no interface but a down loopback, no UNIX socket of the host is
+  reachable since no host folder holding one is mounted), ``--die-with-parent
+  --new-session``. As root, bwrap itself runs without a user namespace (one mapping only
+  root would keep the child root, and root ignores RLIMIT_NPROC) and the child is switched to
+  an unprivileged uid (``TESSERA_SANDBOX_UID_BASE`` + the worker's pid, so concurrent
+  workers never share a process budget) with no capabilities and ``no_new_privs``; as
+  another user, ``--unshare-all`` (its user namespace) does that part.
+* ``unshare`` (development only: settings refuse it with DEBUG off): ``unshare --net --ipc
+  --uts --mount --pid --fork --kill-child --mount-proc``: the network, PID and /proc
+  isolation of bwrap, but the host's filesystem stays readable (a child could read the
+  ``.env`` file), and as root RLIMIT_NPROC does not bind. Capabilities dropped.
 * ``none``: no isolation; only when ``TESSERA_SANDBOX_ALLOW_NETWORK`` is true (never in
   production: settings refuse it with DEBUG off).
 
@@ -28,17 +38,22 @@ the worker may have threads):
   it, and the run fails with a memory reason. Keep it well above the child's baseline
   (``import torch`` alone maps hundreds of MiB of address space).
 * RLIMIT_CPU: CPU seconds. SIGXCPU at the soft limit, SIGKILL 5 s later.
+* RLIMIT_NPROC: processes and threads of the child's uid (a fork bomb gets EAGAIN).
 * RLIMIT_NOFILE: open file descriptors.
 * RLIMIT_FSIZE: the largest file the child may write (SIGXFSZ past it).
 * RLIMIT_CORE 0: no core dumps of a process holding contributors' weights.
-* the wall clock: past ``wall_seconds`` the whole process group is SIGKILLed.
+* the tmpfs size: what the child may write in all (``/tmp`` and its work folder each).
+* the wall clock: past ``wall_seconds`` the sandbox is SIGKILLed; its PID namespace ends
+  with it, so every descendant dies too, one that called setsid included.
 
 The child dies with its parent (``setpriv --pdeathsig KILL`` / ``--die-with-parent``): when
 a Celery pool process is killed, its evaluation does not carry on as an orphan.
 
 Protocol: stdin gets ``stdin_bytes``; stdout carries JSON lines only: ``{"progress": done,
 "total": n, "label": ...}`` and one final ``{"result": {...}}``; stderr is the log (its last
-``LOG_CAP_BYTES`` are kept).
+``LOG_CAP_BYTES`` are kept). Nothing the child writes leaves here raw: the log, the progress
+labels, every string of the result and the protocol errors are cleaned of control
+characters, terminal escape sequences and host paths (``clean_text``).
 """
 
 from __future__ import annotations
@@ -49,6 +64,7 @@ import json
 import math
 import os
 import queue
+import re
 import resource
 import shutil
 import signal
@@ -80,6 +96,17 @@ _MEMORY_WORDS = (
 )
 
 
+# What a process or thread refused by RLIMIT_NPROC (EAGAIN) leaves in the log: Python's
+# fork and subprocess, its threads, OpenMP's and a shell's.
+_PROCESS_WORDS = (
+    "BlockingIOError: [Errno 11]",
+    "can't start new thread",
+    "Thread creation failed",
+    "fork: Resource temporarily unavailable",
+    "fork: retry",
+)
+
+
 class SandboxUnavailable(DomainError):
     def __init__(self, message: str) -> None:
         super().__init__("sandbox_unavailable", message, kind="conflict")
@@ -92,6 +119,10 @@ class SandboxLimits:
     open_files: int
     file_bytes: int
     wall_seconds: float
+    # Processes and threads of the child's uid (torch starts about one thread per core).
+    processes: int = 512
+    # The size of each of the child's two tmpfs (/tmp and its work folder).
+    tmpfs_bytes: int = 512 * 1024 * 1024
 
     @classmethod
     def from_settings(cls, *, wall_seconds: float | None = None) -> SandboxLimits:
@@ -102,6 +133,8 @@ class SandboxLimits:
             cpu_seconds=settings.TESSERA_SANDBOX_CPU_SECONDS,
             open_files=settings.TESSERA_SANDBOX_OPEN_FILES,
             file_bytes=settings.TESSERA_SANDBOX_FILE_BYTES,
+            processes=settings.TESSERA_SANDBOX_PROCESSES,
+            tmpfs_bytes=settings.TESSERA_SANDBOX_TMPFS_BYTES,
             wall_seconds=float(
                 wall_seconds if wall_seconds is not None else settings.TESSERA_EVAL_DEADLINE_SECONDS
             ),
@@ -132,13 +165,24 @@ class SandboxResult:
 # --- Choosing the mode ----------------------------------------------------------------------
 
 
-def sandbox_mode(*, setting: str | None = None, allow_network: bool | None = None) -> str:
-    """The isolation to use, from the settings; raises SandboxUnavailable if none works."""
+def sandbox_mode(
+    *,
+    setting: str | None = None,
+    allow_network: bool | None = None,
+    allow_unshare: bool | None = None,
+) -> str:
+    """The isolation to use, from the settings; raises SandboxUnavailable if none works.
+
+    ``unshare`` isolates the network and the processes but not the filesystem: it is a
+    candidate only where ``TESSERA_SANDBOX_ALLOW_UNSHARE`` (DEBUG on) says so."""
     from django.conf import settings
 
     setting = setting if setting is not None else settings.TESSERA_SANDBOX
     allow_network = (
         allow_network if allow_network is not None else settings.TESSERA_SANDBOX_ALLOW_NETWORK
+    )
+    allow_unshare = (
+        allow_unshare if allow_unshare is not None else settings.TESSERA_SANDBOX_ALLOW_UNSHARE
     )
     if setting == "none":
         if not allow_network:
@@ -147,7 +191,15 @@ def sandbox_mode(*, setting: str | None = None, allow_network: bool | None = Non
                 "refusing to evaluate without network isolation."
             )
         return "none"
-    candidates = ("bwrap", "unshare") if setting == "auto" else (setting,)
+    if setting == "unshare" and not allow_unshare:
+        raise SandboxUnavailable(
+            "TESSERA_SANDBOX is 'unshare', which leaves the host's files readable to the "
+            "evaluation: refused outside development. Install bubblewrap."
+        )
+    if setting == "auto":
+        candidates = ("bwrap", "unshare") if allow_unshare else ("bwrap",)
+    else:
+        candidates = (setting,)
     problems = []
     for mode in candidates:
         problem = _probe(mode)
@@ -159,8 +211,8 @@ def sandbox_mode(*, setting: str | None = None, allow_network: bool | None = Non
     raise SandboxUnavailable(
         "No network sandbox works on this machine ("
         + "; ".join(problems)
-        + "). Install bubblewrap, run the worker as root for unshare, or allow evaluation "
-        "without network isolation (never in production)."
+        + "). Install bubblewrap (and, for a worker that is not root, allow unprivileged "
+        "user namespaces), or allow evaluation without isolation (never in production)."
     )
 
 
@@ -180,7 +232,7 @@ def _probe_uncached(mode: str) -> str | None:
     tool = {"bwrap": "bwrap", "unshare": "unshare"}[mode]
     if shutil.which(tool) is None:
         return f"{tool} is not installed"
-    if mode == "unshare" and (shutil.which("setpriv") is None or shutil.which("prlimit") is None):
+    if shutil.which("setpriv") is None or shutil.which("prlimit") is None:
         return "setpriv and prlimit (util-linux) are needed"
     with tempfile.TemporaryDirectory(prefix="tessera-probe-") as workdir:
         argv = _wrap(mode, ["/bin/sh", "-c", "exit 0"], workdir=workdir, readonly=())
@@ -199,41 +251,168 @@ def sandbox_probe_reset() -> None:
         _probe_cache.clear()
 
 
-def _wrap(mode: str, argv: Sequence[str], *, workdir: str, readonly: Sequence[str]) -> list[str]:
+# The project packages the evaluation child imports (relative to the project root): bound
+# read-only, file by file or folder by folder, never the root with its .env, var/ and db.
+CHILD_PACKAGES = ("evaluation/__init__.py", "evaluation/worker", "multilora")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# The uid of an unprivileged child is this plus the worker's pid (unique among the live
+# workers of a host): RLIMIT_NPROC counts per uid, so two workers' children never share it.
+DEFAULT_UID_BASE = 2_000_000_000
+# What the dynamic loader and Python read from /etc; nothing else of /etc is mounted.
+_ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime")
+
+
+def sandbox_uid() -> int:
+    """The unprivileged uid a root worker's children run as (see DEFAULT_UID_BASE)."""
+    try:
+        from django.conf import settings
+
+        base = int(getattr(settings, "TESSERA_SANDBOX_UID_BASE", DEFAULT_UID_BASE))
+    except Exception:  # no settings configured (a script using the sandbox alone)
+        base = DEFAULT_UID_BASE
+    return base + os.getpid()
+
+
+def python_roots() -> list[str]:
+    """The folders the interpreter needs: the venv, the interpreter's own prefix, and where
+    the executable really lives (the venv's python is a link to it)."""
+    import sys
+
+    roots = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}
+    real = Path(os.path.realpath(sys.executable))
+    roots.add(str(real.parent.parent))  # <prefix>/bin/python3 -> <prefix>
+    found: list[str] = []
+    for root in sorted(roots, key=len):
+        if root in ("/", "/usr") or not os.path.isdir(root):
+            continue  # a system Python lives in /usr, which is mounted anyway
+        if not any(root == f or root.startswith(f + "/") for f in found):
+            found.append(root)
+    return found
+
+
+def _system_binds() -> list[str]:
+    """/usr, the merged-/usr links (or folders, on systems without them) and /etc's few."""
+    args = ["--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = "/" + name
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    args += ["--perms", "0755", "--dir", "/etc"]  # bwrap would make it 0700
+    for path in _ETC_FILES:
+        args += ["--ro-bind-try", path, path]
+    return args
+
+
+def _bwrap_argv(
+    argv: Sequence[str],
+    *,
+    workdir: str,
+    readonly: Sequence[str],
+    inputs: Sequence[str],
+    tmpfs_bytes: int,
+    uid: int | None,
+) -> list[str]:
+    if uid is None:  # not root: a user namespace is what lets bwrap mount at all
+        wrapper = ["bwrap", "--unshare-all"]
+    else:
+        # As root, no user namespace: its only mapping would be root, which keeps the
+        # child root (and root ignores RLIMIT_NPROC). setpriv switches to ``uid`` below.
+        wrapper = ["bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc"]
+        wrapper += ["--unshare-uts", "--unshare-cgroup-try"]
+    wrapper += ["--die-with-parent", "--new-session", "--hostname", "sandbox"]
+    wrapper += _system_binds()
+    wrapper += ["--dev", "/dev", "--proc", "/proc"]
+    # bwrap makes a missing parent folder 0700: the child's uid could not reach what is
+    # mounted below it. Each parent is made 0755 first (once; never one already mounted).
+    made = {"/", "/usr", "/etc", "/dev", "/proc", "/tmp"}  # noqa: S108 (the sandbox's own)
+
+    def parents_of(path: str) -> list[str]:
+        args = []
+        for parent in reversed(Path(path).parents):
+            if str(parent) not in made:
+                made.add(str(parent))
+                args += ["--perms", "0755", "--dir", str(parent)]
+        made.add(path)
+        return args
+
+    # Writable: two private tmpfs, world-writable like any /tmp (the child's uid is the only
+    # one in there), each capped: what is written there is memory the child does not map.
+    size = str(max(1024 * 1024, int(tmpfs_bytes)))
+    wrapper += ["--perms", "1777", "--size", size, "--tmpfs", "/tmp"]  # noqa: S108 (inside)
+    wrapper += parents_of(workdir)
+    wrapper += ["--perms", "1777", "--size", size, "--tmpfs", workdir]
+    # Read-only, after the tmpfs so that none of them is hidden by one.
+    binds = [(root, root) for root in python_roots()]
+    binds += [
+        (str(PROJECT_ROOT / package),) * 2
+        for package in CHILD_PACKAGES
+        if (PROJECT_ROOT / package).exists()
+    ]
+    binds += [(os.path.realpath(path), path) for path in inputs]
+    binds += [(path, path) for path in readonly]  # the adapter copies, inside the work folder
+    for source, dest in binds:
+        wrapper += [*parents_of(dest), "--ro-bind", source, dest]
+    devices = sorted(glob.glob("/dev/nvidia*"))
+    for device in devices:  # GPU workers: the devices, and what CUDA reads of the hardware
+        wrapper += ["--dev-bind", device, device]
+    if devices:
+        wrapper += ["--ro-bind-try", "/sys", "/sys"]
+    wrapper += ["--chdir", workdir]
+    if uid is None:
+        return [*wrapper, "--", *argv]
+    # The child keeps only what setpriv needs to switch uid, then loses even that.
+    wrapper += ["--cap-drop", "ALL"]
+    wrapper += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
+    return [*wrapper, "--", *_drop_to(uid), *argv]
+
+
+def _drop_to(uid: int) -> list[str]:
+    return [
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={uid}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+        "--",
+    ]
+
+
+def _wrap(
+    mode: str,
+    argv: Sequence[str],
+    *,
+    workdir: str,
+    readonly: Sequence[str],
+    inputs: Sequence[str] = (),
+    tmpfs_bytes: int = 512 * 1024 * 1024,
+) -> list[str]:
     """The isolation wrapper around ``argv`` (limits are added by the caller)."""
     is_root = os.geteuid() == 0
     if mode == "bwrap":
-        wrapper = [
-            "bwrap",
-            "--unshare-net",
-            "--unshare-pid",
-            "--unshare-ipc",
-            "--unshare-uts",
-            "--die-with-parent",
-            "--new-session",
-            "--ro-bind",
-            "/",
-            "/",
-            "--bind",
-            workdir,
-            workdir,
-        ]
-        for path in readonly:  # mounted read-only over the writable workdir
-            wrapper += ["--ro-bind", path, path]
-        wrapper += ["--dev", "/dev", "--proc", "/proc", "--chdir", workdir]
-        for device in sorted(glob.glob("/dev/nvidia*")):  # GPU workers: the devices only
-            wrapper += ["--dev-bind", device, device]
-        if is_root:
-            wrapper += ["--cap-drop", "ALL"]
-        return [*wrapper, "--", *argv]
+        return _bwrap_argv(
+            argv,
+            workdir=workdir,
+            readonly=readonly,
+            inputs=inputs,
+            tmpfs_bytes=tmpfs_bytes,
+            uid=sandbox_uid() if is_root else None,
+        )
     if mode == "unshare":
-        wrapper = ["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--net"]
+        wrapper = ["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--net", "--ipc", "--uts"]
+        # Its own PID namespace (unshare's fork is its pid 1, killed with unshare) and /proc:
+        # at the deadline every descendant dies, and the worker's processes are out of sight.
+        wrapper += ["--mount", "--pid", "--fork", "--kill-child", "--mount-proc"]
         if not is_root:
             wrapper.append("--map-root-user")
         wrapper.append("--")
         if is_root:
             # Capabilities off before the child runs: root without them cannot raise its
-            # rlimits, write a 0444 file or read other root processes' /proc entries.
+            # rlimits, write a 0444 file or read other root processes' /proc entries. It
+            # stays root: the interpreter may live where only root can read (/root).
             wrapper += [
                 "setpriv",
                 "--bounding-set",
@@ -243,7 +422,10 @@ def _wrap(mode: str, argv: Sequence[str], *, workdir: str, readonly: Sequence[st
                 "--no-new-privs",
                 "--",
             ]
-        return [*wrapper, *argv]
+        # A shell as the namespace's pid 1, the child below it: the kernel drops signals
+        # pid 1 has no handler for, SIGXCPU at the CPU limit included. It reports a child
+        # killed by a signal as 128 + the signal, as bwrap does.
+        return [*wrapper, "/bin/sh", "-c", '"$@"; exit $?', "sh", *argv]
     return ["setpriv", "--pdeathsig", "KILL", "--no-new-privs", "--", *argv]
 
 
@@ -256,6 +438,7 @@ def _limit_prefix(limits: SandboxLimits) -> list[str]:
         "prlimit",
         memory,
         f"--cpu={cpu}:{cpu + CPU_HARD_GRACE_SECONDS}",
+        f"--nproc={max(1, int(limits.processes))}",
         f"--nofile={int(limits.open_files)}",
         f"--fsize={int(limits.file_bytes)}",
         "--core=0",
@@ -268,7 +451,7 @@ def _limit_prefix(limits: SandboxLimits) -> list[str]:
 
 def minimal_env(extra: dict[str, str] | None = None, *, workdir: str) -> dict[str, str]:
     """No secrets, no DATABASE_URL, no broker URL: only what Python and torch need."""
-    root = str(Path(__file__).resolve().parents[2])  # the project root
+    root = str(PROJECT_ROOT)  # only CHILD_PACKAGES of it are mounted under bwrap
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": workdir,
@@ -278,6 +461,9 @@ def minimal_env(extra: dict[str, str] | None = None, *, workdir: str) -> dict[st
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
         "PYTHONNOUSERSITE": "1",
+        # getpass.getuser() reads these first: the child's uid has no passwd entry.
+        "USER": "sandbox",
+        "LOGNAME": "sandbox",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -300,6 +486,7 @@ def run_sandboxed(
     workdir: str | Path,
     mode: str | None = None,
     readonly: Sequence[str | Path] = (),
+    inputs: Sequence[str | Path] = (),
     env: dict[str, str] | None = None,
     on_progress: Callable[[int, int, str], None] | None = None,
     tick: Callable[[], bool] | None = None,
@@ -309,13 +496,29 @@ def run_sandboxed(
 
     ``on_progress(done, total, label)`` is called (in this thread) for each progress line;
     ``tick()`` about every 0.2 s: return False to stop the child (the run was taken away).
-    ``readonly`` paths inside ``workdir`` are mounted read-only where the mode can.
+    ``readonly`` paths inside ``workdir`` are mounted read-only where the mode can;
+    ``inputs`` are folders outside it the child reads (the base model's), mounted read-only
+    at the same path under bwrap: nothing else of the host is there.
+    What comes back (log, labels, the result's strings, protocol errors) is ``clean_text``'d.
     """
     mode = mode or sandbox_mode()
     workdir = str(workdir)
+    inputs = [str(p) for p in inputs]
     full_argv = _limit_prefix(limits) + _wrap(
-        mode, list(argv), workdir=workdir, readonly=[str(p) for p in readonly]
+        mode,
+        list(argv),
+        workdir=workdir,
+        readonly=[str(p) for p in readonly],
+        inputs=inputs,
+        tmpfs_bytes=limits.tmpfs_bytes,
     )
+    hide = host_paths(workdir=workdir, inputs=inputs)
+    if on_progress is not None:
+        report = on_progress
+
+        def on_progress(done: int, total: int, label: str) -> None:
+            report(done, total, clean_text(label, hide=hide))
+
     outcome = SandboxResult(mode=mode, limits=limits)
     started = time.monotonic()
     cpu_before = _children_cpu()
@@ -384,12 +587,14 @@ def run_sandboxed(
                 outcome.protocol_errors.append(payload)
     outcome.duration_seconds = time.monotonic() - started
     outcome.cpu_seconds = max(0.0, _children_cpu() - cpu_before)
-    outcome.log = log.text()
+    outcome.log = clean_text(log.text(), hide=hide)
+    outcome.protocol_errors = [clean_text(e, hide=hide) for e in outcome.protocol_errors]
+    outcome.result = _cleaned(outcome.result, hide)
     code = process.returncode
     if code is not None and code < 0:
         outcome.signal = -code
-    elif mode == "bwrap" and code is not None and code > 128:
-        outcome.signal = code - 128  # bwrap reports a signalled child as 128 + signal
+    elif mode in ("bwrap", "unshare") and code is not None and code > 128:
+        outcome.signal = code - 128  # their pid 1 reports a signalled child as 128 + signal
     else:
         outcome.returncode = code
     return outcome
@@ -488,6 +693,67 @@ def _kill_group(process: subprocess.Popen) -> None:
         process.kill()
 
 
+# --- Cleaning what the child wrote -----------------------------------------------------------
+
+# Terminal escape sequences: CSI (colours, cursor moves), OSC (titles, hyperlinks), and the
+# two-character ones. Then every other control character but newline and tab, and the
+# bidirectional overrides that make a line read other than it is.
+_ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]"
+)
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u200e\u200f]")
+
+
+def host_paths(*, workdir: str | None = None, inputs: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """(host path, what it reads as) for every host folder a child's log may name: the
+    run's folder, its inputs, the Python environment, the project, the home and temporary
+    folders. Longest first, so that a folder inside another is named as itself."""
+    named: dict[str, str] = {}
+
+    def add(path: str | None, label: str) -> None:
+        if path and path != "/":
+            for form in {path.rstrip("/"), os.path.realpath(path)}:
+                if form and form != "/":
+                    named.setdefault(form, label)
+
+    add(workdir, "<workdir>")
+    for path in inputs:
+        add(path, "<input>")
+    import sys
+
+    add(sys.prefix, "<venv>")
+    for root in python_roots():
+        add(root, "<python>")
+    add(str(PROJECT_ROOT), "<project>")
+    add(tempfile.gettempdir(), "<tmp>")
+    add(os.path.expanduser("~"), "<home>")
+    return sorted(named.items(), key=lambda item: -len(item[0]))
+
+
+def clean_text(text: str, *, hide: Sequence[tuple[str, str]] = ()) -> str:
+    """``text`` as a contributor may see it: no terminal escape sequences or control
+    characters (carriage returns become newlines: a progress bar's updates read as lines),
+    and each host path of ``hide`` (see host_paths) replaced by its label."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROLS.sub("", _ESCAPES.sub("", text))
+    for path, label in hide:
+        # A path ends where no path character follows: /tmp must not eat /tmpfoo's name.
+        text = re.sub(re.escape(path) + r"(?![\w.-])", label, text)
+    return text
+
+
+def _cleaned(value: Any, hide: Sequence[tuple[str, str]]) -> Any:
+    """Every string value of a JSON value cleaned; keys are left alone (the caller checks
+    them against the job's own keys)."""
+    if isinstance(value, str):
+        return clean_text(value, hide=hide)
+    if isinstance(value, list):
+        return [_cleaned(v, hide) for v in value]
+    if isinstance(value, dict):
+        return {k: _cleaned(v, hide) for k, v in value.items()}
+    return value
+
+
 # --- Saying what happened -------------------------------------------------------------------
 
 
@@ -529,6 +795,17 @@ def describe_failure(outcome: SandboxResult) -> tuple[str, str] | None:
         return ("sandbox_signal", f"The evaluation was killed by signal {sig} ({_signame(sig)}).")
     if outcome.returncode == EXIT_MEMORY or (outcome.returncode and memory_text):
         return ("sandbox_memory", memory)
+    if outcome.returncode and any(word in outcome.log[-20000:] for word in _PROCESS_WORDS):
+        return (
+            "sandbox_processes",
+            f"The evaluation tried to run more than {limits.processes} processes and threads "
+            "at once.",
+        )
+    if outcome.returncode and "No space left on device" in outcome.log[-20000:]:
+        return (
+            "sandbox_disk_space",
+            f"The evaluation wrote more than its {_bytes(limits.tmpfs_bytes)} of scratch space.",
+        )
     if outcome.returncode and "File too large" in outcome.log[-20000:]:
         # Python ignores SIGXFSZ and raises OSError(EFBIG) instead.
         return (

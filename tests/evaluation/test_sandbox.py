@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import socket
+import subprocess
 import sys
 import textwrap
 import time
@@ -143,6 +144,28 @@ def test_the_wall_clock_deadline_kills_the_child_and_its_children(mode, workdir)
     assert "deadline" in reason and "2 s" in reason
     time.sleep(0.5)
     assert not _processes_with(token), "a grandchild outlived the deadline kill"
+
+
+@pytest.mark.parametrize("mode", ISOLATING)
+def test_a_grandchild_in_its_own_session_dies_at_the_deadline_too(mode, workdir):
+    """setsid and a double fork leave the child's process group; its PID namespace still
+    holds it, and the namespace ends with the sandbox."""
+    token = uuid.uuid4().hex
+    code = f"""
+        import os, sys, time
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(300)",
+                                          "{token}"])
+            os._exit(0)
+        os.wait()
+        time.sleep(300)
+    """
+    outcome = run(code, workdir, mode=mode, wall_seconds=2.0)
+    assert outcome.failure()[0] == "sandbox_deadline"
+    time.sleep(0.5)
+    assert not _processes_with(token), "a detached grandchild outlived the deadline kill"
 
 
 def _processes_with(token: str) -> list[int]:
@@ -327,6 +350,53 @@ def test_production_settings_refuse_to_run_without_a_working_sandbox(setting, no
         sandbox_mode(setting=setting, allow_network=False)
     assert excinfo.value.code == "sandbox_unavailable"
     assert "not installed" in excinfo.value.message
+
+
+def test_unshare_is_refused_outside_development():
+    """It isolates the network and the processes, not the filesystem: a child could read
+    the .env file and the database."""
+    with pytest.raises(SandboxUnavailable) as excinfo:
+        sandbox_mode(setting="unshare", allow_network=False, allow_unshare=False)
+    assert excinfo.value.code == "sandbox_unavailable"
+    assert "refused outside development" in excinfo.value.message
+
+
+def test_auto_falls_back_to_unshare_only_in_development(monkeypatch):
+    monkeypatch.setattr(
+        sandbox, "_probe", lambda mode: None if mode == "unshare" else "bwrap is not installed"
+    )
+    assert sandbox_mode(setting="auto", allow_network=False, allow_unshare=True) == "unshare"
+    with pytest.raises(SandboxUnavailable) as excinfo:
+        sandbox_mode(setting="auto", allow_network=False, allow_unshare=False)
+    assert "bwrap is not installed" in excinfo.value.message
+    assert "unshare:" not in excinfo.value.message
+
+
+def _production_settings(sandbox_setting: str) -> subprocess.CompletedProcess:
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "DJANGO_DEBUG": "false",
+        "DJANGO_SECRET_KEY": "x" * 50,
+        "TESSERA_SUITE_SEED": "0123456789abcdef0123",
+        "TESSERA_SANDBOX": sandbox_setting,
+    }
+    return subprocess.run(
+        [sys.executable, "-c", "import tessera.settings"],
+        env=env,
+        cwd=sandbox.PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_production_settings_refuse_unshare_at_startup():
+    refused = _production_settings("unshare")
+    assert refused.returncode != 0
+    assert "TESSERA_SANDBOX=unshare gives no filesystem isolation" in refused.stderr
+    assert "TESSERA_SANDBOX" not in _production_settings("bwrap").stderr
 
 
 def test_none_is_refused_unless_network_is_allowed():
