@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import connections
 from django.test import Client
 from django.urls import reverse
 
-from contributions.models import AdapterVersion, AuditEvent, Contributor
+from contributions import services
+from contributions.models import AdapterVersion, ApiToken, AuditEvent, Contributor
 from evaluation.models import ContributorTestSet, EvaluationRun
+from evaluation.services import test_sets as test_set_services
+from tessera.errors import DomainError
 from tests.conftest import media_files
 from tests.contributions.test_api import client_for as api_client_for
 from tests.contributions.test_api import multipart_files
@@ -294,3 +299,54 @@ def test_sign_ups_from_one_address_are_throttled_and_store_nothing(client, setti
     assert Contributor.objects.count() == 1
     elsewhere = client.post(url, signup_data(username="third"), REMOTE_ADDR="10.2.2.2")
     assert elsewhere.status_code == 302
+
+
+# --- two requests racing for the last place ---------------------------------------------------
+
+
+def race(count: int, action) -> list[str]:
+    """Run ``action()`` in ``count`` threads released together; each outcome, or its code."""
+    start = threading.Barrier(count)
+    outcomes: list[str] = []
+
+    def one() -> None:
+        try:
+            start.wait()
+            action()
+            outcomes.append("ok")
+        except DomainError as exc:
+            outcomes.append(exc.code)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return sorted(outcomes)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_keys_created_at_once_for_the_last_place_make_one(contributor, settings):
+    settings.TESSERA_API_KEYS_PER_USER = 1
+    outcomes = race(2, lambda: services.api_token_create(user=contributor, name="racer"))
+    assert outcomes == ["api_key_limit_reached", "ok"]
+    assert ApiToken.objects.filter(user=contributor).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_test_sets_attached_at_once_for_the_last_place_make_one(
+    contributor, base_model, settings
+):
+    settings.TESSERA_TEST_SETS_PER_ADAPTER = 1
+    adapter = AdapterFactory(owner=contributor, slug="adder")
+    names = iter(["first", "second"])
+
+    def attach_one() -> None:
+        test_set_services.contributor_test_set_create(
+            adapter=adapter, actor=contributor, name=next(names), metric="exact_match", jsonl=SUMS
+        )
+
+    assert race(2, attach_one) == ["ok", "test_set_limit_reached"]
+    assert ContributorTestSet.objects.count() == 1
