@@ -17,9 +17,11 @@ import django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tessera.settings")
 django.setup()
 
+from django.conf import settings  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402 (after django.setup)
 
 from routing import limits  # noqa: E402
+from routing.inference.bodylimit import BodyLimit  # noqa: E402
 from routing.serving import runtime  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -36,7 +38,10 @@ class InferenceHandler(ASGIHandler):
 
 class InferenceApplication:
     def __init__(self) -> None:
-        self.handler = InferenceHandler()
+        # Oversized bodies are refused before Django reads them (or authenticates anyone).
+        self.handler = BodyLimit(
+            InferenceHandler(), limit=lambda: settings.TESSERA_SERVING_MAX_BODY_BYTES
+        )
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":

@@ -53,8 +53,9 @@ class ApiError(Exception):
 
 def from_validation(error: ValidationError) -> ApiError:
     """The first problem of a pydantic error, named like OpenAI names it."""
-    first = error.errors()[0]
-    param = ".".join(str(part) for part in first["loc"] if not isinstance(part, int)) or None
+    errors = error.errors()
+    first = errors[0]
+    param = _param(first["loc"])
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, Unsupported):
         return ApiError(400, str(cause), code="unsupported_parameter", param=cause.param)
@@ -70,12 +71,34 @@ def from_validation(error: ValidationError) -> ApiError:
         return ApiError(
             400, f"Unrecognized parameter: '{param}'.", code="unknown_parameter", param=param
         )
-    message = first["msg"].removeprefix("Value error, ")
+    # A field of several accepted types (content: a string or a list of parts) fails once
+    # per type: say each way it could have been right.
+    messages = [first["msg"]]
+    if len(first["loc"]) != len(_fields(first["loc"])):
+        for other in errors[1:]:
+            where = _param(other["loc"]) or ""
+            if param and where.startswith(param) and other["msg"] not in messages:
+                messages.append(other["msg"])
+    message = "; or ".join(m.removeprefix("Value error, ") for m in messages)
     return ApiError(400, f"Invalid '{param}': {message}.", code="invalid_value", param=param)
 
 
-def invalid_json() -> ApiError:
-    return ApiError(400, "The body is not valid JSON.", code="invalid_json")
+# How pydantic names the members of a union in an error's location ("str", "list[str]",
+# "function-after[...]"): not the request's field names.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none"})
+
+
+def _fields(loc: tuple) -> list[str]:
+    return [
+        part
+        for part in loc
+        if isinstance(part, str) and part not in _TYPE_TAGS and not set("[(-") & set(part)
+    ]
+
+
+def _param(loc: tuple) -> str | None:
+    """The parameter as OpenAI names it: field names, dotted, without list indices."""
+    return ".".join(_fields(loc)) or None
 
 
 def unauthenticated(message: str) -> ApiError:

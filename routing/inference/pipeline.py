@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import re
 import time
 from dataclasses import dataclass
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest
+from jinja2 import TemplateError
 from pydantic import ValidationError
 
 from multilora import GenerationRequest
 from routing import limits
 from routing.inference import auth
-from routing.inference.errors import ApiError, from_validation, invalid_json
+from routing.inference.bodylimit import too_large
+from routing.inference.errors import ApiError, from_validation
 from routing.inference.routing import RoutedRequest, route_request
 from routing.inference.schemas import ChatCompletionRequest, CompletionRequest
 from routing.serving import runtime
@@ -127,36 +131,111 @@ async def admit(request: HttpRequest, schema) -> Admitted:
 
 
 def _parse(request: HttpRequest, schema: type[ChatCompletionRequest | CompletionRequest]):
+    # The ASGI layer (routing.inference.bodylimit) refused larger bodies before they were
+    # read; this second look covers the app mounted without it.
     limit = settings.TESSERA_SERVING_MAX_BODY_BYTES
-    declared = request.headers.get("Content-Length")
-    too_large = bool(declared and declared.isdigit() and int(declared) > limit)
-    if not too_large:
-        try:
-            too_large = len(request.body) > limit
-        except RequestDataTooBig:  # a body without Content-Length, past Django's own cap
-            too_large = True
-    if too_large:
-        raise ApiError(
-            413, f"The request body is larger than {limit} bytes.", code="request_too_large"
-        )
     try:
-        data = json.loads(request.body or b"null")
-    except (ValueError, UnicodeDecodeError):
-        raise invalid_json() from None
+        raw = request.body
+    except RequestDataTooBig:  # past Django's own DATA_UPLOAD_MAX_MEMORY_SIZE
+        raise too_large(limit) from None
+    if len(raw) > limit:
+        raise too_large(limit)
+    data = _load_json(raw)
     if not isinstance(data, dict):
         raise ApiError(400, "The body must be a JSON object.", code="invalid_json")
+    _check_strings(data)
     try:
         return schema.model_validate(data)
     except ValidationError as error:
         raise from_validation(error) from None
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e309 parses as infinity
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _load_json(raw: bytes) -> object:
+    """The body as JSON, strictly: no NaN/Infinity literals, no number that overflows a
+    float, no integer of thousands of digits (Python refuses those), no nesting so deep
+    that the decoder runs out of stack."""
+    try:
+        return json.loads(raw or b"null", parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, "The body is nested too deeply.", code="invalid_json") from None
+    except ValueError as error:  # UnicodeDecodeError included
+        reason = str(error) if not isinstance(error, json.JSONDecodeError) else error.msg
+        raise ApiError(
+            400, f"The body is not valid JSON: {reason[:200]}.", code="invalid_json"
+        ) from None
+
+
+# Lone surrogates (an unpaired "\ud800" escape, or its bytes sent as UTF-8) cannot be
+# encoded, so the tokenizer and every later step would fail on them; NUL is refused as it
+# is on the rest of the platform.
+_BAD_CHARACTER = re.compile("[\x00\ud800-\udfff]")
+MAX_JSON_DEPTH = 16
+
+
+def _check_strings(data: dict) -> None:
+    """Every string of the body, keys included, is valid Unicode without NUL, and the body
+    is at most MAX_JSON_DEPTH deep (no field of the API nests beyond 4)."""
+    stack: list[tuple[object, tuple[str, ...], int]] = [(data, (), 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(
+                400,
+                f"The body is nested more than {MAX_JSON_DEPTH} levels deep.",
+                code="invalid_value",
+                param=".".join(path) or None,
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_string(key, path)
+                stack.append((item, (*path, key), depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, path, depth + 1) for item in value)
+        elif isinstance(value, str):
+            _check_string(value, path)
+
+
+def _check_string(text: str, path: tuple[str, ...]) -> None:
+    found = _BAD_CHARACTER.search(text)
+    if found is None:
+        return
+    what = "a NUL character" if found.group() == "\x00" else "an unpaired surrogate"
+    param = ".".join(path) or None
+    raise ApiError(
+        400,
+        f"Invalid '{param or 'body'}': the text holds {what} (U+{ord(found.group()):04X}).",
+        code="invalid_value",
+        param=param,
+    )
+
+
 def _prompt_ids(rt: runtime.Runtime, body: ChatCompletionRequest | CompletionRequest) -> list[int]:
     tokenizer = rt.engine.tokenizer
     if isinstance(body, ChatCompletionRequest):
-        text = tokenizer.apply_chat_template(
-            body.chat(), tokenize=False, add_generation_prompt=True
-        )
+        try:
+            text = tokenizer.apply_chat_template(
+                body.chat(), tokenize=False, add_generation_prompt=True
+            )
+        except TemplateError as error:
+            # A model's template may refuse an order of roles (say, two user turns in a
+            # row, or an assistant turn first): the request's messages are at fault.
+            raise ApiError(
+                400,
+                f"The messages do not fit the model's chat template: {error}",
+                code="invalid_value",
+                param="messages",
+            ) from None
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(body.prompt)["input_ids"]

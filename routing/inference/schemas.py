@@ -16,6 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 64
+MAX_LIST_ITEMS = 256  # per policy list, and logit_bias entries
+MAX_NAME_LENGTH = 200
+# A seed is a signed 64-bit integer, as OpenAI documents it (and as torch.Generator takes).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+# Numbers are strict: "0.5" or true where a number goes is refused, not read as one, and
+# NaN or infinity never passes a bound.
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Count = Annotated[int, Field(strict=True)]
+Flag = Annotated[bool, Field(strict=True)]
+Name = Annotated[str, Field(max_length=MAX_NAME_LENGTH)]
+Names = Annotated[list[Name], Field(max_length=MAX_LIST_ITEMS)]
 
 
 class Unsupported(ValueError):
@@ -34,7 +46,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
-    name: str | None = None
+    name: Annotated[str, Field(max_length=64)] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -46,12 +58,12 @@ class Policy(BaseModel):
     """Per-request routing filters, in the ``tessera`` extension object."""
 
     model_config = ConfigDict(extra="forbid")
-    licenses: list[str] | None = None
-    include_contributors: list[str] | None = None
-    exclude_contributors: list[str] = []
-    include_adapters: list[str] | None = None
-    exclude_adapters: list[str] = []
-    base_only: bool = False
+    licenses: Names | None = None
+    include_contributors: Names | None = None
+    exclude_contributors: Names = []
+    include_adapters: Names | None = None
+    exclude_adapters: Names = []
+    base_only: Flag = False
 
 
 class Extension(BaseModel):
@@ -60,12 +72,12 @@ class Extension(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     router: Annotated[str, Field(min_length=1, max_length=40)] | None = None
-    threshold: Annotated[float, Field(ge=-1, le=1)] | None = None
+    threshold: Annotated[Number, Field(ge=-1, le=1)] | None = None
     policy: Policy = Policy()
     # How the answer is composed (routing.compose); None: the deployment's default.
     composition: Literal["top1", "topk", "arrow", "logit", "merged"] | None = None
-    k: Annotated[int, Field(ge=1, le=16, strict=True)] | None = None
-    temperature: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] | None = None
+    k: Annotated[Count, Field(ge=1, le=16)] | None = None
+    temperature: Annotated[Number, Field(gt=0, le=100)] | None = None
 
     @field_validator("router")
     @classmethod
@@ -79,23 +91,38 @@ class Extension(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    include_usage: Flag = False
 
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: Annotated[str, Field(min_length=1, max_length=200)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    max_tokens: Annotated[Count, Field(ge=1)] | None = None
+    temperature: Annotated[Number, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[Number, Field(gt=0, le=1)] = 1.0
     stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    seed: Annotated[Count, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
+    stream: Flag = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    logprobs: bool | int | None = None
+    n: Count = 1
+    logprobs: Flag | Annotated[Count, Field(ge=0, le=20)] | None = None
+    # Accepted and ignored (see the module's docstring), but only within OpenAI's ranges.
+    presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    logit_bias: (
+        Annotated[dict[str, Annotated[Number, Field(ge=-100, le=100)]], Field(max_length=300)]
+        | None
+    ) = None
+    user: Annotated[str, Field(max_length=256)] | None = None
     tessera: Extension = Extension()
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value and not all(key.isascii() and key.isdigit() for key in value):
+            raise ValueError("logit_bias keys are token ids (digit strings)")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -122,7 +149,7 @@ class _Common(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: Annotated[list[Message], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[Count, Field(ge=1)] | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -154,7 +181,7 @@ class ChatCompletionRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: str | list[str]
-    echo: bool = False
+    echo: Flag = False
     suffix: str | None = None
 
     @field_validator("prompt")

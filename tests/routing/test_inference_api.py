@@ -569,6 +569,84 @@ def test_a_body_that_is_not_json_or_too_large_is_refused(http, settings):
     assert response.status_code == 413 and error_of(response)["code"] == "request_too_large"
 
 
+@pytest.fixture
+def authentications(monkeypatch) -> list[str]:
+    """The paths of the requests that reached authentication (and its database read)."""
+    from routing.inference import auth
+
+    seen: list[str] = []
+    original = auth.authenticate
+
+    async def spy(request):
+        seen.append(request.path)
+        return await original(request)
+
+    monkeypatch.setattr(auth, "authenticate", spy)
+    return seen
+
+
+def test_a_huge_body_with_a_bad_key_gets_413_before_authentication(
+    server, authentications, settings
+):
+    settings.TESSERA_SERVING_MAX_BODY_BYTES = 64 * 1024
+    url = f"{server.url}/v1/chat/completions"
+    wrong = {"Authorization": "Bearer tsr_abc_def"}
+    declared = httpx.post(url, content=b"x" * (1024 * 1024), headers=wrong, timeout=30)
+    chunked = httpx.post(url, content=(b"x" * 65536 for _ in range(16)), headers=wrong)
+    for response in (declared, chunked):
+        assert response.status_code == 413, response.text
+        error = error_of(response)
+        assert (error["code"], error["type"]) == ("request_too_large", "invalid_request_error")
+        assert "65536 bytes" in error["message"]
+    assert authentications == []  # no key was looked up
+    # The same key with a small body is looked up, and refused.
+    assert httpx.post(url, json={}, headers=wrong).status_code == 401
+    assert authentications == ["/v1/chat/completions"]
+
+
+def raw_exchange(server, head: bytes, body_parts: list[bytes], timeout: float = 5.0) -> bytes:
+    """Send a request's head and some body bytes over a plain socket, then read what the
+    server answers without sending the rest (it must not wait for it)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=timeout) as sock:
+        sock.sendall(head)
+        for part in body_parts:
+            sock.sendall(part)
+        received = b""
+        while b"\r\n\r\n" not in received or not received.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(server, authentications, settings):
+    settings.TESSERA_SERVING_MAX_BODY_BYTES = 64 * 1024
+    # A gigabyte announced, nothing sent: the answer comes from the length alone.
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer tsr_abc_def\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000000000\r\n\r\n"
+    )
+    answer = raw_exchange(server, head, [])
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"connection: close" in answer.lower()
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_too_large"
+    # Chunked, without an end: refused once the cap is passed, the rest never awaited.
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer tsr_abc_def\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    chunk = b"8000\r\n" + b"x" * 0x8000 + b"\r\n"
+    answer = raw_exchange(server, head, [chunk] * 3)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert authentications == []
+
+
 def test_missing_wrong_and_revoked_keys_are_refused(server, contributor):
     url = f"{server.url}/v1/chat/completions"
     body = {"model": "tessera", "messages": [{"role": "user", "content": "Hi"}]}
@@ -705,3 +783,14 @@ def test_concurrent_requests_are_batched_together(http, server):
     assert after.completed - before.completed == 8
     assert after.batches - before.batches < 8  # some requests shared a batch
     assert len({json.dumps(r.json()["choices"]) for r in results}) > 1  # seeds differ
+
+
+def test_a_client_expecting_100_continue_gets_the_413_and_sends_nothing(server, settings):
+    settings.TESSERA_SERVING_MAX_BODY_BYTES = 64 * 1024
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 1000000\r\n\r\n"
+    )
+    answer = raw_exchange(server, head, [])
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"100 Continue" not in answer
