@@ -667,3 +667,13 @@ def _the_admin_shows_secret_examples_to_maintainers_only(client, secrets: set[st
     question = hidden.fields["question"]
     assert holds(client.get(page).content.decode(), question)
     assert question in client.get(task_page).content.decode()
+
+
+def test_the_evaluation_child_is_given_no_suite_seed(monkeypatch, tmp_path):
+    from evaluation.worker.sandbox import minimal_env
+
+    monkeypatch.setenv("TESSERA_SUITE_SEED", OTHER_SEED)
+
+    env = minimal_env(workdir=str(tmp_path))
+
+    assert OTHER_SEED not in env.values() and "TESSERA_SUITE_SEED" not in env
