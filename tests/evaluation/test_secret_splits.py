@@ -677,3 +677,27 @@ def test_the_evaluation_child_is_given_no_suite_seed(monkeypatch, tmp_path):
     env = minimal_env(workdir=str(tmp_path))
 
     assert OTHER_SEED not in env.values() and "TESSERA_SUITE_SEED" not in env
+
+
+def test_secret_examples_never_ask_what_the_once_committed_hidden_splits_asked():
+    """The committed seed's first draws were the hidden splits while those were committed
+    (they are in the history); they are retired, never drawn again."""
+    from types import SimpleNamespace
+
+    for skill in generate.SKILLS:
+        retired = generate._committed_keys(skill, generate.PUBLIC_SEED)[: generate.HIDDEN_PER_TASK]
+        asked = {
+            problem(skill.slug, SimpleNamespace(**skill.fill(key, skill.phrasings[0])))
+            for key in retired
+        }
+        task = suite(skill.slug).tasks[0]
+        for split in SECRET_SPLITS:
+            drawn = {problem(skill.slug, e) for e in task.split(split)}
+            assert not drawn & asked, (skill.slug, split)
+    for composite in generate.COMPOSITES:
+        retired = generate._composite_committed(composite, generate.PUBLIC_SEED)
+        asked = {generate._composite_identity(e) for e in retired}
+        task = suite("composite").task(composite.slug)
+        drawn = {key(e) for e in task.split("hidden")}
+        assert len(drawn) == generate.COMPOSITE_HIDDEN_PER_TASK
+        assert not drawn & asked, composite.slug
