@@ -84,6 +84,8 @@ MODES = ("bwrap", "unshare", "none")
 LOG_CAP_BYTES = 200 * 1024
 MAX_STDOUT_LINE_BYTES = 32 * 1024 * 1024
 MAX_STDOUT_BYTES = 64 * 1024 * 1024
+# The evaluation's result nests 4 levels; the cleaning and the checks walk it recursively.
+MAX_RESULT_DEPTH = 32
 CPU_HARD_GRACE_SECONDS = 5
 _POLL_SECONDS = 0.2
 _MEMORY_WORDS = (
@@ -603,13 +605,16 @@ def run_sandboxed(
 def _handle_line(raw: bytes, outcome: SandboxResult, on_progress) -> None:
     try:
         message = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past the decoder's depth
         outcome.protocol_errors.append(f"not JSON: {raw[:120]!r}")
         return
     if not isinstance(message, dict) or len(message.keys() & {"progress", "result"}) != 1:
         outcome.protocol_errors.append(f"not a progress or result message: {raw[:120]!r}")
         return
     if "result" in message:
+        if _nesting(message["result"]) > MAX_RESULT_DEPTH:
+            outcome.protocol_errors.append(f"a result nested over {MAX_RESULT_DEPTH} levels")
+            return
         outcome.result_lines += 1
         outcome.result = message["result"]
         return
@@ -619,6 +624,19 @@ def _handle_line(raw: bytes, outcome: SandboxResult, on_progress) -> None:
         return
     if on_progress is not None:
         on_progress(done, total, label[:200])
+
+
+def _nesting(value: Any) -> int:
+    """How deep lists and dicts nest in ``value`` (without recursion: it is the child's)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_RESULT_DEPTH:
+                children = item.values() if isinstance(item, dict) else item
+                stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _is_int(value: Any) -> bool:

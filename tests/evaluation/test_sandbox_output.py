@@ -160,3 +160,19 @@ def test_a_runs_stored_log_and_reason_are_bounded_and_cleaned(
     _assert_clean(run.log)
     assert "/tmp/" not in run.log and "<workdir>" in run.log
     assert json.dumps(run.log)  # plain text
+
+
+@pytest.mark.parametrize("depth", [40, 100_000])
+def test_a_result_nested_too_deep_is_bad_output_not_a_crash_of_the_worker(depth, workdir):
+    code = f"print('{{\"result\": ' + '[' * {depth} + ']' * {depth} + '}}', flush=True)"
+    outcome = run_sandboxed(
+        [sys.executable, "-c", code],
+        stdin_bytes=b"",
+        limits=limits(),
+        workdir=workdir,
+        mode=sandbox_mode(),
+    )
+    code, reason = outcome.failure()
+    assert code == "sandbox_bad_output"
+    assert "not JSON" in reason or "nested over 32 levels" in reason
+    assert outcome.result is None
