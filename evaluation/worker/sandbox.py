@@ -440,12 +440,41 @@ def _limit_prefix(limits: SandboxLimits) -> list[str]:
         "prlimit",
         memory,
         f"--cpu={cpu}:{cpu + CPU_HARD_GRACE_SECONDS}",
-        f"--nproc={max(1, int(limits.processes))}",
+        f"--nproc={_process_budget(limits.processes)}",
         f"--nofile={int(limits.open_files)}",
         f"--fsize={int(limits.file_bytes)}",
         "--core=0",
         "--",
     ]
+
+
+def _process_budget(processes: int) -> int:
+    """RLIMIT_NPROC for a child allowed ``processes`` of its own. A root worker's child has
+    a uid of its own (sandbox_uid), so that is the limit. The kernel counts the limit per
+    real uid over the whole host, so a child of a worker that is not root shares its user's
+    count: it gets what that user runs now plus ``processes``, else a developer's desktop
+    (a browser alone runs hundreds of threads) could never start one."""
+    processes = max(1, int(processes))
+    if os.geteuid() == 0:
+        return processes
+    return processes + _tasks_of(os.getuid())
+
+
+def _tasks_of(uid: int) -> int:
+    """Processes and threads whose real uid is ``uid`` (what RLIMIT_NPROC counts)."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = dict(
+                line.split(":", 1) for line in (entry / "status").read_text().splitlines()
+            )
+            if int(fields["Uid"].split()[0]) == uid:
+                count += int(fields["Threads"])
+        except (OSError, KeyError, ValueError):
+            continue  # it ended meanwhile
+    return count
 
 
 # --- Running --------------------------------------------------------------------------------
