@@ -84,7 +84,7 @@ def from_validation(error: ValidationError) -> ApiError:
 
 
 # How pydantic names the members of a union in an error's location ("str", "list[str]",
-# "function-after[...]"): not the request's field names.
+# "function-after[...]"), and dict keys ("logit_bias.50256"): not the request's fields.
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none"})
 
 
@@ -92,7 +92,7 @@ def _fields(loc: tuple) -> list[str]:
     return [
         part
         for part in loc
-        if isinstance(part, str) and part not in _TYPE_TAGS and not set("[(-") & set(part)
+        if isinstance(part, str) and part.isidentifier() and part not in _TYPE_TAGS
     ]
 
 

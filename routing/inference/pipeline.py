@@ -194,7 +194,7 @@ def _check_strings(data: dict) -> None:
                 400,
                 f"The body is nested more than {MAX_JSON_DEPTH} levels deep.",
                 code="invalid_value",
-                param=".".join(path) or None,
+                param=path[0] if path else None,  # the field, not the keys inside it
             )
         if isinstance(value, dict):
             for key, item in value.items():

@@ -87,15 +87,18 @@ async def route_request(rt: Runtime, *, body, user_id: int, prompt_ids: list[int
             named=body.model not in (MIXTURE_MODEL_ID, MERGED_MODEL_ID),
         )
     except CompositionRefused as error:
-        status = 503 if error.code == "merged_unavailable" else 400
-        raise ApiError(
-            status,
-            str(error),
-            code=error.code,
-            type="server_error" if status >= 500 else "invalid_request_error",
-            param=error.param,
-            headers={"Retry-After": "60"} if status == 503 else None,
-        ) from None
+        if error.code == "merged_unavailable" and body.model == MERGED_MODEL_ID:
+            # As /v1/models says: until a merge is built and loaded, there is no such model
+            # (no retryable 5xx for a state that may never change: merging may be off, or
+            # the build may have failed).
+            raise ApiError(
+                404,
+                f"The model '{MERGED_MODEL_ID}' does not exist yet: the served mixture has no "
+                "merged adapter built; ask for 'tessera'.",
+                code="model_not_found",
+                param="model",
+            ) from None
+        raise ApiError(400, str(error), code=error.code, param=error.param) from None
     except RoutingError as error:
         status = ERROR_STATUS.get(error.code, 400)
         raise ApiError(

@@ -58,6 +58,16 @@ async def not_found(request: HttpRequest) -> HttpResponse:
     raise ApiError(404, f"Unknown endpoint {request.method} {request.path}.", code="unknown_url")
 
 
+def handler404(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    return ApiError(404, "Unknown endpoint.", code="unknown_url").response()
+
+
+def handler500(request: HttpRequest) -> HttpResponse:
+    return ApiError(
+        500, "The server failed to answer; try again.", code="internal_error", type="server_error"
+    ).response()
+
+
 # --- /v1/models ---------------------------------------------------------------------------
 
 

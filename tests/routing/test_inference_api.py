@@ -506,11 +506,13 @@ def test_a_composition_needs_the_mixture_and_merged_needs_a_build(http, skills, 
     )
     assert named.status_code == 400
     assert error_of(named)["code"] == "composition_needs_mixture"
-    for body in ({"tessera": {"composition": "merged"}}, {"model": "tessera-merged"}):
-        response = chat(http, **body)
-        assert response.status_code == 503, response.text
-        assert error_of(response)["code"] == "merged_unavailable"
-        assert response.headers["Retry-After"]
+    # Not built: no such model (as /v1/models says), and no merged composition.
+    response = chat(http, model="tessera-merged")
+    assert response.status_code == 404, response.text
+    assert (error_of(response)["code"], error_of(response)["param"]) == ("model_not_found", "model")
+    response = chat(http, tessera={"composition": "merged"})
+    assert response.status_code == 400, response.text
+    assert error_of(response)["code"] == "merged_unavailable"
 
 
 def test_the_merged_adapter_answers_as_its_own_model_once_built(http, client, server, skills):
