@@ -5,11 +5,12 @@ the field the refusal names."""
 from __future__ import annotations
 
 from django import forms
+from django.conf import settings
 
 from contributions.portal.forms import PortalForm
 from evaluation.models import Task
 from evaluation.services.review import MAX_APPEAL_CHARS, MAX_REASON_CHARS
-from evaluation.services.test_sets import MAX_TEST_SET_BYTES, MAX_TEST_SET_LINES
+from evaluation.services.test_sets import MAX_TEST_SET_BYTES
 from tessera.errors import DomainError
 
 
@@ -52,12 +53,18 @@ class TestSetForm(ServiceForm):
         required=False,
         allow_empty_file=True,  # the service says test_set_empty
         widget=forms.ClearableFileInput(attrs={"accept": ".jsonl,.json,.txt"}),
-        help_text=(
-            'One example a line: {"prompt": "…", "target": "…"}, plus "choices": [...] for '
-            f"multiple_choice. At most {MAX_TEST_SET_LINES} lines and "
-            f"{MAX_TEST_SET_BYTES // 1024} KiB."
-        ),
     )
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Built per form from the settings, which a deployment (or a test) may change.
+        self.fields["file"].help_text = (
+            'One example a line: {"prompt": "…", "target": "…"}, plus "choices": [...] for '
+            f"multiple_choice. At most {settings.TESSERA_TEST_SET_MAX_EXAMPLES} lines, "
+            f"{settings.TESSERA_TEST_SET_EXAMPLE_MAX_CHARS} characters a line and "
+            f"{MAX_TEST_SET_BYTES // 1024} KiB; at most {settings.TESSERA_TEST_SETS_PER_ADAPTER} "
+            "test sets an adapter."
+        )
 
     def jsonl(self) -> bytes:
         upload = self.cleaned_data.get("file")

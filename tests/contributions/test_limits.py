@@ -350,3 +350,11 @@ def test_two_test_sets_attached_at_once_for_the_last_place_make_one(
 
     assert race(2, attach_one) == ["ok", "test_set_limit_reached"]
     assert ContributorTestSet.objects.count() == 1
+
+
+def test_the_test_sets_page_states_the_limits_from_the_settings(portal, adapter, settings):
+    settings.TESSERA_TEST_SET_MAX_EXAMPLES = 42
+    settings.TESSERA_TEST_SETS_PER_ADAPTER = 3
+    page = text(portal.get(reverse("evaluation:test-sets", args=[adapter.pk])))
+    assert "At most 42 lines" in page
+    assert "at most 3 test sets an adapter" in page
