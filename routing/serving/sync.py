@@ -21,21 +21,35 @@ The mixture's learned router (routing.learned) is trained after it is published 
 poll reads its row's (pk, status) the same way, and a trained one is read from its file
 into ``catalog.learned`` (until then, or if the file cannot be read, the learned router
 answers with the embedding router's pick).
+
+What contributors edit after admission (an adapter's visibility, license, title, tags, and
+the name attributions show) changes no mixture version, so every poll also reads those few
+columns of the served adapters (one query by primary key, joined to their owners) and
+swaps in a catalog with the new descriptions when any differs: an adapter made private is
+gone from other users' /v1/models and routing at the next poll, its weights untouched. A
+merged adapter holding a member made private leaves the catalog too (its weights hold that
+member's), and follows its members' licenses.
+
+Every weights file is hashed before it is loaded and compared with the sha256 stored at
+upload (``AdapterVersion.weights_sha256``): a file changed on disk since is refused, logged
+and left out, and the rest of the mixture is served.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+from django.contrib.auth import get_user_model
 from django.db import close_old_connections, connection
 
-from contributions.models import AdapterVersion
+from contributions.models import Adapter, AdapterVersion
 from multilora import AdapterLoadError, Engine, LoraRegistry, tensors_from_safetensors
 from routing import selectors
 from routing.catalog import MERGED_MODEL_ID, Catalog, ServedAdapter
@@ -50,6 +64,12 @@ def add_adapter_version(registry: LoraRegistry, version: Any, *, key: str) -> in
     (``adapter_config``) and its weights file's tensors; return its slot."""
     with version.weights_file.open("rb") as weights:
         data = weights.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != version.weights_sha256:
+        raise AdapterLoadError(
+            f"the weights file's sha256 is {digest[:12]}…, not the {version.weights_sha256[:12]}… "
+            "stored when it was uploaded: it changed on disk"
+        )
     return registry.add(
         key, lora_config=version.adapter_config, tensors=tensors_from_safetensors(data)
     )
@@ -70,22 +90,75 @@ def served_adapter(version: AdapterVersion) -> ServedAdapter:
     vector = None
     if signature is not None and signature.vector:
         vector = np.asarray(signature.vector, dtype=np.float32)
+    profile = getattr(adapter.owner, "contributor", None)
     return ServedAdapter(
         key=engine_key(version.pk),
         version_id=version.pk,
         version_number=version.number,
         adapter_id=adapter.pk,
-        model_id=f"{adapter.owner.get_username()}/{adapter.slug}",
-        title=adapter.title,
         owner_id=adapter.owner_id,
-        owner_username=adapter.owner.get_username(),
-        license=adapter.license,
-        private=adapter.visibility == adapter.Visibility.PRIVATE,
-        task_tags=tuple(adapter.task_tags or ()),
         signature=vector,
         admitted_at=version.status_changed_at,
-        contributor_name=_contributor_name(adapter.owner),
+        **_described(
+            Description(
+                slug=adapter.slug,
+                title=adapter.title,
+                license=adapter.license,
+                visibility=adapter.visibility,
+                task_tags=adapter.task_tags,
+                username=adapter.owner.get_username(),
+                display_name=profile.display_name if profile is not None else None,
+                name_public=profile.is_public if profile is not None else None,
+            )
+        ),
     )
+
+
+@dataclass(frozen=True)
+class Description:
+    """The columns of an adapter (and its owner) that contributors may edit after admission."""
+
+    slug: str
+    title: str
+    license: str
+    visibility: str
+    task_tags: Any
+    username: str
+    display_name: str | None
+    name_public: bool | None
+
+    COLUMNS = (
+        "slug",
+        "title",
+        "license",
+        "visibility",
+        "task_tags",
+        "owner__USERNAME",
+        "owner__contributor__display_name",
+        "owner__contributor__is_public",
+    )
+
+
+def _described(description: Description) -> dict[str, Any]:
+    """The ServedAdapter fields a description gives."""
+    name_shown = description.name_public and description.display_name
+    return {
+        "model_id": f"{description.username}/{description.slug}",
+        "title": description.title,
+        "owner_username": description.username,
+        "license": description.license,
+        "private": description.visibility == Adapter.Visibility.PRIVATE,
+        "task_tags": tuple(description.task_tags or ()),
+        "contributor_name": description.display_name if name_shown else description.username,
+    }
+
+
+def descriptions(adapter_ids: set[int]) -> dict[int, Description]:
+    """{adapter id: its description now}, in one query."""
+    username = f"owner__{get_user_model().USERNAME_FIELD}"
+    columns = [username if c == "owner__USERNAME" else c for c in Description.COLUMNS]
+    rows = Adapter.objects.filter(pk__in=adapter_ids).values_list("pk", *columns)
+    return {pk: Description(*values) for pk, *values in rows}
 
 
 def merged_engine_key(mixture_number: int, merged_id: int) -> str:
@@ -120,13 +193,6 @@ def served_merged(merged: MergedAdapter, *, key: str) -> ServedAdapter:
         contributor_name="tessera",
         members=tuple(version.pk for version in members),
     )
-
-
-def _contributor_name(user) -> str:
-    profile = getattr(user, "contributor", None)
-    if profile is not None and profile.is_public and profile.display_name:
-        return profile.display_name
-    return user.get_username()
 
 
 class MixtureSync:
@@ -200,6 +266,8 @@ class MixtureSync:
                 changed = self._refresh_board(active[0]) or learned or merged
             else:
                 changed = self._switch()
+            # The kept adapters of a new mixture were described when they were first loaded.
+            changed = self._refresh_descriptions() or changed
         if changed and self.on_change is not None:
             self.on_change(self.catalog)
         return changed
@@ -257,6 +325,46 @@ class MixtureSync:
             time.monotonic() - started,
         )
         return True
+
+    def _refresh_descriptions(self) -> bool:
+        """Swap in the served adapters' edited descriptions, if any changed since."""
+        served = self.catalog.adapters
+        if not served:
+            return False
+        now = descriptions({adapter.adapter_id for adapter in served})
+        updated = []
+        for adapter in served:
+            description = now.get(adapter.adapter_id)
+            fields = _described(description) if description is not None else {}
+            if any(getattr(adapter, name) != value for name, value in fields.items()):
+                adapter = replace(adapter, **fields)
+            updated.append(adapter)
+        if all(new is old for new, old in zip(updated, served, strict=True)):
+            return False
+        merged = self._merged_after(updated)
+        if merged is None and self.catalog.merged is not None:
+            self._retiring.append(
+                (time.monotonic() + RETIRE_GRACE_SECONDS, self.catalog.merged.key)
+            )
+        self.catalog = replace(self.catalog, adapters=tuple(updated), merged=merged)
+        changed = [new.model_id for new, old in zip(updated, served, strict=True) if new is not old]
+        logger.info("Edited after admission, served as edited now: %s", ", ".join(changed))
+        return True
+
+    def _merged_after(self, adapters: list[ServedAdapter]) -> ServedAdapter | None:
+        """The merged adapter once its members' descriptions changed: gone when one of
+        them is private now (its weights are in it, served to everyone), else under their
+        licenses as they are now."""
+        merged = self.catalog.merged
+        if merged is None:
+            return None
+        members = [adapter for adapter in adapters if adapter.version_id in merged.members]
+        if any(adapter.private for adapter in members):
+            logger.info("The merged adapter holds a member made private: no longer served")
+            return None
+        licenses = {adapter.license for adapter in members}
+        license = licenses.pop() if len(licenses) == 1 else "mixed"
+        return merged if license == merged.license else replace(merged, license=license)
 
     def _refresh_merged(self, mixture_pk: int, mixture_number: int) -> bool:
         """The served mixture's merged build, when its row changed since the last poll

@@ -260,6 +260,43 @@ def test_a_new_admission_is_served_within_a_second_and_a_suspension_stops_it(
     assert model not in [m["id"] for m in http.get("/v1/models").json()["data"]]
 
 
+def test_an_adapter_made_private_after_admission_is_hidden_from_others_at_once(
+    http, server, contributor, other_contributor
+):
+    """Edits change no mixture version; the next poll serves them all the same."""
+    version = admitted_version(other_contributor, slug="shared", prompts=UNITS, seed=5)
+    model = f"{other_contributor.username}/shared"
+    wait_until(lambda: chat(http, model=model, max_tokens=1).status_code == 200, timeout=2.0)
+
+    def listed() -> dict:
+        return {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+
+    assert listed()[model]["tessera"]["license"] == "Apache-2.0"
+    services.adapter_update(
+        adapter=version.adapter, actor=other_contributor, license="MIT", title="Shared, renamed"
+    )
+    waited = wait_until(lambda: listed()[model]["tessera"]["license"] == "MIT", timeout=1.0)
+    assert listed()[model]["tessera"]["title"] == "Shared, renamed"
+    services.adapter_update(adapter=version.adapter, actor=other_contributor, visibility="private")
+    waited = max(waited, wait_until(lambda: model not in listed(), timeout=1.0))
+    assert waited < 1.0
+    response = chat(http, model=model, max_tokens=1)
+    assert response.status_code == 404 and error_of(response)["code"] == "model_not_found"
+    # Routing does not pick it for this key either, even for its own skill.
+    routed = chat(http, messages=[{"role": "user", "content": UNITS[0]}], max_tokens=1)
+    assert model not in [a["id"] for a in routed.json()["tessera"]["adapters"]]
+    # Its owner's keys still reach it.
+    own = services.api_token_create(user=other_contributor, name="own")[1]
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+        headers={"Authorization": f"Bearer {own}"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["tessera"]["adapters"][0]["license"] == "MIT"
+
+
 # --- Errors, in OpenAI's shape -----------------------------------------------------------------
 
 

@@ -3,8 +3,11 @@ versions that joined and retiring those that left, with a catalog the router can
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+from django.core.files.base import ContentFile
 from transformers import AutoModelForCausalLM
 
 from contributions import services
@@ -126,3 +129,82 @@ def test_the_best_composition_per_router_follows_the_served_mixtures_scoreboard(
     )
     assert sync.refresh() is True
     assert sync.catalog.best_compositions == {"embedding": "topk", "learned": "top1"}
+
+
+def test_edits_after_admission_are_served_at_the_next_poll_without_reloading(
+    engine, loads, contributor, base_model
+):
+    version = admitted_version(contributor, slug="units", prompts=UNITS_PROMPTS, seed=18)
+    sync = MixtureSync(engine)
+    sync.refresh()
+    assert sync.refresh() is False  # nothing edited: nothing swapped
+    services.adapter_update(
+        adapter=version.adapter,
+        actor=contributor,
+        visibility="private",
+        license="MIT",
+        title="Units, renamed",
+    )
+    contributor.contributor.display_name = "Ada L."
+    contributor.contributor.save()
+    assert sync.refresh() is True
+    (adapter,) = sync.catalog
+    assert (adapter.private, adapter.license, adapter.title) == (True, "MIT", "Units, renamed")
+    assert adapter.contributor_name == "Ada L."
+    assert sync.catalog.visible_to(contributor.pk + 1000) == []
+    assert sync.catalog.by_model_id(f"{contributor.username}/units") is adapter
+    assert loads == [version.pk]  # the weights were not read again
+    assert sync.refresh() is False
+
+
+def test_a_merged_adapter_holding_a_member_made_private_is_no_longer_served(
+    engine, contributor, base_model, monkeypatch
+):
+    from routing.catalog import MERGED_MODEL_ID, ServedAdapter
+
+    version = admitted_version(contributor, slug="units", prompts=UNITS_PROMPTS, seed=19)
+    sync = MixtureSync(engine)
+    sync.refresh()
+    (member,) = sync.catalog
+    merged = ServedAdapter(
+        key="merged-test",
+        version_id=0,
+        version_number=1,
+        adapter_id=0,
+        model_id=MERGED_MODEL_ID,
+        title="Merged",
+        owner_id=0,
+        owner_username="tessera",
+        license=member.license,
+        private=False,
+        task_tags=(),
+        signature=None,
+        members=(member.version_id,),
+    )
+    sync.catalog = replace(sync.catalog, merged=merged)
+    services.adapter_update(adapter=version.adapter, actor=contributor, license="MIT")
+    assert sync.refresh() is True
+    assert sync.catalog.merged.license == "MIT"  # follows its members
+    services.adapter_update(adapter=version.adapter, actor=contributor, visibility="private")
+    assert sync.refresh() is True
+    assert sync.catalog.merged is None
+
+
+def test_a_weights_file_changed_on_disk_after_admission_is_refused_and_the_rest_served(
+    engine, contributor, base_model, caplog
+):
+    good = admitted_version(contributor, slug="good", prompts=UNITS_PROMPTS, seed=20)
+    tampered = admitted_version(contributor, slug="tampered", prompts=UNITS_PROMPTS, seed=21)
+    storage = tampered.weights_file.storage
+    with storage.open(tampered.weights_file.name, "rb") as weights:
+        data = bytearray(weights.read())
+    data[-1] ^= 0x01  # one bit of one weight: still a valid safetensors file
+    storage.delete(tampered.weights_file.name)
+    storage.save(tampered.weights_file.name, ContentFile(bytes(data)))
+    sync = MixtureSync(engine)
+    with caplog.at_level("ERROR", logger="routing.serving.sync"):
+        sync.refresh()
+    assert [a.version_id for a in sync.catalog] == [good.pk]
+    assert engine_key(tampered.pk) not in engine.registry
+    assert "sha256" in sync.failed[tampered.pk]
+    assert any("changed on disk" in record.getMessage() for record in caplog.records)
