@@ -59,6 +59,7 @@ characters, terminal escape sequences and host paths (``clean_text``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import math
@@ -68,6 +69,7 @@ import re
 import resource
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
 import threading
@@ -236,10 +238,16 @@ def _probe_uncached(mode: str) -> str | None:
         return f"{tool} is not installed"
     if shutil.which("setpriv") is None or shutil.which("prlimit") is None:
         return "setpriv and prlimit (util-linux) are needed"
-    with tempfile.TemporaryDirectory(prefix="tessera-probe-") as workdir:
-        argv = _wrap(mode, ["/bin/sh", "-c", "exit 0"], workdir=workdir, readonly=())
+    with tempfile.TemporaryDirectory(prefix="tessera-probe-") as workdir, _seccomp_fd(mode) as fd:
+        argv = _wrap(mode, ["/bin/sh", "-c", "exit 0"], workdir=workdir, readonly=(), seccomp_fd=fd)
         try:
-            done = subprocess.run(argv, capture_output=True, timeout=20, check=False)
+            done = subprocess.run(
+                argv,
+                capture_output=True,
+                timeout=20,
+                check=False,
+                pass_fds=() if fd is None else (fd,),
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             return str(exc)
     if done.returncode != 0:
@@ -292,6 +300,115 @@ def python_roots() -> list[str]:
     return found
 
 
+# --- The seccomp filter (bwrap) ----------------------------------------------------------------
+
+# What no evaluation needs and a process escaping through the kernel reaches for first: a
+# user namespace of its own (in which it holds every capability, the door to most kernel
+# privilege escalations), the kernel keyrings (not namespaced), eBPF, perf events,
+# userfaultfd (a classic race widener), io_uring. Refused with EPERM; clone3 with ENOSYS,
+# since its flags sit in memory a filter cannot read (glibc then falls back to clone, whose
+# flags are checked). Numbers per architecture; on another one no filter is loaded.
+_CLONE_NEWUSER = 0x10000000
+_SECCOMP_ARCHES: dict[str, tuple[int, dict[str, int]]] = {
+    "x86_64": (
+        0xC000003E,  # AUDIT_ARCH_X86_64
+        {
+            "clone": 56,
+            "unshare": 272,
+            "clone3": 435,
+            "add_key": 248,
+            "request_key": 249,
+            "keyctl": 250,
+            "perf_event_open": 298,
+            "bpf": 321,
+            "userfaultfd": 323,
+            "io_uring_setup": 425,
+            "io_uring_enter": 426,
+            "io_uring_register": 427,
+        },
+    ),
+    "aarch64": (
+        0xC00000B7,  # AUDIT_ARCH_AARCH64
+        {
+            "clone": 220,
+            "unshare": 97,
+            "clone3": 435,
+            "add_key": 217,
+            "request_key": 218,
+            "keyctl": 219,
+            "perf_event_open": 241,
+            "bpf": 280,
+            "userfaultfd": 282,
+            "io_uring_setup": 425,
+            "io_uring_enter": 426,
+            "io_uring_register": 427,
+        },
+    ),
+}
+_X32_SYSCALL_BIT = 0x40000000
+
+
+def seccomp_program(machine: str | None = None) -> bytes | None:
+    """The classic-BPF seccomp program bwrap loads (``--seccomp FD``) for this machine's
+    architecture, or None where it has no table. Any other architecture's system calls
+    (i386's int 0x80 on x86_64, x32's numbers) are refused outright: their numbers differ,
+    so a table of one architecture would not cover them."""
+    machine = machine or os.uname().machine
+    if machine not in _SECCOMP_ARCHES:
+        return None
+    arch, numbers = _SECCOMP_ARCHES[machine]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|…|K, BPF_RET
+    allow, kill = 0x7FFF0000, 0x80000000  # SECCOMP_RET_ALLOW, SECCOMP_RET_KILL_PROCESS
+    eperm, enosys = 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS  # SECCOMP_RET_ERRNO
+    refused = [n for name, n in numbers.items() if name not in ("clone", "unshare", "clone3")]
+    # The layout: the checks, the clone/unshare flags block, then the shared returns. A jump
+    # counts from the instruction after it.
+    n_checks = 7 + len(refused) + 1
+    flags_at = n_checks
+    eperm_at, enosys_at, kill_at = flags_at + 3, flags_at + 4, flags_at + 5
+
+    def to(target: int, at: int) -> int:
+        return target - (at + 1)
+
+    program = [
+        (ld, 0, 0, 4),  # 0: seccomp_data.arch
+        (jeq, 0, to(kill_at, 1), arch),  # 1
+        (ld, 0, 0, 0),  # 2: seccomp_data.nr
+        (jge, to(kill_at, 3), 0, _X32_SYSCALL_BIT),  # 3: x32's numbers
+        (jeq, to(flags_at, 4), 0, numbers["clone"]),  # 4
+        (jeq, to(flags_at, 5), 0, numbers["unshare"]),  # 5
+        (jeq, to(enosys_at, 6), 0, numbers["clone3"]),  # 6
+    ]
+    for number in refused:
+        program.append((jeq, to(eperm_at, len(program)), 0, number))
+    program.append((ret, 0, 0, allow))
+    if len(program) != flags_at:
+        raise ValueError("the seccomp program's layout is off")
+    # The flags block: the low 32 bits of the first argument (little-endian machines).
+    program += [(ld, 0, 0, 16), (jset, to(eperm_at, flags_at + 1), 0, _CLONE_NEWUSER)]
+    program += [(ret, 0, 0, allow)]
+    program += [(ret, 0, 0, eperm), (ret, 0, 0, enosys), (ret, 0, 0, kill)]
+    if any(not 0 <= jt <= 255 or not 0 <= jf <= 255 for _code, jt, jf, _k in program):
+        raise ValueError("a seccomp jump out of range")
+    return b"".join(struct.pack("=HBBI", code, jt, jf, k) for code, jt, jf, k in program)
+
+
+@contextlib.contextmanager
+def _seccomp_fd(mode: str):
+    """A memory file holding the seccomp program for bwrap to read, or None."""
+    program = seccomp_program() if mode == "bwrap" else None
+    if program is None:
+        yield None
+        return
+    fd = os.memfd_create("tessera-seccomp", 0)  # not CLOEXEC: bwrap inherits it
+    try:
+        os.write(fd, program)
+        os.lseek(fd, 0, os.SEEK_SET)
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def _system_binds() -> list[str]:
     """/usr, the merged-/usr links (or folders, on systems without them) and /etc's few."""
     args = ["--ro-bind", "/usr", "/usr"]
@@ -315,6 +432,7 @@ def _bwrap_argv(
     inputs: Sequence[str],
     tmpfs_bytes: int,
     uid: int | None,
+    seccomp_fd: int | None = None,
 ) -> list[str]:
     if uid is None:  # not root: a user namespace is what lets bwrap mount at all
         wrapper = ["bwrap", "--unshare-all"]
@@ -362,6 +480,8 @@ def _bwrap_argv(
     if devices:
         wrapper += ["--ro-bind-try", "/sys", "/sys"]
     wrapper += ["--chdir", workdir]
+    if seccomp_fd is not None:
+        wrapper += ["--seccomp", str(seccomp_fd)]
     if uid is None:
         return [*wrapper, "--", *argv]
     # The child keeps only what setpriv needs to switch uid, then loses even that.
@@ -391,6 +511,7 @@ def _wrap(
     readonly: Sequence[str],
     inputs: Sequence[str] = (),
     tmpfs_bytes: int = 512 * 1024 * 1024,
+    seccomp_fd: int | None = None,
 ) -> list[str]:
     """The isolation wrapper around ``argv`` (limits are added by the caller)."""
     is_root = os.geteuid() == 0
@@ -402,6 +523,7 @@ def _wrap(
             inputs=inputs,
             tmpfs_bytes=tmpfs_bytes,
             uid=sandbox_uid() if is_root else None,
+            seccomp_fd=seccomp_fd,
         )
     if mode == "unshare":
         wrapper = ["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--net", "--ipc", "--uts"]
@@ -535,14 +657,6 @@ def run_sandboxed(
     mode = mode or sandbox_mode()
     workdir = str(workdir)
     inputs = [str(p) for p in inputs]
-    full_argv = _limit_prefix(limits) + _wrap(
-        mode,
-        list(argv),
-        workdir=workdir,
-        readonly=[str(p) for p in readonly],
-        inputs=inputs,
-        tmpfs_bytes=limits.tmpfs_bytes,
-    )
     hide = host_paths(workdir=workdir, inputs=inputs)
     if on_progress is not None:
         report = on_progress
@@ -553,16 +667,27 @@ def run_sandboxed(
     outcome = SandboxResult(mode=mode, limits=limits)
     started = time.monotonic()
     cpu_before = _children_cpu()
-    process = subprocess.Popen(
-        full_argv,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=workdir,
-        env=env if env is not None else minimal_env(workdir=workdir),
-        start_new_session=True,  # its own process group: one killpg ends it all
-        close_fds=True,
-    )
+    with _seccomp_fd(mode) as seccomp_fd:  # closed here once bwrap holds its own copy
+        full_argv = _limit_prefix(limits) + _wrap(
+            mode,
+            list(argv),
+            workdir=workdir,
+            readonly=[str(p) for p in readonly],
+            inputs=inputs,
+            tmpfs_bytes=limits.tmpfs_bytes,
+            seccomp_fd=seccomp_fd,
+        )
+        process = subprocess.Popen(
+            full_argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=workdir,
+            env=env if env is not None else minimal_env(workdir=workdir),
+            start_new_session=True,  # its own process group: one killpg ends it all
+            close_fds=True,
+            pass_fds=() if seccomp_fd is None else (seccomp_fd,),
+        )
     events: queue.Queue = queue.Queue()
     log = _LogTail(LOG_CAP_BYTES)
     readers = [

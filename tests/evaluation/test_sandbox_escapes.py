@@ -436,3 +436,62 @@ def test_a_worker_that_is_not_root_gives_its_child_room_above_what_its_user_runs
     own_threads = len(os.listdir("/proc/self/task"))
     assert sandbox._tasks_of(os.getuid()) >= own_threads
     assert sandbox._tasks_of(2**31 - 7) == 0  # no such user
+
+
+# --- the kernel's surface ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    sandbox.seccomp_program() is None, reason="no seccomp table for this architecture"
+)
+def test_a_child_cannot_make_a_user_namespace_or_reach_keyrings_bpf_or_io_uring(workdir):
+    """In a user namespace of its own a process holds every capability over it: the start
+    of most kernel privilege escalations. The seccomp filter refuses it, and the other
+    system calls no evaluation needs; threads, fork and subprocess still work."""
+    _arch, numbers = sandbox._SECCOMP_ARCHES[os.uname().machine]
+    code = RESULT + textwrap.dedent(
+        f"""
+        import ctypes, subprocess, threading
+        libc = ctypes.CDLL(None, use_errno=True)
+        numbers = {numbers!r}
+        def call(name, *args):
+            ctypes.set_errno(0)
+            value = libc.syscall(numbers[name], *[ctypes.c_long(a) for a in args])
+            return "allowed" if value >= 0 else ctypes.get_errno()
+        buffer = ctypes.create_string_buffer(256)
+        found = {{
+            "unshare user": call("unshare", {sandbox._CLONE_NEWUSER}),
+            "clone user": call("clone", {sandbox._CLONE_NEWUSER} | 17, 0, 0, 0, 0),
+            "clone3": call("clone3", ctypes.addressof(buffer), 88),
+            "keyctl": call("keyctl", 0, -3, 0),
+            "add_key": call("add_key", 0, 0, 0, 0, -3),
+            "bpf": call("bpf", 0, 0, 0),
+            "perf_event_open": call("perf_event_open", ctypes.addressof(buffer), 0, -1, -1, 0),
+            "userfaultfd": call("userfaultfd", 0),
+            "io_uring_setup": call("io_uring_setup", 1, ctypes.addressof(buffer)),
+        }}
+        thread = threading.Thread(target=lambda: None)
+        thread.start()
+        thread.join()
+        found["subprocess"] = subprocess.run(["/bin/sh", "-c", "echo ok"],
+                                             capture_output=True, text=True).stdout.strip()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        found["fork"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        result(found)
+        """
+    )
+    outcome = run(code, workdir)
+    assert outcome.failure() is None, outcome.log
+    found = outcome.result
+    assert found.pop("clone3") == errno.ENOSYS  # glibc falls back to clone
+    assert found.pop("subprocess") == "ok" and found.pop("fork") == 7
+    assert found == dict.fromkeys(found, errno.EPERM)
+
+
+def test_the_seccomp_program_is_a_whole_number_of_instructions():
+    for machine in sandbox._SECCOMP_ARCHES:
+        program = sandbox.seccomp_program(machine)
+        assert program and len(program) % 8 == 0
+    assert sandbox.seccomp_program("riscv64") is None
