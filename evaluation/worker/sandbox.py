@@ -20,7 +20,10 @@ outside development only bwrap):
   root would keep the child root, and root ignores RLIMIT_NPROC) and the child is switched to
   an unprivileged uid (``TESSERA_SANDBOX_UID_BASE`` + the worker's pid, so concurrent
   workers never share a process budget) with no capabilities and ``no_new_privs``; as
-  another user, ``--unshare-all`` (its user namespace) does that part.
+  another user, ``--unshare-all`` (its user namespace) does that part. A seccomp filter
+  (``seccomp_program``) refuses it a user namespace of its own, the keyrings, eBPF, perf
+  events, userfaultfd, io_uring and other architectures' system calls. bubblewrap 0.8 or
+  later (``--size``).
 * ``unshare`` (development only: settings refuse it with DEBUG off): ``unshare --net --ipc
   --uts --mount --pid --fork --kill-child --mount-proc``: the network, PID and /proc
   isolation of bwrap, but the host's filesystem stays readable (a child could read the
@@ -215,8 +218,9 @@ def sandbox_mode(
     raise SandboxUnavailable(
         "No network sandbox works on this machine ("
         + "; ".join(problems)
-        + "). Install bubblewrap (and, for a worker that is not root, allow unprivileged "
-        "user namespaces), or allow evaluation without isolation (never in production)."
+        + "). Install bubblewrap 0.8 or later (and, for a worker that is not root, allow "
+        "unprivileged user namespaces), or allow evaluation without isolation (never in "
+        "production)."
     )
 
 
