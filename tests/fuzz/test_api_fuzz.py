@@ -2,15 +2,16 @@
 schemathesis, over real HTTP against pytest-django's live server on the suite's PostgreSQL.
 
 Every operation gets generated inputs, valid and invalid, each sent as an anonymous client,
-as a contributor and as a maintainer (each with a real API token). No answer may be a 5xx, and a
-documented answer must match its documented schema. The database is seeded so that small
+as a contributor and as a maintainer (each with a real API token). No answer may be a 5xx, a
+documented answer must match its documented schema, and every refusal must be the API's one
+error shape ({"error": {"code", "message", "details"}}). The database is seeded so that small
 ids reach real rows: the prepared tiny base model (its files downloadable), an adapter with
 a version (id 1, number 1), its evaluation run (id 1) and a suite, so that the fuzzer does
 more than collect 404s.
 
-Bounded for CI: TESSERA_FUZZ_EXAMPLES (default 8) examples per operation, a
-fixed seed and derandomized generation, so a CI failure replays locally with the same
-inputs. Raise it to fuzz longer: ``TESSERA_FUZZ_EXAMPLES=500 pytest tests/fuzz``.
+Bounded for CI (tests/fuzz/bounds): 8 examples per operation unless TESSERA_FUZZ_EXAMPLES
+says more, a fixed seed and derandomized generation, so a CI failure replays locally with the
+same inputs: ``TESSERA_FUZZ_EXAMPLES=500 pytest tests/fuzz`` fuzzes longer.
 """
 
 from __future__ import annotations
@@ -18,45 +19,28 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
+from urllib.parse import unquote, urlsplit
 
 import hypothesis
 import pytest
 import schemathesis
+from django.urls import Resolver404, resolve
 from rest_framework.throttling import SimpleRateThrottle
 from schemathesis.checks import not_a_server_error
-from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from contributions import services
 from evaluation.services.suites import suite_version_import
 from tests.evaluation.test_suites import jsonl, quiz_lines
 from tests.factories import AdapterFactory, MaintainerFactory, UserFactory
+from tests.fuzz.bounds import fuzz_config, max_examples
 from tests.support import crafted
 
 pytestmark = pytest.mark.django_db(transaction=True, reset_sequences=True)
 
-MAX_EXAMPLES = int(os.environ.get("TESSERA_FUZZ_EXAMPLES", "8"))
-SEED = int(os.environ.get("TESSERA_FUZZ_SEED", "20261202"))
+MAX_EXAMPLES = max_examples(8)
 PERSONAS = ["anonymous", "contributor", "maintainer"]
 CHECKS = [not_a_server_error, response_schema_conformance]
-
-
-def fuzz_config() -> SchemathesisConfig:
-    return SchemathesisConfig.from_dict(
-        {
-            "seed": SEED,
-            "generation": {
-                "max-examples": MAX_EXAMPLES,
-                "deterministic": True,
-                "database": "none",
-                "mode": "all",
-            },
-            # One generated phase per operation keeps the run's length proportional to
-            # max-examples; the coverage phase alone sends hundreds of boundary cases.
-            "phases": {"coverage": {"enabled": False}, "stateful": {"enabled": False}},
-        }
-    )
 
 
 def api_schema() -> dict:
@@ -72,7 +56,7 @@ def api_schema() -> dict:
     return json.loads(OpenApiJsonRenderer().render(generated))
 
 
-schema = schemathesis.openapi.from_dict(api_schema(), config=fuzz_config())
+schema = schemathesis.openapi.from_dict(api_schema(), config=fuzz_config(examples=MAX_EXAMPLES))
 
 
 @pytest.fixture
@@ -116,9 +100,27 @@ def test_no_operation_answers_with_a_server_error(case, tokens, live_server):
     # Each input is sent by every persona: one seeded database per operation, not three.
     for persona in PERSONAS:
         try:
-            case.call_and_validate(
+            response = case.call_and_validate(
                 base_url=live_server.url, headers=tokens[persona], checks=CHECKS, timeout=30
             )
+            if response.status_code >= 400:
+                assert_api_error(response)
         except BaseException as failure:
             failure.add_note(f"Sent as the {persona} persona.")
             raise
+
+
+def assert_api_error(response) -> None:
+    """Every refusal is tessera.api's one shape, with a machine-readable code."""
+    # schemathesis's response: lower-case header names, each with a list of values.
+    content_type = response.headers.get("content-type", [""])[0]
+    if response.status_code == 404 and not content_type.startswith("application/json"):
+        # A path no URL pattern matches (an id that is not an integer) is answered by
+        # Django's HTML 404 page before any API view: only that may skip the JSON shape.
+        with pytest.raises(Resolver404):
+            resolve(unquote(urlsplit(response.request.url).path))
+        return
+    assert content_type.startswith("application/json"), (response.status_code, content_type)
+    error = response.json()["error"]
+    assert isinstance(error["code"], str) and error["code"], error
+    assert isinstance(error["message"], str) and error["message"], error
