@@ -1,5 +1,7 @@
 """Benchmark suites: the built-in files and their generator, JSONL validation, versioned
-import (services.suites), `load_suites`, the suites API and the admin upload form.
+import (services.suites), `load_suites`, the suites API and the admin upload form. The
+built-in files hold public splits only; their secret splits come from the fixed test seed
+(tests/conftest.py; tests/evaluation/test_secret_splits.py checks how they are drawn).
 
 Hidden examples decide admission, so every read path is checked for leaks with suites whose
 hidden content is unmistakable; the paraphrase split is hidden in the same way.
