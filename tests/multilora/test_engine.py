@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import io
 import random
 import threading
@@ -744,6 +745,7 @@ def test_an_adapter_version_loads_from_its_stored_config_and_weights(
     version = SimpleNamespace(
         adapter_config=adapter.config,
         weights_file=SimpleNamespace(open=lambda mode: io.BytesIO(adapter.weights)),
+        weights_sha256=hashlib.sha256(adapter.weights).hexdigest(),  # stored at upload
     )
     assert add_adapter_version(engine.registry, version, key="v") == 1
     assert_rows_match_peft(engine, tiny_dir, [(adapter, prompt(tokenizer, 0))], new_tokens=6)
