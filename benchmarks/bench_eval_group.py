@@ -107,6 +107,7 @@ def main() -> None:
                 workdir=workdir,
                 mode=mode,
                 readonly=[a.adapter_dir for a in spec.adapters],
+                inputs=[spec.base_model_path],  # the only host folder the child may read
             )
             return checked(outcome)
 
