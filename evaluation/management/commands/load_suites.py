@@ -34,7 +34,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from evaluation.services.suites import suite_version_import
 from evaluation.suite_io import MIN_EXAMPLES, SECRET_SPLITS, parse_suite_jsonl, sampled_jsonl
-from evaluation.suites import HERE, committed_files, complete_suite
+from evaluation.suites import HERE, SEED_FILE, committed_files, complete_suite
 from evaluation.suites_selectors import suite_secret_examples
 from tessera.errors import DomainError
 
@@ -120,6 +120,7 @@ class Command(BaseCommand):
                     "the next versions anyway."
                 )
             built.append((path, data))
+        self.stdout.write(f"Secret splits: {_source(secrets, files)}.")
         for path, data in built:
             try:
                 result = suite_version_import(jsonl=data, actor=None)
@@ -136,6 +137,24 @@ class Command(BaseCommand):
                 )
             else:
                 self.stdout.write(f"{version.suite.slug}: unchanged (version {version.number}).")
+
+
+def _source(secrets: dict[str, bytes], files: list[Path]) -> str:
+    """Where the secret examples came from, in words (never the seed itself)."""
+    from django.conf import settings
+
+    drawn = [path.stem for path in files if path.stem not in secrets]
+    origin = (
+        "TESSERA_SUITE_SEED"
+        if settings.TESSERA_SUITE_SEED
+        else f"the development seed in {Path(settings.VAR_DIR) / SEED_FILE}"
+    )
+    parts = []
+    if secrets:
+        parts.append(f"private files for {', '.join(sorted(secrets))}")
+    if drawn:
+        parts.append(f"drawn from {origin} for the rest" if secrets else f"drawn from {origin}")
+    return "; ".join(parts)
 
 
 def _private_parts(paths: list[Path]) -> dict[str, bytes]:
