@@ -14,9 +14,9 @@ A batch takes the oldest waiting request and the next waiting ones of its cost c
 (``cost_class``): requests composed with Arrow are batched among themselves, because every
 row of a batch runs at the widest row's LoRA rank. A batch is bounded in rows
 (TESSERA_SERVING_MAX_BATCH) and in tokens (TESSERA_SERVING_MAX_BATCH_TOKENS): its key/value
-cache holds, for every row, the widest prompt plus the longest max_tokens of the batch, so
-``lanes x (widest prompt + longest max_tokens)`` is what a request may add to only while it
-stays within the bound. A request larger than the bound alone still runs, alone.
+cache holds, for every row, the widest prompt plus the longest max_tokens of the batch, so a
+request joins a batch only while ``lanes x (widest prompt + longest max_tokens)`` stays
+within the bound. A request over the bound by itself still runs, alone.
 
 One request never fails its batch: requests the engine refuses are checked one by one and
 fail alone, and when a batch step raises (a request that passed every check and still
