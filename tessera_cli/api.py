@@ -23,6 +23,8 @@ UPLOAD_TIMEOUT = httpx.Timeout(30.0, read=600.0, write=600.0)
 # so a slow line only has to keep bytes coming.
 DOWNLOAD_CHUNK = 1024 * 1024
 MAX_THROTTLE_WAITS = 5
+# A 429 that asks for longer than this (an hourly upload limit) is shown at once, not slept.
+MAX_THROTTLE_WAIT_SECONDS = 60.0
 
 
 class ApiError(Exception):
@@ -123,7 +125,10 @@ class Platform(_Client):
             except httpx.TransportError as exc:
                 raise _connection_error(self.url, exc) from exc
             if response.status_code == 429:
-                time.sleep(_retry_after(response, 5.0))
+                wait = _retry_after(response, 5.0)
+                if wait > MAX_THROTTLE_WAIT_SECONDS:
+                    break
+                time.sleep(wait)
                 continue
             break
         if response.is_error:

@@ -425,3 +425,16 @@ def test_a_push_through_the_console_script_to_admission(
     assert "All 5 admission rules passed." in result.stdout
     assert "Addition (hidden, n=12)" in result.stdout
     assert AdapterVersion.objects.get().status == "admitted"
+
+
+def test_push_over_the_hourly_upload_limit_says_so_at_once(
+    cli, logged_in, tmp_path, base_model, settings
+):
+    settings.TESSERA_UPLOADS_PER_HOUR = 1
+    assert cli("push", adapter_folder(tmp_path / "one"), "--no-wait").code == 0
+    started = time.monotonic()
+    refused = cli("push", adapter_folder(tmp_path / "two", seed=1), "--no-wait")
+    assert time.monotonic() - started < 30  # shown, not slept for an hour
+    assert refused.code != 0
+    assert "upload_rate_limited" in refused.err
+    assert AdapterVersion.objects.count() == 1
