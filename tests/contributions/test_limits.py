@@ -91,6 +91,18 @@ def test_the_upload_past_the_hourly_limit_is_refused_with_429_and_stores_nothing
     assert len(media_files(media_root)) == files_before
 
 
+def test_over_the_hourly_limit_even_a_malformed_upload_is_refused_before_it_is_parsed(
+    api, adapter, settings
+):
+    settings.TESSERA_UPLOADS_PER_HOUR = 1
+    assert api_upload(api, adapter, 1).status_code == 201
+    url = reverse("api:version-list", kwargs={"adapter_id": adapter.pk})
+    files = multipart_files({"adapter_model.safetensors": b"junk"})
+    junk = api.post(url, files, format="multipart")
+    assert junk.status_code == 429
+    assert error_code(junk) == "upload_rate_limited"
+
+
 def test_uploads_older_than_an_hour_no_longer_count(api, adapter, settings):
     settings.TESSERA_UPLOADS_PER_HOUR = 1
     assert api_upload(api, adapter, 1).status_code == 201
