@@ -11,8 +11,8 @@ import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from django.core.cache import cache
 from django.test import AsyncClient, Client
-from django.utils.html import escape
 from django.utils import timezone
+from django.utils.html import escape
 
 from contributions import services
 from contributions.models import ApiToken
