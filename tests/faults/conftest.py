@@ -224,6 +224,11 @@ def assert_consistent(*versions: AdapterVersion) -> None:
         if run.status == Run.SUCCEEDED:
             tasks = list(TaskResult.objects.filter(run=run).values_list("task_id", flat=True))
             assert len(tasks) == len(set(tasks)), "a task's result was recorded twice"
+    assert_mixture_consistent()
+
+
+def assert_mixture_consistent() -> None:
+    """No admission recorded twice; the active mixture holds exactly the admitted set."""
     admitted = set(
         AdapterVersion.objects.filter(status=Status.ADMITTED).values_list("pk", flat=True)
     )
