@@ -187,14 +187,20 @@ def worker_log(worker: subprocess.Popen) -> str:
     return worker.stdout.read()[-4000:] if worker.stdout else ""
 
 
-def wait_runs_finished(runs, worker: subprocess.Popen | None, timeout: float = 60, tick=None):
-    """Poll until every run has succeeded or failed; ``tick()`` is called between polls
-    (a reaper sweep, say)."""
+def finished(run: EvaluationRun) -> bool:
+    return run.status in (Run.SUCCEEDED, Run.FAILED)
+
+
+def wait_runs_finished(
+    runs, worker: subprocess.Popen | None, timeout: float = 60, tick=None, until=finished
+):
+    """Poll until ``until(run)`` holds for every run (by default: it succeeded or failed);
+    ``tick()`` is called between polls (a reaper sweep, say)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for run in runs:
             run.refresh_from_db()
-        if all(run.status in (Run.SUCCEEDED, Run.FAILED) for run in runs):
+        if all(until(run) for run in runs):
             return
         if worker is not None and worker.poll() is not None:
             break
