@@ -164,6 +164,11 @@ class AdapterVersion(models.Model):
     parameter_count = models.PositiveBigIntegerField()
     adapter_config = models.JSONField(help_text="The validated, normalised LoRA config.")
 
+    # Set by evaluation when the version's evaluation ended for good on a platform fault
+    # (no sandbox, worker lost, ...), never on the adapter's merits: the code, else blank.
+    # Such a version does not hold its weights: the same file may be uploaded again.
+    platform_fault = models.CharField(max_length=64, blank=True, default="")
+
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -173,7 +178,12 @@ class AdapterVersion(models.Model):
                 fields=["adapter", "number"], name="version_number_per_adapter"
             ),
             # An identical weights file is refused at intake; this keeps it true under races.
-            models.UniqueConstraint(fields=["weights_sha256"], name="version_weights_unique"),
+            # A version ended by a platform fault does not count (its weights may come again).
+            models.UniqueConstraint(
+                fields=["weights_sha256"],
+                condition=Q(platform_fault=""),
+                name="version_weights_unique",
+            ),
             models.CheckConstraint(condition=Q(number__gte=1), name="version_number_positive"),
             models.CheckConstraint(condition=Q(rank__gte=1), name="version_rank_positive"),
             models.CheckConstraint(

@@ -79,7 +79,13 @@ def version_get_visible(*, user: AbstractBaseUser, adapter_id: int, number: int)
 
 
 def version_by_weights_sha256(sha256: str) -> AdapterVersion | None:
-    return AdapterVersion.objects.select_related("adapter").filter(weights_sha256=sha256).first()
+    """The version holding these weights. One whose evaluation ended on a platform fault
+    holds nothing: its contributor may upload the same file again."""
+    return (
+        AdapterVersion.objects.select_related("adapter")
+        .filter(weights_sha256=sha256, platform_fault="")
+        .first()
+    )
 
 
 def audit_events_for_version(*, version: AdapterVersion) -> list[AuditEvent]:

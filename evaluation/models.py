@@ -179,6 +179,14 @@ class EvaluationRun(models.Model):
         default=False,
         help_text="Evaluated in a child of its own: a group it was in failed as a whole.",
     )
+    infra_retries = models.PositiveSmallIntegerField(
+        default=0, help_text="Times a platform fault (not the adapter) sent it back to the queue."
+    )
+    retry_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Re-queued after a platform fault: not claimed, nor sent, before this.",
+    )
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -201,6 +209,12 @@ class EvaluationRun(models.Model):
             ),
             # The reaper: queued runs whose message was sent long ago (it may be lost).
             models.Index(fields=["sent_at"], condition=Q(status="queued"), name="run_queued_idx"),
+            # The reaper: runs waiting out their back-off after a platform fault.
+            models.Index(
+                fields=["retry_at"],
+                condition=Q(status="queued", retry_at__isnull=False),
+                name="run_retry_idx",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -12,12 +12,13 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tessera.settings")
 app = Celery("tessera")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 # Evaluation runs go to eval-gpu when the deployment has GPU workers, else eval-cpu;
-# everything else (mail, housekeeping) to default.
+# the reaper and the usage flush to maintenance; everything else (mail, housekeeping) to
+# default.
 # Each queue has its own direct exchange and routing key: with one shared key, a message
 # routed to one queue would be copied into every queue bound to that key.
 app.conf.task_queues = tuple(
     Queue(name, Exchange(name, type="direct"), routing_key=name)
-    for name in ("default", "eval-cpu", "eval-gpu")
+    for name in ("default", "maintenance", "eval-cpu", "eval-gpu")
 )
 app.conf.task_default_exchange = "default"
 app.conf.task_default_routing_key = "default"

@@ -351,6 +351,34 @@ CELERY_BEAT_SCHEDULE = {
     "flush-api-usage": {"task": "routing.flush_usage", "schedule": 30.0},
 }
 
+# --- No dead ends: the maintenance queue and platform-fault retries --------------------------
+# The reaper and the usage flush have a queue of their own, so evaluations that take up to
+# 25 minutes never keep them waiting; a worker must consume "maintenance" (run-local.sh
+# does). A beat message not taken within its expiry is dropped, not piled up behind a backlog.
+CELERY_TASK_ROUTES = {
+    "evaluation.reap_runs": {"queue": "maintenance"},
+    "routing.flush_usage": {"queue": "maintenance"},
+}
+for _entry in CELERY_BEAT_SCHEDULE.values():
+    _entry["options"] = {"queue": "maintenance", "expires": 25}
+# A run interrupted by a platform fault (no sandbox, worker lost, base model not prepared,
+# transient errors outlasting their retries, ...; evaluation.services.runs
+# INFRASTRUCTURE_FAILURES) is queued again this many times, after a back-off that starts at
+# TESSERA_EVAL_INFRA_BACKOFF_SECONDS and doubles up to the maximum; then it ends as a platform
+# fault that does not hold the contributor's weights.
+TESSERA_EVAL_INFRA_RETRIES = env.int("TESSERA_EVAL_INFRA_RETRIES", default=3)
+TESSERA_EVAL_INFRA_BACKOFF_SECONDS = env.float("TESSERA_EVAL_INFRA_BACKOFF_SECONDS", default=60.0)
+TESSERA_EVAL_INFRA_BACKOFF_MAX_SECONDS = env.float(
+    "TESSERA_EVAL_INFRA_BACKOFF_MAX_SECONDS", default=1800.0
+)
+# A version left passed with no decision this long after its run finished (the worker died
+# between recording the verdict and admitting) has its decision completed by the reaper.
+TESSERA_EVAL_DECISION_GRACE_SECONDS = env.int("TESSERA_EVAL_DECISION_GRACE_SECONDS", default=120)
+if TESSERA_EVAL_INFRA_RETRIES < 0 or TESSERA_EVAL_INFRA_BACKOFF_SECONDS < 0:
+    raise ImproperlyConfigured(
+        "TESSERA_EVAL_INFRA_RETRIES and TESSERA_EVAL_INFRA_BACKOFF_SECONDS must not be negative."
+    )
+
 # --- The scoreboard ----------------------------------------------------------------------
 # Publishing a mixture version queues the job that scores it on the union of the built-in
 # suites (routing.scoreboard); off, boards are computed by `manage.py score_mixture` only.

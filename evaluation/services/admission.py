@@ -114,3 +114,36 @@ def version_admit_automatically(
             raise
         logger.info("version %s changed before its automatic admission: %s", version.pk, exc)
         return None
+
+
+def version_decision_complete(*, version: AdapterVersion, run: EvaluationRun) -> str | None:
+    """Finish the decision a passed run leads to, when the worker that recorded it never
+    did (it died between committing the verdict and admitting). The review policy is
+    applied as it stands now: the version is admitted automatically, or its run is marked
+    for a maintainer's review (the review queue lists it). Returns "admitted", "review", or
+    None when there was nothing to do. Idempotent: admission is one compare-and-set, and the
+    review mark one conditional update, so two reapers (or a reaper and a late worker) make
+    one decision."""
+    from evaluation.policy import policy_from_settings
+
+    if version.status != Status.PASSED or run.needs_review or run.passed is not True:
+        return None
+    if admission_needs_review(version=version, mode=policy_from_settings().review):
+        marked = EvaluationRun.objects.filter(
+            pk=run.pk, status=EvaluationRun.Status.SUCCEEDED, passed=True, needs_review=False
+        ).update(needs_review=True)
+        return "review" if marked == 1 else None
+    try:
+        with transaction.atomic():
+            version_admit(
+                version=version,
+                actor=None,
+                reason="Admitted automatically: every admission rule passed and the review "
+                "policy needs no maintainer for this contributor (the decision was completed "
+                "after the evaluating worker stopped before making it).",
+            )
+    except DomainError as exc:
+        if exc.code != "status_conflict":
+            raise
+        return None
+    return "admitted"

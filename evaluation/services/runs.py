@@ -42,7 +42,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from contributions.models import AdapterVersion
@@ -61,6 +61,26 @@ RunStatus = EvaluationRun.Status
 VersionStatus = AdapterVersion.Status
 # Errors worth retrying: the database or the broker went away for a moment.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OperationalError, InterfaceError)
+
+# Failure codes that mean the platform failed, not the contributor's adapter. A run failing
+# with one of these is queued again after a back-off (TESSERA_EVAL_INFRA_RETRIES times,
+# TESSERA_EVAL_INFRA_BACKOFF_SECONDS doubling), then ends as a platform fault, which leaves
+# its weights free to be uploaded again (AdapterVersion.platform_fault). Every other code is
+# the contributor's: the adapter refused or crashing its own child (adapter_refused,
+# sandbox_*), failed rules (no_targeted_task), its own run past its deadline
+# (deadline_passed), a withdrawn version (version_not_evaluating).
+INFRASTRUCTURE_FAILURES: frozenset[str] = frozenset(
+    {
+        "sandbox_unavailable",  # no working sandbox on the worker
+        "base_model_not_prepared",  # the worker has no prepared base model
+        "worker_lost",  # the worker died (attempts used up)
+        "transient_errors",  # database or broker errors outlasted the task's retries
+        "internal_error",  # a bug in the evaluation service
+        "weights_changed",  # the stored file no longer matches its upload's sha256
+    }
+)
+# The code a contributor reads on a version whose evaluation ended on a platform fault.
+PLATFORM_FAULT = "platform_fault"
 
 
 class RunTakenAway(Exception):
@@ -164,6 +184,7 @@ def _claim_fields(now: datetime, worker: str) -> dict[str, Any]:
         "progress_done": 0,
         "progress_total": 0,
         "progress_label": "Starting",
+        "retry_at": None,
     }
 
 
@@ -173,8 +194,12 @@ def evaluation_run_claim(*, run: EvaluationRun, worker: str) -> EvaluationRun | 
     withdrawn; the run then fails in evaluation_run_execute)."""
     now = timezone.now()
     with transaction.atomic():
-        claimed = EvaluationRun.objects.filter(pk=run.pk, status=RunStatus.QUEUED).update(
-            **_claim_fields(now, worker)
+        # A run backing off after a platform fault waits for its retry_at (the reaper sends
+        # it then); an early duplicate message finds it not claimable.
+        claimed = (
+            EvaluationRun.objects.filter(pk=run.pk, status=RunStatus.QUEUED)
+            .filter(Q(retry_at__isnull=True) | Q(retry_at__lte=now))
+            .update(**_claim_fields(now, worker))
         )
         if claimed != 1:
             return None
@@ -241,8 +266,9 @@ def claim_is_lost(run: EvaluationRun, *, worker: str, now: datetime | None = Non
 # --- Failing, releasing, beating --------------------------------------------------------------
 
 
-def _version_to_failed(version_id: int, reason: str) -> None:
-    """Caller holds the transaction. Only a version still in evaluation moves."""
+def _version_to_failed(version_id: int, reason: str, *, platform_fault: str = "") -> None:
+    """Caller holds the transaction. Only a version still in evaluation moves; with
+    ``platform_fault`` (the run's code) it is marked as ended by the platform."""
     version = AdapterVersion.objects.select_for_update().get(pk=version_id)
     if version.status in (VersionStatus.QUEUED, VersionStatus.EVALUATING):
         adapter_version_transition(
@@ -251,6 +277,14 @@ def _version_to_failed(version_id: int, reason: str) -> None:
             actor=None,
             reason=f"Evaluation failed: {reason}",
         )
+        if platform_fault:
+            AdapterVersion.objects.filter(pk=version_id).update(platform_fault=platform_fault)
+
+
+def infra_backoff_seconds(retries: int) -> float:
+    """The wait before infrastructure retry number ``retries + 1``: doubling, capped."""
+    base = settings.TESSERA_EVAL_INFRA_BACKOFF_SECONDS
+    return min(base * 2**retries, settings.TESSERA_EVAL_INFRA_BACKOFF_MAX_SECONDS)
 
 
 def evaluation_run_fail(
@@ -264,13 +298,38 @@ def evaluation_run_fail(
 ) -> bool:
     """queued|running → failed with ``code`` and ``reason``; the version → failed. With
     ``worker``, only if the run is still that worker's; ``conditions`` narrow the
-    compare-and-set further. False when it had moved on."""
+    compare-and-set further. False when it had moved on.
+
+    A code in INFRASTRUCTURE_FAILURES does not fail the contributor: the run is queued
+    again after a back-off while infrastructure retries are left (evaluation_run_infra_retry),
+    and only then fails, the version marked with its platform fault."""
     now = timezone.now()
     live = EvaluationRun.objects.filter(pk=run.pk, status__in=[RunStatus.QUEUED, RunStatus.RUNNING])
     if worker is not None:
         live = live.filter(claimed_by=worker)
     if conditions:
         live = live.filter(**conditions)
+    fault = ""
+    if code in INFRASTRUCTURE_FAILURES:
+        retries = live.values_list("infra_retries", flat=True).first()
+        if retries is None:
+            return False
+        if retries < settings.TESSERA_EVAL_INFRA_RETRIES:
+            return evaluation_run_infra_retry(
+                run=run,
+                live=live.filter(infra_retries=retries),
+                retries=retries,
+                code=code,
+                reason=reason,
+                log=log,
+                now=now,
+            )
+        live = live.filter(infra_retries=retries)
+        fault = code
+        reason = (
+            f"{reason} The evaluation was interrupted by a platform fault, not by your "
+            f"adapter, and ended after {retries} retries; you may upload the same weights again."
+        )
     fields: dict[str, Any] = {
         "status": RunStatus.FAILED,
         "failure_code": code[:64],
@@ -285,8 +344,62 @@ def evaluation_run_fail(
     with transaction.atomic():
         if live.update(**fields) != 1:
             return False
-        _version_to_failed(run.version_id, reason)
+        _version_to_failed(run.version_id, reason, platform_fault=fault)
     logger.info("evaluation run %s failed (%s): %s", run.pk, code, reason)
+    return True
+
+
+def evaluation_run_infra_retry(
+    *, run: EvaluationRun, live, retries: int, code: str, reason: str, log: str | None, now
+) -> bool:
+    """queued|running → queued after a platform fault: the attempts start again, the
+    infrastructure retries count one more, and ``retry_at`` holds it back for the back-off
+    (no claim before; the reaper sends its message then). The version goes back to queued
+    with the reason, which the contributor reads. ``live`` is the caller's compare-and-set."""
+    retry_at = now + timedelta(seconds=infra_backoff_seconds(retries))
+    limit = settings.TESSERA_EVAL_INFRA_RETRIES
+    told = (
+        f"Interrupted by a platform fault ({code}), not by your adapter: {reason} "
+        f"Queued again (retry {retries + 1} of {limit}) after {retry_at:%H:%M:%S} UTC."
+    )
+    fields: dict[str, Any] = {
+        "status": RunStatus.QUEUED,
+        "claimed_by": "",
+        "heartbeat_at": None,
+        "deadline_at": None,
+        "attempts": 0,
+        "infra_retries": retries + 1,
+        "retry_at": retry_at,
+        "failure_code": code[:64],
+        "failure_reason": told,
+        "progress_label": f"Waiting to retry after a platform fault ({code})"[:200],
+    }
+    if log is not None:
+        fields["log"] = log[-LOG_CAP_BYTES:]
+    with transaction.atomic():
+        if live.update(**fields) != 1:
+            return False
+        version = AdapterVersion.objects.select_for_update().get(pk=run.version_id)
+        if version.status == VersionStatus.EVALUATING:
+            adapter_version_transition(
+                version=version, to_status=VersionStatus.QUEUED, actor=None, reason=told
+            )
+    logger.warning("evaluation run %s: platform fault %s, retry at %s", run.pk, code, retry_at)
+    return True
+
+
+def evaluation_run_retry_due(*, run: EvaluationRun, now: datetime | None = None) -> bool:
+    """A run whose back-off after a platform fault is over gets its message (the reaper).
+    CAS on the ``retry_at`` we saw, so two reapers send one message."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        moved = EvaluationRun.objects.filter(
+            pk=run.pk, status=RunStatus.QUEUED, retry_at=run.retry_at, retry_at__lte=now
+        ).update(retry_at=None, sent_at=now)
+        if moved != 1:
+            return False
+        run_id, queue = run.pk, run.queue
+        transaction.on_commit(lambda: run_enqueue(run_id=run_id, queue=queue))
     return True
 
 
