@@ -28,7 +28,7 @@ if [ "${SAMPLED_SUITES:-0}" = 1 ]; then
     # so the default 0.05 allowed fall on the general suite would be noise; allow 0.10.
     export TESSERA_ADMISSION_MAX_GENERAL_DROP=${TESSERA_ADMISSION_MAX_GENERAL_DROP:-0.10}
 fi
-$PY -m celery -A tessera worker --queues default,eval-cpu,eval-gpu --concurrency 1 \
+$PY -m celery -A tessera worker --queues default,maintenance,eval-cpu,eval-gpu --concurrency 1 \
     --beat --schedule var/celerybeat-schedule --loglevel INFO --logfile var/log/worker.log &
 PIDS="$PIDS $!"
 $PY -m uvicorn tessera.serving:application --host "$HOST" --port "$API_PORT" \

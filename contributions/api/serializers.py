@@ -32,6 +32,9 @@ class VersionOut(serializers.ModelSerializer):
             "number",
             "status",
             "status_changed_at",
+            # A platform fault's code when the evaluation ended on one (the same weights may
+            # be uploaded again), else blank.
+            "platform_fault",
             "created_at",
             "base_model",
             "rank",

@@ -32,7 +32,7 @@ def celery_worker_process(redis_proc, pg_server):
             "tessera",
             "worker",
             "--queues",
-            "default,eval-cpu",
+            "default,maintenance,eval-cpu",
             "--concurrency",
             "1",
             "--loglevel",

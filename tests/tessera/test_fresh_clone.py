@@ -239,7 +239,7 @@ def test_a_fresh_clone_runs_embedded_and_evaluates_an_upload(tmp_path, processes
         "worker",
         [
             *(sys.executable, "-m", "celery", "-A", "tessera", "worker"),
-            *("--queues", "default,eval-cpu,eval-gpu", "--concurrency", "1"),
+            *("--queues", "default,maintenance,eval-cpu,eval-gpu", "--concurrency", "1"),
             *("--beat", "--schedule", "var/celerybeat-schedule"),
             *("--loglevel", "INFO"),
         ],
