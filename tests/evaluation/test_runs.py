@@ -358,8 +358,9 @@ def test_a_running_run_whose_worker_looks_alive_is_left_alone(contributor, base_
 
 
 def test_a_lost_worker_is_retried_then_the_run_fails(
-    contributor, tiny_base_model, child, fast_eval
+    contributor, tiny_base_model, child, fast_eval, settings
 ):
+    settings.TESSERA_EVAL_INFRA_RETRIES = 0  # test_dead_ends covers the platform retries
     make_task()
     child(fake_child())
     version, run = queued_version(contributor)
@@ -376,7 +377,7 @@ def test_a_lost_worker_is_retried_then_the_run_fails(
     run = fresh(run)
     assert (run.status, run.failure_code) == (Run.FAILED, "worker_lost")
     assert "lost 2 times" in run.failure_reason
-    assert fresh(version).status == "failed"
+    assert (fresh(version).status, version.platform_fault) == ("failed", "worker_lost")
 
 
 def test_a_stale_heartbeat_from_another_host_counts_as_lost(
@@ -408,8 +409,12 @@ def test_a_transient_error_gives_the_claim_back_for_the_task_to_retry(
     assert fresh(version).status == "queued"
 
 
-def test_the_task_retries_transient_errors_with_a_cap(contributor, base_model, monkeypatch):
+def test_the_task_retries_transient_errors_with_a_cap(
+    contributor, base_model, monkeypatch, settings
+):
     from celery.exceptions import Retry
+
+    settings.TESSERA_EVAL_INFRA_RETRIES = 0
 
     _version, run = queued_version(contributor)
 
@@ -433,6 +438,7 @@ def test_the_task_retries_transient_errors_with_a_cap(contributor, base_model, m
 def test_the_reaper_fails_runs_past_their_deadline_and_never_leaves_them_running(
     contributor, base_model, settings, sent, django_capture_on_commit_callbacks
 ):
+    settings.TESSERA_EVAL_INFRA_RETRIES = 0
     past, run_past = queued_version(contributor)
     stale, run_stale = queued_version(contributor)
     spent, run_spent = queued_version(contributor)
@@ -452,6 +458,9 @@ def test_the_reaper_fails_runs_past_their_deadline_and_never_leaves_them_running
         "requeued": [run_stale.pk],
         "lost": [run_spent.pk],
         "resent": [],
+        "retried": [],
+        "admitted": [],
+        "review": [],
     }
     run_past = fresh(run_past)
     assert (run_past.status, run_past.failure_code) == (Run.FAILED, "deadline_passed")
@@ -822,6 +831,7 @@ def test_without_a_working_sandbox_production_settings_refuse_to_run(
     contributor, tiny_base_model, child, settings, monkeypatch
 ):
     make_task()
+    settings.TESSERA_EVAL_INFRA_RETRIES = 0
     settings.TESSERA_SANDBOX = "auto"
     settings.TESSERA_SANDBOX_ALLOW_NETWORK = False
     monkeypatch.setattr("evaluation.worker.sandbox._probe", lambda mode: f"{mode} is not installed")
