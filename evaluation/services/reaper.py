@@ -7,7 +7,7 @@ import logging
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db.models import Q
+from django.db.models import F, OuterRef, Q, Subquery
 from django.utils import timezone
 
 from contributions.models import AdapterVersion
@@ -114,18 +114,23 @@ def undecided_versions_complete(*, now: datetime) -> list[tuple[str, int]]:
     marked needs_review and is no dead end."""
     settled_before = now - timedelta(seconds=settings.TESSERA_EVAL_DECISION_GRACE_SECONDS)
     done: list[tuple[str, int]] = []
+    latest = EvaluationRun.objects.filter(version=OuterRef("pk")).order_by("-created_at", "-pk")
     undecided = (
         AdapterVersion.objects.select_related("adapter")
         .filter(status=VersionStatus.PASSED, status_changed_at__lt=settled_before)
         .filter(appeal__isnull=True)
+        .annotate(latest_run=Subquery(latest.values("pk")[:1]))
+        .filter(
+            evaluation_runs__pk=F("latest_run"),
+            evaluation_runs__status=RunStatus.SUCCEEDED,
+            evaluation_runs__passed=True,
+            evaluation_runs__needs_review=False,
+            evaluation_runs__finished_at__lt=settled_before,
+        )
         .order_by("pk")
     )
     for version in undecided:
-        run = version.evaluation_runs.order_by("-created_at", "-pk").first()
-        if run is None or run.status != RunStatus.SUCCEEDED or run.finished_at is None:
-            continue
-        if run.finished_at >= settled_before:
-            continue
+        run = EvaluationRun.objects.get(pk=version.latest_run)
         decision = version_decision_complete(version=version, run=run)
         if decision is not None:
             logger.warning("version %s was left passed undecided: %s", version.pk, decision)
