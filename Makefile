@@ -38,6 +38,10 @@ $(VENV)/.stamp-dev: pyproject.toml $(VENV)/.stamp-run
 install: $(VENV)/.stamp-run
 install-dev: $(VENV)/.stamp-dev
 
+# Development settings for every manage.py command below and the processes run-local.sh
+# starts (DEBUG is off unless DJANGO_DEBUG says otherwise); `make test` runs manage.py too.
+run test: export DJANGO_DEBUG := true
+
 run: install
 	@echo "Migrating the database…"
 	$(PY) manage.py migrate --no-input

@@ -5,6 +5,8 @@
 # usage flush). API rate limits and usage counters need Redis: when none is configured and
 # redis-server is installed, a private one is started under var/. Ctrl-C stops everything.
 set -e
+# Development processes: DEBUG on (it is off unless asked for).
+export DJANGO_DEBUG=true
 PY=${PY:-.venv/bin/python}
 HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-8000}

@@ -1,9 +1,9 @@
 """Settings for Tessera: one module, every value overridable from the environment.
 
-With no configuration at all Tessera runs embedded: SQLite and Celery's filesystem
-transport under ``var/``, media on the local disk, DEBUG on. Production sets
-``DJANGO_DEBUG=false``, a ``DJANGO_SECRET_KEY``, ``DATABASE_URL=postgres://…`` and
-``CELERY_BROKER_URL=redis://…``; nothing else changes.
+With ``DJANGO_DEBUG=true`` and nothing else Tessera runs embedded for development: SQLite and
+Celery's filesystem transport under ``var/``, media on the local disk. Production leaves DEBUG
+off (the default) and sets a ``DJANGO_SECRET_KEY``, ``TESSERA_SUITE_SEED``,
+``DATABASE_URL=postgres://…`` and ``CELERY_BROKER_URL=redis://…``; HTTPS is then enforced.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ if env_file.is_file():
 # find the same SQLite file and broker folders wherever each was started from.
 VAR_DIR = BASE_DIR / env.str("TESSERA_VAR_DIR", default="var")
 
-DEBUG = env.bool("DJANGO_DEBUG", default=True)
+# Off unless asked for: a deployment that forgets the variable must not run in debug mode.
+# Development says DJANGO_DEBUG=true (`make run`, platform/run-local.sh, the test suite).
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
 
 # An insecure fallback key is allowed only while DEBUG is on.
 SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="")
@@ -513,13 +515,52 @@ DEFAULT_FROM_EMAIL = env.str("DJANGO_DEFAULT_FROM_EMAIL", default="tessera@local
 # Where e-mails link to (review decisions name the adapter page): the portal's public root.
 TESSERA_SITE_URL = env.str("TESSERA_SITE_URL", default="http://localhost:8000").rstrip("/")
 
-# --- Production hardening -------------------------------------------------------------------
+# --- Production hardening: HTTPS and browser security ---------------------------------------
+# With DEBUG off the defaults are what `manage.py check --deploy` asks for; each can be turned
+# off for a deployment that does it elsewhere. docs/security.md ("Production settings").
 if not DEBUG:
     # Static files from the web process itself (collectstatic output, hashed names).
     MIDDLEWARE.insert(1, "whitenoise.middleware.WhiteNoiseMiddleware")
-    SESSION_COOKIE_SECURE = env.bool("DJANGO_SECURE_COOKIES", default=True)
-    CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
-    SECURE_CONTENT_TYPE_NOSNIFF = True
+# Plain HTTP is redirected to HTTPS, except the health checks, which probe a process directly
+# over HTTP (compose, a load balancer) and must get their answer, not a redirect.
+SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=not DEBUG)
+SECURE_REDIRECT_EXEMPT = [r"^healthz/?$", r"^readyz/?$"]
+# Behind a proxy that terminates TLS, Django sees plain HTTP: name the header the proxy sets
+# (e.g. X-Forwarded-Proto) and requests carrying "https" in it count as secure. Only for a
+# proxy that always sets or strips it, or a client could claim HTTPS (hence opt-in).
+_proxy_ssl_header = env.str("DJANGO_SECURE_PROXY_SSL_HEADER", default="").strip()
+if _proxy_ssl_header:
+    if not all(c.isalnum() or c in "-_" for c in _proxy_ssl_header):
+        raise ImproperlyConfigured(
+            "DJANGO_SECURE_PROXY_SSL_HEADER must be a header name, such as X-Forwarded-Proto."
+        )
+    _meta_name = _proxy_ssl_header.upper().replace("-", "_")
+    if not _meta_name.startswith("HTTP_"):
+        _meta_name = f"HTTP_{_meta_name}"
+    SECURE_PROXY_SSL_HEADER = (_meta_name, "https")
+# HSTS: browsers that once saw the site over HTTPS refuse plain HTTP for this long (a year).
+SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=0 if DEBUG else 31_536_000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool(
+    "DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", default=not DEBUG
+)
+SECURE_HSTS_PRELOAD = env.bool("DJANGO_SECURE_HSTS_PRELOAD", default=not DEBUG)
+if SECURE_HSTS_SECONDS < 0:
+    raise ImproperlyConfigured("DJANGO_SECURE_HSTS_SECONDS must be 0 (off) or positive.")
+# Session and CSRF cookies only over HTTPS (one switch for both).
+SESSION_COOKIE_SECURE = env.bool("DJANGO_SECURE_COOKIES", default=not DEBUG)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = env.str("DJANGO_SECURE_REFERRER_POLICY", default="same-origin")
+X_FRAME_OPTIONS = env.str("DJANGO_X_FRAME_OPTIONS", default="DENY")
+if X_FRAME_OPTIONS not in {"DENY", "SAMEORIGIN"}:
+    raise ImproperlyConfigured("DJANGO_X_FRAME_OPTIONS must be DENY or SAMEORIGIN.")
+# The REST schema: the token authentication's security scheme (tessera.openapi), and one name
+# for each model's status choices, which several serializers share.
+SPECTACULAR_SETTINGS["PREPROCESSING_HOOKS"] = ["tessera.openapi.register_extensions"]
+SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"] = {
+    "VersionStatusEnum": "contributions.models.VersionStatus",
+    "RunStatusEnum": "evaluation.models.EvaluationRun.Status",
+}
 
 LOGGING = {
     "version": 1,

@@ -19,14 +19,14 @@ import pytest
 from pytest_postgresql import factories as pg_factories
 from pytest_redis import factories as redis_factories
 
+# The built-in suites' secret splits are drawn from this seed in every test (it is in the
+# environment too, for the processes tests start).
+from tests.support.environment import TEST_SUITE_SEED
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SUPPORT = Path(__file__).parent / "support"
-
-# The built-in suites' secret splits (load_suites, evaluation.suites.complete_suite) are
-# drawn from this seed in every test, so that they are the same on every machine and run.
-TEST_SUITE_SEED = "tessera-test-suite-seed"
 
 
 def pytest_configure(config: pytest.Config) -> None:

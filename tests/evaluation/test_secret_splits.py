@@ -460,6 +460,7 @@ def _settings_with(**env: str) -> subprocess.CompletedProcess:
         for k, v in os.environ.items()
         if not k.startswith(("DJANGO_", "CELERY_", "TESSERA_SUITE"))
     }
+    environment["DJANGO_DEBUG"] = "true"  # development, unless a test says otherwise
     environment.update(env)
     return subprocess.run(
         [sys.executable, "-c", "import tessera.settings"],

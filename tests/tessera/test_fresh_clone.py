@@ -65,6 +65,7 @@ def embedded_env(**extra: str) -> dict[str, str]:
         for key, value in os.environ.items()
         if key not in UNSET and not key.startswith(UNSET_PREFIXES)
     }
+    env["DJANGO_DEBUG"] = "true"  # as `make run` says for development
     env.update(extra)
     return env
 

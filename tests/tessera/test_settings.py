@@ -16,6 +16,7 @@ from tessera.celery import app
 
 def _load_settings(**env: str) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "CELERY_"))}
+    environment["DJANGO_DEBUG"] = "true"  # development, unless a test says otherwise
     environment.update(env)
     return subprocess.run(
         [sys.executable, "-c", "import tessera.settings"],
@@ -125,7 +126,7 @@ def _load_settings_on_defaults(var_dir, **env: str) -> None:
         if not k.startswith(("DJANGO_", "CELERY_", "TESSERA_"))
         and k not in ("DATABASE_URL", "REDIS_URL")
     }
-    environment.update(env, TESSERA_VAR_DIR=str(var_dir))
+    environment.update(env, DJANGO_DEBUG="true", TESSERA_VAR_DIR=str(var_dir))
     subprocess.run(
         [sys.executable, "-c", "import tessera.settings"],
         env=environment,
