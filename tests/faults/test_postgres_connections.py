@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import psycopg
 import pytest
 from django.db import OperationalError, connection
+from django.utils import timezone
 
 from contributions import services as contribution_services
 from contributions.models import AuditEvent
 from evaluation.models import EvaluationRun, RuleResult, TaskResult
 from evaluation.services import execution
 from evaluation.services.admission import version_admit
+from evaluation.services.reaper import evaluation_runs_reap
 from routing.models import MixtureVersion
 from tests.evaluation.test_runs import fake_child, make_task, upload_version
 from tests.faults.conftest import Run, Status, assert_consistent
@@ -79,11 +82,13 @@ def walk_to_passed(version):
     return version
 
 
-def test_an_admission_cut_off_leaves_nothing_and_a_retry_admits_once(
-    contributor, cut_connection_on, sent
+def test_an_admission_cut_off_leaves_nothing_and_the_reaper_admits_once(
+    contributor, cut_connection_on, sent, settings
 ):
     version = walk_to_passed(upload_version(contributor))
-    EvaluationRun.objects.filter(version=version).update(status=Run.SUCCEEDED, passed=True)
+    EvaluationRun.objects.filter(version=version).update(
+        status=Run.SUCCEEDED, passed=True, needs_review=False, finished_at=timezone.now()
+    )
     mixtures, events = MixtureVersion.objects.count(), AuditEvent.objects.count()
     fired = cut_connection_on(Status.ADMITTED)
 
@@ -96,8 +101,13 @@ def test_an_admission_cut_off_leaves_nothing_and_a_retry_admits_once(
     assert AuditEvent.objects.count() == events
     assert MixtureVersion.objects.count() == mixtures
 
-    admitted = version_admit(version=version)
-    assert admitted.status == Status.ADMITTED
+    # The retry is the reaper's: past the grace, a passed version with no decision after a
+    # run that needed no review is admitted; a second sweep finds nothing left to do.
+    later = timezone.now() + timedelta(seconds=settings.TESSERA_EVAL_DECISION_GRACE_SECONDS + 1)
+    assert evaluation_runs_reap(now=later)["admitted"] == [version.pk]
+    assert not any(evaluation_runs_reap(now=later).values())
+    version.refresh_from_db()
+    assert version.status == Status.ADMITTED
     assert MixtureVersion.objects.count() == mixtures + 1
     active = MixtureVersion.objects.get(is_active=True)
     assert list(active.members.values_list("pk", flat=True)) == [version.pk]
