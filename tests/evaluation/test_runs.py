@@ -478,12 +478,7 @@ def test_the_reaper_fails_runs_past_their_deadline_and_never_leaves_them_running
     assert fresh(run_healthy).status == Run.RUNNING  # a live run is left to its worker
     assert fresh(healthy).status == "evaluating"
     # A second pass changes nothing.
-    assert evaluation_tasks.reap_runs() == {
-        "deadline": [],
-        "requeued": [],
-        "lost": [],
-        "resent": [],
-    }
+    assert not any(evaluation_tasks.reap_runs().values())
 
 
 def test_the_reaper_sends_a_run_queued_too_long_again_once_per_period(
