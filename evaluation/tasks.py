@@ -42,6 +42,8 @@ def evaluate_run(self, run_id: int) -> str:
 
 
 def _give_up(run_id: int, exc: BaseException) -> None:
+    """Transient errors outlasted the retries: a platform fault (runs.INFRASTRUCTURE_FAILURES),
+    so the run is queued again after a back-off, or ends without failing the contributor."""
     from evaluation.models import EvaluationRun
 
     try:
@@ -59,7 +61,8 @@ def _give_up(run_id: int, exc: BaseException) -> None:
 
 @shared_task(name="evaluation.reap_runs", ignore_result=True)
 def reap_runs() -> dict[str, list[int]]:
-    """Celery beat, every 30 s (settings.CELERY_BEAT_SCHEDULE)."""
+    """Celery beat, every 30 s (settings.CELERY_BEAT_SCHEDULE), on the "maintenance" queue
+    (settings.CELERY_TASK_ROUTES) so that long evaluations never keep it waiting."""
     report = evaluation_runs_reap()
     if any(report.values()):
         logger.info("reaper: %s", report)
