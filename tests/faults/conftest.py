@@ -9,6 +9,7 @@ everything else is the suite's PostgreSQL and Redis (tests/conftest.py).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -156,7 +157,10 @@ def start_worker(pg_server, settings):
 
     yield start
     for process in processes:
-        stop(process)
+        # A cold shutdown: nothing of these workers' is worth waiting for.
+        if process.poll() is None:
+            process.send_signal(signal.SIGQUIT)
+        stop(process, timeout=10)
 
 
 @pytest.fixture

@@ -61,15 +61,3 @@ def test_runs_queued_across_a_redis_restart_all_end_once(
     assert_consistent(*versions)
     # Nothing left to resend, and the duplicates still in the queue only meet finished runs.
     assert evaluation_runs_reap()["resent"] == []
-
-    if persistent:
-        return
-    # Once more under a running worker: it reconnects by itself and takes the next run.
-    broker.stop()
-    broker.start()
-    later = upload_version(contributor)
-    run = EvaluationRun.objects.get(version=later)
-    resent.clear()
-    wait_runs_finished([run], worker, timeout=40, tick=reap)
-    assert (run.status, run.attempts) == (Run.SUCCEEDED, 1)
-    assert_consistent(*versions, later)
