@@ -36,6 +36,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="tessera-bench-admission-"))
     os.environ.update(
         DJANGO_SETTINGS_MODULE="tessera.settings",
+        DJANGO_DEBUG="true",  # development settings: a scratch database, no HTTPS
         DATABASE_URL=f"sqlite:///{scratch / 'db.sqlite3'}",
         TESSERA_MEDIA_ROOT=str(scratch / "media"),
         TESSERA_MIXTURE_POLL_SECONDS=str(args.poll),
