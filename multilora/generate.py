@@ -31,6 +31,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from multilora.bound import ArrowRow, BoundRow
+from multilora.chat import chat_prompt_ids
 from multilora.composition import Composition
 from multilora.lora import LoraRegistry
 from multilora.model import DEFAULT_MAX_BOUND_BYTES, Binding, MultiLoraModel
@@ -419,10 +420,7 @@ class Engine:
         if request.prompt_ids is not None:
             ids = [int(token) for token in request.prompt_ids]
         elif request.messages is not None:
-            text = self.tokenizer.apply_chat_template(
-                list(request.messages), tokenize=False, add_generation_prompt=True
-            )
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = chat_prompt_ids(self.tokenizer, list(request.messages))
         else:
             ids = self.tokenizer(request.prompt)["input_ids"]
         if not ids:

@@ -22,6 +22,7 @@ from jinja2 import TemplateError
 from pydantic import ValidationError
 
 from multilora import GenerationRequest
+from multilora.chat import chat_prompt_ids
 from routing import limits
 from routing.inference import auth
 from routing.inference.bodylimit import too_large
@@ -224,9 +225,7 @@ def _prompt_ids(rt: runtime.Runtime, body: ChatCompletionRequest | CompletionReq
     tokenizer = rt.engine.tokenizer
     if isinstance(body, ChatCompletionRequest):
         try:
-            text = tokenizer.apply_chat_template(
-                body.chat(), tokenize=False, add_generation_prompt=True
-            )
+            ids = chat_prompt_ids(tokenizer, body.chat())
         except TemplateError as error:
             # A model's template may refuse an order of roles (say, two user turns in a
             # row, or an assistant turn first): the request's messages are at fault.
@@ -236,7 +235,6 @@ def _prompt_ids(rt: runtime.Runtime, body: ChatCompletionRequest | CompletionReq
                 code="invalid_value",
                 param="messages",
             ) from None
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(body.prompt)["input_ids"]
     if not ids:
