@@ -114,8 +114,9 @@ def test_each_queue_has_its_own_routing_key():
         "default": "default",
         "eval-cpu": "eval-cpu",
         "eval-gpu": "eval-gpu",
+        "maintenance": "maintenance",
     }
-    assert len({q.exchange.name for q in queues.values()}) == 3
+    assert len({q.exchange.name for q in queues.values()}) == 4
 
 
 def _load_settings_on_defaults(var_dir, **env: str) -> None:
