@@ -124,8 +124,51 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 STATICFILES_DIRS = [BASE_DIR / "templates" / "static"]
+# Adapter files (and merged adapters, learned routers' parameters) go to the default
+# storage: the local disk under MEDIA_ROOT, or with TESSERA_STORAGE=s3 a bucket of any
+# S3-compatible object store (AWS S3, MinIO, Ceph, ...) through django-storages. Every read
+# and delete goes through the storage API (FieldFile.open, storage.delete), never a path.
+TESSERA_STORAGE = env.str("TESSERA_STORAGE", default="filesystem").strip().lower()
+if TESSERA_STORAGE == "filesystem":
+    _default_storage: dict = {"BACKEND": "django.core.files.storage.FileSystemStorage"}
+elif TESSERA_STORAGE == "s3":
+    AWS_STORAGE_BUCKET_NAME = env.str("AWS_STORAGE_BUCKET_NAME", default="").strip()
+    if not AWS_STORAGE_BUCKET_NAME:
+        raise ImproperlyConfigured(
+            "AWS_STORAGE_BUCKET_NAME must be set when TESSERA_STORAGE is s3."
+        )
+    AWS_S3_ADDRESSING_STYLE = env.str("AWS_S3_ADDRESSING_STYLE", default="") or None
+    if AWS_S3_ADDRESSING_STYLE not in (None, "auto", "virtual", "path"):
+        raise ImproperlyConfigured("AWS_S3_ADDRESSING_STYLE must be one of auto, virtual, path.")
+    AWS_QUERYSTRING_EXPIRE = env.int("AWS_QUERYSTRING_EXPIRE", default=600)
+    if AWS_QUERYSTRING_EXPIRE < 1:
+        raise ImproperlyConfigured("AWS_QUERYSTRING_EXPIRE must be a positive integer.")
+    _default_storage = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": AWS_STORAGE_BUCKET_NAME,
+            # Unset: boto3's own chain (environment, shared files, an instance's role).
+            "access_key": env.str("AWS_ACCESS_KEY_ID", default="") or None,
+            "secret_key": env.str("AWS_SECRET_ACCESS_KEY", default="") or None,
+            # MinIO or any other S3 API; unset means AWS itself.
+            "endpoint_url": env.str("AWS_S3_ENDPOINT_URL", default="") or None,
+            "region_name": env.str("AWS_S3_REGION_NAME", default="") or None,
+            "addressing_style": AWS_S3_ADDRESSING_STYLE,
+            # A key prefix inside the bucket ("" is its root).
+            "location": env.str("AWS_LOCATION", default="").strip("/"),
+            # Files are private: no ACL is sent (the bucket's policy rules), and any URL
+            # is a presigned one that expires.
+            "default_acl": None,
+            "querystring_auth": True,
+            "querystring_expire": AWS_QUERYSTRING_EXPIRE,
+            # A name already taken gets a suffix; a stored file is never replaced.
+            "file_overwrite": False,
+        },
+    }
+else:
+    raise ImproperlyConfigured("TESSERA_STORAGE must be one of filesystem, s3.")
 STORAGES = {
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "default": _default_storage,
     "staticfiles": {
         "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
         if DEBUG
