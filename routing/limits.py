@@ -9,7 +9,9 @@ Two limits, both per API key (``contributions.ApiToken``):
   a minute boundary, and over GCRA because "at most N in any 60 s" is what the key's
   owner is told; the price is N timestamps per key, a few kilobytes at these limits
   (contributions.models.MAX_REQUESTS_PER_MINUTE caps N). Refused requests are not
-  logged, so hammering a full window does not push the retry further away.
+  logged, so hammering a full window does not push the retry further away; a request the
+  server sheds at capacity (503) gives its slot back (``rate_limit_release``), so a busy
+  server does not use up its clients' minute.
 * **tokens per UTC day** (``token_quota_check``): reads the day's counter that
   ``routing.usage.usage_record`` adds each answered request's prompt and completion tokens
   to. It is checked before a request, so the request that crosses the quota finishes; the
@@ -75,6 +77,9 @@ class LimitResult:
     retry_after: int
     limit: int
     remaining: int
+    # The request's entry in the key's minute (``rate_limit_acquire`` only, when it took
+    # one): what ``rate_limit_release`` removes. Empty when nothing was logged.
+    slot: str = ""
 
 
 @dataclass(frozen=True)
@@ -190,7 +195,7 @@ def _rate_args(token_id: int, requests_per_minute: int) -> tuple[list[str], list
     return keys, [requests_per_minute, WINDOW_SECONDS * 1_000_000, secrets.token_hex(8)]
 
 
-def _rate_result(reply: list, requests_per_minute: int) -> LimitResult:
+def _rate_result(reply: list, requests_per_minute: int, member: str) -> LimitResult:
     allowed, wait_us, remaining = (int(x) for x in reply)
     retry_after = 0 if allowed else max(1, -(-wait_us // 1_000_000))
     return LimitResult(
@@ -198,6 +203,7 @@ def _rate_result(reply: list, requests_per_minute: int) -> LimitResult:
         retry_after=retry_after,
         limit=requests_per_minute,
         remaining=remaining,
+        slot=member if allowed else "",
     )
 
 
@@ -220,7 +226,7 @@ async def rate_limit_acquire(*, token_id: int, requests_per_minute: int) -> Limi
     except redis.RedisError as exc:
         warn_redis_down("rate limits not enforced", exc)
         return _rate_open(requests_per_minute)
-    return _rate_result(reply, requests_per_minute)
+    return _rate_result(reply, requests_per_minute, args[2])
 
 
 def rate_limit_acquire_sync(*, token_id: int, requests_per_minute: int) -> LimitResult:
@@ -235,7 +241,30 @@ def rate_limit_acquire_sync(*, token_id: int, requests_per_minute: int) -> Limit
     except redis.RedisError as exc:
         warn_redis_down("rate limits not enforced", exc)
         return _rate_open(requests_per_minute)
-    return _rate_result(reply, requests_per_minute)
+    return _rate_result(reply, requests_per_minute, args[2])
+
+
+async def rate_limit_release(*, token_id: int, slot: str) -> None:
+    """Give back a slot ``rate_limit_acquire`` took, for a request that was refused before
+    any work was done for it (the server at capacity answered 503): the key's minute then
+    counts it as never made. Removes exactly that request's entry; a slot already trimmed
+    out of the window, or none (the limiter was open), is a no-op."""
+    if not slot:
+        return
+    try:
+        await redis_async().zrem(RATE_KEY.format(token_id=token_id), slot)
+    except redis.RedisError as exc:
+        warn_redis_down("a refused request's rate-limit slot not given back", exc)
+
+
+def rate_limit_release_sync(*, token_id: int, slot: str) -> None:
+    """``rate_limit_release`` for synchronous callers."""
+    if not slot:
+        return
+    try:
+        redis_sync().zrem(RATE_KEY.format(token_id=token_id), slot)
+    except redis.RedisError as exc:
+        warn_redis_down("a refused request's rate-limit slot not given back", exc)
 
 
 # --- Tokens per day -----------------------------------------------------------------------

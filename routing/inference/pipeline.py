@@ -105,7 +105,12 @@ async def admit(request: HttpRequest, schema) -> Admitted:
             headers={"Retry-After": str(total.retry_after)},
         )
     body = _parse(request, schema)
-    rt = current_runtime()
+    try:
+        rt = current_runtime()
+    except ApiError:
+        # 503 while the engine starts: as for a shed request below, the slot is given back.
+        await limits.rate_limit_release(token_id=key.pk, slot=rate.slot)
+        raise
     prompt_ids = _prompt_ids(rt, body)
     max_tokens = _max_tokens(rt, body, len(prompt_ids))
     routed = await route_request(rt, body=body, user_id=key.user_id, prompt_ids=prompt_ids)
@@ -121,6 +126,8 @@ async def admit(request: HttpRequest, schema) -> Admitted:
     try:
         job = rt.scheduler.submit(generation, loop=asyncio.get_running_loop())
     except QueueFull as full:
+        # Shed before any work was done: the request does not count toward the key's minute.
+        await limits.rate_limit_release(token_id=key.pk, slot=rate.slot)
         raise ApiError(
             503,
             "The server is at capacity; retry shortly.",
