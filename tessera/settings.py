@@ -161,6 +161,8 @@ elif TESSERA_STORAGE == "s3":
             "default_acl": None,
             "querystring_auth": True,
             "querystring_expire": AWS_QUERYSTRING_EXPIRE,
+            # Signature version 4: what every AWS region and MinIO accept.
+            "signature_version": "s3v4",
             # A name already taken gets a suffix; a stored file is never replaced.
             "file_overwrite": False,
         },
