@@ -30,9 +30,16 @@ from evaluation.services.plans import WEIGHTS_NAME, adapter_files
 from evaluation.services.runs import RunFailure
 from evaluation.worker.sandbox import workdir_add_readonly
 from multilora import Engine
+from routing.merging.services import merge_compute_now
+from routing.models import MergedAdapter, MixtureVersion
 from routing.serving.sync import MixtureSync, engine_key
 from tests.conftest import media_files
 from tests.contributions.test_api import client_for, upload
+from tests.evaluation.test_runs import (  # noqa: F401 (fixtures used by name)
+    model_cache,
+    tiny_base_model,
+    tiny_model_source,
+)
 from tests.factories import AdapterFactory
 from tests.routing.conftest import walk_to_admitted
 from tests.support import crafted
@@ -245,6 +252,39 @@ def test_the_inference_server_loads_admitted_adapters_from_the_bucket(
     sync.refresh()
     assert engine_key(changed.pk) not in engine.registry
     assert engine_key(good.pk) in engine.registry
+
+
+@pytest.mark.django_db
+def test_a_rebuilt_merged_adapter_replaces_its_objects(
+    bucket,
+    s3,
+    contributor,
+    tiny_base_model,  # noqa: F811
+    monkeypatch,
+):
+    """The merge reads its members' weights from the bucket and stores its own there; a
+    rebuild deletes the previous build's objects first (else the new ones would get
+    suffixed names beside them)."""
+    from evaluation.tasks import evaluate_run
+
+    monkeypatch.setattr(evaluate_run, "apply_async", lambda *args, **kwargs: None)
+    for seed, slug in ((1, "units"), (2, "dates")):
+        walk_to_admitted(
+            stored_version(AdapterFactory(owner=contributor, slug=slug), contributor, seed=seed)
+        )
+    mixture = MixtureVersion.objects.get(is_active=True)
+    first = merge_compute_now(mixture=mixture, method="dare_ties", density=0.3)
+    assert first.status == MergedAdapter.Status.DONE, first.reason
+    names = {first.config_file.name, first.weights_file.name}
+    merged_objects = {k: v for k, v in objects(s3, bucket).items() if k.startswith("merged/")}
+    assert set(merged_objects) == names
+
+    second = merge_compute_now(mixture=mixture, method="dare_ties", density=0.9)
+    assert second.status == MergedAdapter.Status.DONE, second.reason
+    rebuilt = {k: v for k, v in objects(s3, bucket).items() if k.startswith("merged/")}
+    assert set(rebuilt) == {second.config_file.name, second.weights_file.name} == names
+    assert rebuilt[second.weights_file.name] != merged_objects[first.weights_file.name]
+    assert not MergedAdapter.objects.filter(pk=first.pk).exists()
 
 
 # --- The settings ------------------------------------------------------------------------
