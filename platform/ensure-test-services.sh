@@ -1,13 +1,16 @@
 #!/bin/sh
 # The test suite starts its own PostgreSQL and Redis from the local binaries, drives
-# Debian's Chromium, and sandboxes evaluations with bubblewrap where it works (else with
-# unshare, as root). Install the Debian packages when they are missing and we are root;
-# otherwise name them and fail (bubblewrap is optional: its tests are skipped without it).
+# Debian's Chromium, sandboxes evaluations with bubblewrap where it works (else with
+# unshare, as root), and validates docker-compose.yml with Debian's docker-compose (which
+# needs no Docker engine for `config`). Install the Debian packages when they are missing
+# and we are root; otherwise name them and fail (bubblewrap is optional: its tests are
+# skipped without it).
 set -e
 missing=""
 ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$missing postgresql"
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
 optional=""
 command -v bwrap >/dev/null 2>&1 || optional="bubblewrap"
 [ -z "$missing$optional" ] && exit 0
