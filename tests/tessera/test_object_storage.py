@@ -9,6 +9,7 @@ copy them back out of it; the places that delete files today delete the objects.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -51,11 +52,16 @@ KEY_ID, SECRET = "tessera-test-key", "tessera-test-secret"
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
+    # Its request log would fill every failing test's report.
+    log = logging.getLogger("werkzeug")
+    level = log.level
+    log.setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+    log.setLevel(level)
 
 
 @pytest.fixture
