@@ -296,3 +296,49 @@ def test_the_image_copies_every_installed_package():
 def test_the_build_context_leaves_secrets_and_local_state_out():
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".env", ".venv", "var", ".git"} <= set(ignored)
+
+
+SERVE = """
+import sys
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from tessera.wsgi import application
+
+
+class Quiet(WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+server = make_server("127.0.0.1", 0, application, handler_class=Quiet)
+print(server.server_port, flush=True)
+server.serve_forever()
+"""
+
+
+@pytest.mark.parametrize(("redirect", "healthy"), [("true", True), ("false", False)])
+def test_the_web_health_check_against_django(config, tmp_path, redirect, healthy):
+    """The web service's health check command, run against the real WSGI application on
+    production settings with no database migrated: a 301 to HTTPS is an answer (healthy),
+    the home page's 500 on the missing tables is not."""
+    command = config["services"]["web"]["healthcheck"]["test"]
+    assert command[:3] == ["CMD", "python", "-c"]
+    env = compose_env(
+        **SECRETS, TESSERA_VAR_DIR=str(tmp_path / "var"), DJANGO_SECURE_SSL_REDIRECT=redirect
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVE], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        port = int(server.stdout.readline())
+        check = command[3].replace("8000", str(port))
+        assert check != command[3]
+        result = subprocess.run(
+            [sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=60
+        )
+        # An answer either way, never a connection error: the status decides.
+        assert "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.returncode == (0 if healthy else 1)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
