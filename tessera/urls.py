@@ -2,9 +2,13 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
+from tessera import health
+
 # Adapter files are never served from MEDIA_URL: they are private to their owner and the
 # maintainers, and go out through the API's file view, which checks who is asking.
 urlpatterns = [
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
     path("admin/", admin.site.urls),
     path("api/v1/", include("contributions.api.urls")),
     path("api/v1/", include("evaluation.api.urls")),

@@ -316,16 +316,23 @@ server.serve_forever()
 """
 
 
-@pytest.mark.parametrize(("redirect", "healthy"), [("true", True), ("false", False)])
-def test_the_web_health_check_against_django(config, tmp_path, redirect, healthy):
+@pytest.mark.parametrize(
+    ("redirect", "database", "healthy"),
+    [("true", None, True), ("false", None, True), ("true", "postgres://t:t@127.0.0.1:9/t", False)],
+    ids=["https-enforced", "plain-http", "database-down"],
+)
+def test_the_web_health_check_against_django(config, tmp_path, redirect, database, healthy):
     """The web service's health check command, run against the real WSGI application on
-    production settings with no database migrated: a 301 to HTTPS is an answer (healthy),
-    the home page's 500 on the missing tables is not."""
+    production settings: /readyz is exempt from the HTTPS redirect, so it answers 200 when
+    the database and the cache answer, and 503 (unhealthy) when the database does not."""
     command = config["services"]["web"]["healthcheck"]["test"]
     assert command[:3] == ["CMD", "python", "-c"]
     env = compose_env(
         **SECRETS, TESSERA_VAR_DIR=str(tmp_path / "var"), DJANGO_SECURE_SSL_REDIRECT=redirect
     )
+    env.pop("DATABASE_URL", None)
+    if database:
+        env["DATABASE_URL"] = database
     server = subprocess.Popen(
         [sys.executable, "-c", SERVE], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
