@@ -148,7 +148,8 @@ def run_locust(
         *(str(locust) if locust.exists() else "locust", "-f", str(LOCUSTFILE), "--headless"),
         *("-u", str(users), "-r", str(users), "-t", f"{seconds:g}s"),
         *("--stop-timeout", f"{stop_timeout:g}", "--host", host),
-        *("--csv", str(prefix), "--only-summary", "--loglevel", "WARNING"),
+        *("--csv", str(prefix), "--json-file", str(prefix), "--only-summary"),
+        *("--loglevel", "WARNING"),
     ]
     done = subprocess.run(
         command,
@@ -164,38 +165,55 @@ def run_locust(
     return result
 
 
-def _number(value: str) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None  # "N/A" where nothing was recorded
+def percentile(histogram: dict[int, int], fraction: float) -> float | None:
+    """The response time (ms) that ``fraction`` of the requests finished within, from
+    locust's histogram of rounded response times (its own rule: nearest rank from above)."""
+    total = sum(histogram.values())
+    if not total:
+        return None
+    within = int(total * fraction)
+    seen = 0
+    for time_ms in sorted(histogram, reverse=True):
+        seen += histogram[time_ms]
+        if total - seen <= within:
+            return float(time_ms)
+    return None
 
 
 def read_stats(prefix: Path, *, users: int) -> LoadResult:
-    """A LoadResult from locust's ``{prefix}_stats.csv`` and ``{prefix}_failures.csv``."""
-    with open(f"{prefix}_stats.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    with open(f"{prefix}_failures.csv", newline="") as handle:
-        failures = list(csv.DictReader(handle))
-    named = {row["Name"]: row for row in rows if row["Name"] != "Aggregated"}
-    total = next(row for row in rows if row["Name"] == "Aggregated")
+    """A LoadResult from locust's ``{prefix}.json`` (written at exit, after the requests in
+    flight finished; its CSV files are written once a second and can miss the last ones)
+    and, for the failures' messages, ``{prefix}_failures.csv``."""
+    entries = json.loads(Path(f"{prefix}.json").read_text())
+    named = {entry["name"]: entry for entry in entries}
+    failures: list[dict[str, str]] = []
+    if Path(f"{prefix}_failures.csv").exists():
+        with open(f"{prefix}_failures.csv", newline="") as handle:
+            failures = list(csv.DictReader(handle))
 
     def count(name: str) -> int:
-        return int(named[name]["Request Count"]) if name in named else 0
+        return named[name]["num_requests"] if name in named else 0
 
-    ok = named.get("ok", {})
-    errors = {name: int(row["Request Count"]) for name, row in named.items()}
+    def per_second(requests: int, group: list[dict]) -> float:
+        if not group:
+            return 0.0
+        span = max(e["last_request_timestamp"] for e in group) - min(e["start_time"] for e in group)
+        return requests / span if span > 0 else 0.0
+
+    histogram = {int(ms): n for ms, n in named.get("ok", {}).get("response_times", {}).items()}
+    requests = sum(entry["num_requests"] for entry in entries)
+    errors = {name: entry["num_requests"] for name, entry in named.items()}
     for name in ("ok", "shed", "limited"):
         errors.pop(name, None)
     return LoadResult(
         users=users,
-        requests=int(total["Request Count"]),
-        requests_per_second=float(total["Requests/s"]),
+        requests=requests,
+        requests_per_second=per_second(requests, entries),
         ok=count("ok"),
-        ok_per_second=_number(ok.get("Requests/s", "0")) or 0.0,
-        p50_ok=_number(ok.get("50%", "")),
-        p99_ok=_number(ok.get("99%", "")),
-        max_any=_number(total["Max Response Time"]) or 0.0,
+        ok_per_second=per_second(count("ok"), [named["ok"]] if "ok" in named else []),
+        p50_ok=percentile(histogram, 0.50),
+        p99_ok=percentile(histogram, 0.99),
+        max_any=max((entry["max_response_time"] for entry in entries), default=0.0),
         shed=count("shed"),
         limited=count("limited"),
         errors=errors,
@@ -278,6 +296,9 @@ def main() -> None:
             f"| {ms(step.p50_ok)} | {ms(step.p99_ok)} | {ms(step.max_any)} | {step.ok} "
             f"| {step.shed} | {step.limited} | {errors} |"
         )
+    for step in steps:
+        if "CPU usage" in step.output:  # locust's own warning: the client may be the limit
+            print(f"At {step.users} users locust warned that its CPU was saturated.")
     limits = "a Redis of its own" if redis_server else env["TESSERA_API_REDIS_URL"]
     print(f"Rate limits and usage counters on {limits}.")
     print(f"The server was {'still' if alive else 'no longer'} running at the end; log: {log}")

@@ -59,6 +59,17 @@ def current_runtime() -> runtime.Runtime:
         ) from None
 
 
+def overloaded(retry_after: int) -> ApiError:
+    """The scheduler's queue is at its bound: 503, and when to try again."""
+    return ApiError(
+        503,
+        "The server is at capacity; retry shortly.",
+        code="server_overloaded",
+        type="server_error",
+        headers={"Retry-After": str(max(1, retry_after))},
+    )
+
+
 def allow(request: HttpRequest, method: str) -> None:
     if request.method != method:
         raise ApiError(
@@ -86,6 +97,17 @@ async def admit(request: HttpRequest, schema) -> Admitted:
             type="requests",
             headers={"Retry-After": str(rate.retry_after)},
         )
+    try:
+        rt = current_runtime()
+        if rt.scheduler.stats().waiting >= rt.scheduler.max_queue:
+            # Already full: shed now, before the body, the prompt and the routing decision
+            # are worked on (the bound is checked again, atomically, when queueing).
+            raise overloaded(rt.scheduler.retry_after())
+    except ApiError:
+        # A 503 (starting, or at capacity): the request does not count toward the key's
+        # minute, as it was refused before any work was done for it.
+        await limits.rate_limit_release(token_id=key.pk, slot=rate.slot)
+        raise
     quota = await limits.token_quota_check(token_id=key.pk, tokens_per_day=own.tokens_per_day)
     if not quota.allowed:
         raise ApiError(
@@ -105,12 +127,6 @@ async def admit(request: HttpRequest, schema) -> Admitted:
             headers={"Retry-After": str(total.retry_after)},
         )
     body = _parse(request, schema)
-    try:
-        rt = current_runtime()
-    except ApiError:
-        # 503 while the engine starts: as for a shed request below, the slot is given back.
-        await limits.rate_limit_release(token_id=key.pk, slot=rate.slot)
-        raise
     prompt_ids = _prompt_ids(rt, body)
     max_tokens = _max_tokens(rt, body, len(prompt_ids))
     routed = await route_request(rt, body=body, user_id=key.user_id, prompt_ids=prompt_ids)
@@ -126,15 +142,9 @@ async def admit(request: HttpRequest, schema) -> Admitted:
     try:
         job = rt.scheduler.submit(generation, loop=asyncio.get_running_loop())
     except QueueFull as full:
-        # Shed before any work was done: the request does not count toward the key's minute.
+        # Filled up meanwhile: shed, the slot given back as above.
         await limits.rate_limit_release(token_id=key.pk, slot=rate.slot)
-        raise ApiError(
-            503,
-            "The server is at capacity; retry shortly.",
-            code="server_overloaded",
-            type="server_error",
-            headers={"Retry-After": str(full.retry_after)},
-        ) from None
+        raise overloaded(full.retry_after) from None
     return Admitted(body=body, key=key, rate=rate, rt=rt, routed=routed, job=job, started=started)
 
 
