@@ -36,7 +36,11 @@ from tests.evaluation.test_worker import (  # noqa: F401 (fixtures used by name)
     wait_for,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.timeout(3600),  # the worker's own deadline below is the real bound
+]
 
 DEMO = Path(settings.BASE_DIR) / "demo" / "adapters"
 SHUFFLED = "unit-conversion-shuffled"

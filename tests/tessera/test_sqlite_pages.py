@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = (
     "tests/routing/test_scoreboard.py",
@@ -23,6 +25,7 @@ MODULES = (
 )
 
 
+@pytest.mark.timeout(1200)  # the inner run has its own 900 s bound
 def test_the_pages_a_visitor_sees_first_work_on_sqlite():
     # A short base for the inner run's temporary files: Redis's UNIX socket lives there and
     # its path must fit in 107 bytes. A folder of its own, since the suite opens up the
