@@ -127,6 +127,7 @@ def run_locust(
     max_tokens: int = 8,
     client_timeout: float = 60,
     wait: float = 0.05,
+    polite: bool = False,
     stop_timeout: float = 60,
     limit: float | None = None,
 ) -> LoadResult:
@@ -142,6 +143,7 @@ def run_locust(
         "TESSERA_LOAD_MAX_TOKENS": str(max_tokens),
         "TESSERA_LOAD_TIMEOUT": str(client_timeout),
         "TESSERA_LOAD_WAIT": str(wait),
+        "TESSERA_LOAD_POLITE": "1" if polite else "",
     }
     locust = Path(sys.executable).with_name("locust")
     command = [
@@ -271,6 +273,7 @@ def main() -> None:
                     max_tokens=args.max_tokens,
                     client_timeout=args.client_timeout,
                     wait=args.wait,
+                    polite=args.polite,
                 )
             )
         alive = server.poll() is None
@@ -283,6 +286,7 @@ def main() -> None:
         f"Load on {model_name}: {health['adapters']} adapters + the router, queue bound "
         f"{args.queue}, batch {args.batch}, max_tokens {args.max_tokens}, {args.seconds:g} s a "
         f"step, each user pausing 0-{args.wait:g} s between requests"
+        + (" and waiting a refusal's Retry-After" if args.polite else "")
     )
     print(
         "| users | requests/s | answered/s | p50 answer | p99 answer | slowest response "
@@ -429,6 +433,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="TESSERA_SERVING_MAX_BATCH")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--wait", type=float, default=0.05, help="most seconds between requests")
+    parser.add_argument(
+        "--polite",
+        action="store_true",
+        help="users wait a 503's or 429's Retry-After before their next request",
+    )
     parser.add_argument("--client-timeout", type=float, default=60)
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])

@@ -20,7 +20,9 @@ Settings come from the environment: TESSERA_LOAD_KEY (the API key, required),
 TESSERA_LOAD_MODELS (comma-separated ``model`` values, picked at random per request;
 default ``tessera``, the router), TESSERA_LOAD_MAX_TOKENS (8), TESSERA_LOAD_TIMEOUT (the
 client's timeout in seconds, 60), TESSERA_LOAD_WAIT (each user waits up to this many
-seconds between requests, 0.05).
+seconds between requests, 0.05), TESSERA_LOAD_POLITE (1: after a shed or limited request
+the user waits the Retry-After's seconds, as a well-behaved client does; by default it
+retries at once, a retry storm).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ MODELS = [m for m in os.environ.get("TESSERA_LOAD_MODELS", "tessera").split(",")
 MAX_TOKENS = int(os.environ.get("TESSERA_LOAD_MAX_TOKENS", "8"))
 TIMEOUT = float(os.environ.get("TESSERA_LOAD_TIMEOUT", "60"))
 WAIT = float(os.environ.get("TESSERA_LOAD_WAIT", "0.05"))
+POLITE = os.environ.get("TESSERA_LOAD_POLITE", "") == "1"
 
 # Skill prompts the router sends to an adapter, and general ones it leaves to the base model.
 PROMPTS = [
@@ -81,7 +84,12 @@ def outcome(response) -> tuple[str, str | None]:
 
 
 class ApiClient(HttpUser):
-    wait_time = between(0, WAIT)
+    pause = between(0, WAIT)
+    retry_in = 0.0  # set after a refusal when POLITE: the Retry-After to honour
+
+    def wait_time(self) -> float:
+        retry_in, self.retry_in = self.retry_in, 0.0
+        return retry_in or self.pause()
 
     @task
     def chat(self) -> None:
@@ -101,6 +109,8 @@ class ApiClient(HttpUser):
         ) as response:
             name, failure = outcome(response)
             response.request_meta["name"] = name
+            if POLITE and name in (SHED, LIMITED):
+                self.retry_in = float(retry_after(response) or 0)
             if failure is None:
                 response.success()
             else:
