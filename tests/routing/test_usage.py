@@ -346,12 +346,14 @@ def test_the_flush_task_runs_the_service(api_redis_db, token):
     assert key_row(token) == (1, 2, 3)
 
 
-def test_beat_flushes_usage_on_the_default_queue(settings):
+def test_beat_flushes_usage_on_the_maintenance_queue(settings):
+    # Its own queue, so 25-minute evaluations on a shared worker never hold it back.
     entry = settings.CELERY_BEAT_SCHEDULE["flush-api-usage"]
     assert entry["task"] == "routing.flush_usage"
     assert entry["schedule"] == settings.TESSERA_USAGE_FLUSH_SECONDS
     route = app.amqp.router.route({}, "routing.flush_usage", args=(), kwargs={})
-    assert route["queue"].name == "default"
+    assert route["queue"].name == "maintenance"
+    assert entry["options"]["expires"] <= settings.TESSERA_USAGE_FLUSH_SECONDS
 
 
 # --- selectors ----------------------------------------------------------------------------
