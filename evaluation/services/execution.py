@@ -339,7 +339,7 @@ def _conclude(
             log = log_for(outcome.log, key=member.key, keys=keys)
             if failure is not None:  # a run evaluated alone: it fails, as it always has
                 raise RunFailure(*failure, log=log)
-            _record(member, job, outcome, log, worker=worker, mode=mode, started=started)
+            _record(member, job, outcome, log, beat, worker=worker, mode=mode, started=started)
 
 
 def _record(
@@ -347,6 +347,7 @@ def _record(
     job: JobSpec,
     outcome: SandboxResult,
     log: str,
+    beat: GroupHeartbeat,
     *,
     worker: str,
     mode: str,
@@ -369,6 +370,9 @@ def _record(
     if isinstance(stats, dict):
         log += f"; stats {json.dumps(stats, default=str)[:2000]}"
     signature, note = signature_compute(version, plan)
+    # Embedding the prompts takes seconds: say the claim is alive before recording on it.
+    if not beat.tick(force=True) or member.run.pk not in beat.live:
+        raise RunTakenAway()
     if note:
         log += f"\n[worker] {note}"
     log += f"\n[worker] evaluation took {time.monotonic() - started:.1f}s in all\n"
