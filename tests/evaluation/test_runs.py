@@ -101,7 +101,9 @@ ADAPTER_VARIANTS = [
     {"dtype": "float16"},
     {"dtype": "bfloat16"},
     {"rank": 8},
-    {"lora_alpha": 16},
+    # alpha lives in the config only: the seed makes the weights differ too, or this variant
+    # and the first would be "the same weights" to the duplicate check.
+    {"lora_alpha": 16, "seed": 4},
     {"target_modules": ("q_proj", "k_proj", "v_proj")},
 ]
 _uploads = {"count": 0}
@@ -111,6 +113,13 @@ def adapter_files(variant: int) -> dict[str, bytes]:
     options = dict(ADAPTER_VARIANTS[variant])
     dtype = options.pop("dtype", "float32")
     return crafted.real_adapter(dtype, **options).files()
+
+
+def test_the_crafted_variants_have_distinct_weights():
+    # upload_version cycles through them with a counter shared by the whole run: two equal
+    # ones would make a test's uploads fail as duplicates depending on what ran before it.
+    weights = [adapter_files(v)[crafted.WEIGHTS_NAME] for v in range(len(ADAPTER_VARIANTS))]
+    assert len(set(weights)) == len(ADAPTER_VARIANTS)
 
 
 def upload_version(
