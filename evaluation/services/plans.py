@@ -131,8 +131,9 @@ def plan_for(version: AdapterVersion) -> Plan:
                 examples=examples,
                 example_ids=ids,
                 template=task_split_template(task=task, split=split),
-                # A cached score is used only if it covers exactly the examples the split has.
-                cached=base if base is not None and len(base.scores) == len(examples) else None,
+                # A cached score is used only if it covers these examples: the split's first
+                # ones are its first scores (the union's share is a prefix of the split).
+                cached=base if base is not None and len(base.scores) >= len(examples) else None,
                 name=name if split == Example.Split.HIDDEN else f"{name} ({split})",
             )
         )
@@ -183,12 +184,15 @@ def job_for(parts: Sequence[JobPart], *, device: str) -> JobSpec:
 
     def want(spec: TaskSpec, key: str) -> None:
         first, scored = wanted.setdefault(spec.key, (spec, []))
-        if spec.score_base and not first.score_base:
+        if len(spec.examples) > len(first.examples):
+            first = replace(spec, score_base=spec.score_base or first.score_base)
+        elif spec.score_base and not first.score_base:
             first = replace(first, score_base=True)
         wanted[spec.key] = (first, [*scored, key])
 
-    # A task split's examples never change (a suite version is immutable once stored), so
-    # every run that measures it scores the same rows: the first run's spec stands for all.
+    # A task split's examples never change (a suite version is immutable once stored), and a
+    # run measures either all of them or the union's share, their first ones: the longest
+    # spec stands for all, and each run reads its own prefix of the scores.
     for part in parts:
         for measure in part.plan.measures:
             want(_measure_spec(measure), part.key)

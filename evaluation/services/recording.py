@@ -159,16 +159,22 @@ def _outcome(task: Task, name: str, base: list[float], adapter: list[float]) -> 
 def _base_scores(version: AdapterVersion, measure: Measure, fresh: list[float] | None):
     """The base model's scores for a task split: cached, or fresh and cached now. Two runs
     may score the same split at once; the first to commit wins, the other uses its row."""
+    n = len(measure.examples)
     if measure.cached is not None:
-        return [float(x) for x in measure.cached.scores]
+        return [float(x) for x in measure.cached.scores[:n]]
     assert fresh is not None
-    row, _ = BaseScore.objects.get_or_create(
+    row, created = BaseScore.objects.get_or_create(
         base_model_id=version.base_model_id,
         task=measure.task,
         split=measure.split,
         defaults={"scores": fresh, "mean": sum(fresh) / len(fresh)},
     )
-    return [float(x) for x in row.scores] if len(row.scores) == len(fresh) else fresh
+    if not created and len(row.scores) < len(fresh):
+        # A run that measured only the union's share came first: keep the longer scores, so
+        # later runs find the whole split cached (a prefix of it serves the shorter shares).
+        BaseScore.objects.filter(pk=row.pk).update(scores=fresh, mean=sum(fresh) / len(fresh))
+        return fresh
+    return [float(x) for x in row.scores[:n]]
 
 
 def _outcomes_store(version: AdapterVersion, measure: Measure, base, adapter) -> None:
@@ -207,6 +213,10 @@ def results_record(
         outcomes: dict[int, TaskOutcome] = {}
         for measure in plan.measures:
             fresh, adapter = scores[measure.key]
+            # Another run of the group may have had the split scored whole: this run's share
+            # is its first examples (plans.job_for).
+            n = len(measure.examples)
+            adapter, fresh = adapter[:n], None if fresh is None else fresh[:n]
             base = _base_scores(version, measure, fresh)
             outcome = _outcome(measure.task, measure.name, base, adapter)
             if measure.decides:

@@ -23,6 +23,7 @@ from evaluation.models import (
     BaseScore,
     ContributorTestSet,
     EvaluationRun,
+    Outcome,
     RuleResult,
     TaskResult,
 )
@@ -183,6 +184,37 @@ def test_eight_queued_runs_are_evaluated_in_one_child_each_with_its_own_outcome(
     # The other runs' own messages, delivered later, find them finished: no second child.
     assert [execute(run) for run in runs[1:]] == ["finished"] * 7
     assert len(children) == 1
+
+
+def test_a_split_one_run_measures_whole_and_another_only_in_part_is_scored_whole_once(
+    contributor, group_eval, child, children, jobs, settings
+):
+    # Admission reads an adapter's own task whole; another adapter measures it only for the
+    # union, on its first TESSERA_EVAL_UNION_EXAMPLES examples. In one group the split is
+    # scored once, whole, and each run records its own share.
+    settings.TESSERA_EVAL_UNION_EXAMPLES = 5
+    adding, _general = group_eval
+    words = make_task(suite="words", slug="reversal", tags=["words"], template="Reverse {a}")
+    adder = queued_runs(contributor, 1, first_seed=1, tags=("arithmetic",))[0]
+    reverser = queued_runs(contributor, 1, first_seed=2, tags=("words",))[0]
+    child(group_child())
+
+    assert execute(adder) == "succeeded"
+    assert children == [[key(adder), key(reverser)]]
+    specs = {t.key: t for t in jobs[0].tasks}
+    for task in (adding, words):
+        assert len(specs[f"task:{task.pk}:hidden"].examples) == 12
+        assert specs[f"task:{task.pk}:hidden"].adapters is None  # both adapters, one spec
+    for run, own, other in ((adder, adding, words), (reverser, words, adding)):
+        run = fresh(run)
+        assert (run.status, run.passed) == (Run.SUCCEEDED, True), run.failure_reason
+        hidden = TaskResult.objects.filter(run=run, split="hidden")
+        assert {own.pk: 12, other.pk: 5}.items() <= dict(hidden.values_list("task_id", "n")).items()
+        stored = Outcome.objects.filter(version=run.version, example__task=other)
+        assert stored.count() == 5
+    # The base model's scores are cached whole, whichever run recorded first.
+    for task in (adding, words):
+        assert len(BaseScore.objects.get(task=task, split="hidden").scores) == 12
 
 
 def test_batch_mates_are_the_oldest_queued_runs_of_the_queue_never_one_marked_alone(
