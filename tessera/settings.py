@@ -610,7 +610,9 @@ SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"] = {
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    "filters": {"deliberate_unavailable": {"()": "tessera.logfilters.DeliberateUnavailable"}},
     "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"django.request": {"filters": ["deliberate_unavailable"]}},
     "root": {"handlers": ["console"], "level": env.str("TESSERA_LOG_LEVEL", default="INFO")},
 }
 
