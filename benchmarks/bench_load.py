@@ -39,7 +39,7 @@ LOCUSTFILE = ROOT / "benchmarks" / "locustfile.py"
 DEMO_ADAPTERS = ("unit-conversion", "date-formatting", "sorting")
 
 
-# --- Processes (also used by tests/routing/test_load.py) --------------------------------------
+# --- Processes (also used by tests/routing/test_load.py and tests/faults) ----------------------
 
 
 def free_port() -> int:

@@ -371,7 +371,8 @@ def _record(
         log += f"; stats {json.dumps(stats, default=str)[:2000]}"
     signature, note = signature_compute(version, plan)
     # Embedding the prompts takes seconds: say the claim is alive before recording on it.
-    if not beat.tick(force=True) or member.run.pk not in beat.live:
+    beat.tick(force=True)
+    if member.run.pk not in beat.live:
         raise RunTakenAway()
     if note:
         log += f"\n[worker] {note}"

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from benchmarks.bench_load import free_port, stop
 from contributions.models import AdapterVersion, AuditEvent
 from evaluation import tasks as evaluation_tasks
 from evaluation.models import EvaluationRun, TaskResult
@@ -38,12 +39,6 @@ Run = EvaluationRun.Status
 Status = AdapterVersion.Status
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_port(port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -52,16 +47,6 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
                 return
         time.sleep(0.05)
     pytest.fail(f"nothing listens on port {port} after {timeout}s")
-
-
-def stop(process: subprocess.Popen, timeout: float = 20) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 class RedisServer:

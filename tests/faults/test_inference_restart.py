@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 
+from benchmarks.bench_load import wait_healthy
 from contributions import services as contribution_services
 from routing import usage
 from routing.models import KeyUsageDaily, MixtureVersion
@@ -71,20 +72,6 @@ def start_inference(pg_server, settings, api_redis):
     yield start
     for process in processes:
         stop(process)
-
-
-def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 90) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the inference server exited"
-        try:
-            health = httpx.get(f"{url}/healthz", timeout=2).json()
-            if health.get("status") == "ok":
-                return health
-        except (httpx.TransportError, ValueError):
-            pass
-        time.sleep(0.2)
-    pytest.fail("the inference server did not become healthy")
 
 
 def test_in_flight_requests_end_cleanly_and_the_restarted_server_serves_the_same_mixture(

@@ -10,7 +10,6 @@ patching stays out of the test process).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import threading
@@ -25,24 +24,11 @@ from contributions import services
 from contributions.models import MAX_REQUESTS_PER_MINUTE, ApiToken
 from routing import limits
 from tests.routing.conftest import DATES_PROMPTS, UNITS_PROMPTS, admitted_version
+from tests.routing.test_limits import acquire, run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CLIENT_TIMEOUT = 20.0  # seconds; a response slower than this counts as a hang
-
-
-def run(coroutine_function, /, **kwargs):
-    async def main():
-        try:
-            return await coroutine_function(**kwargs)
-        finally:
-            await limits.redis_async_close()
-
-    return asyncio.run(main())
-
-
-def acquire(token_id: int, rpm: int) -> limits.LimitResult:
-    return run(limits.rate_limit_acquire, token_id=token_id, requests_per_minute=rpm)
 
 
 def logged(redis_client, token_id: int) -> int:
