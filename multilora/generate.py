@@ -15,13 +15,17 @@ The loop is ours rather than ``model.generate`` because every row needs its own 
 its own cancellation, because ``logit`` requests combine rows per step, and because the
 streaming form must hand out text as it is made.
 
-One generation runs at a time per engine (the LoRA binding lives on the shared modules); a
-server batches its waiting requests into one call. Registry changes may happen meanwhile:
-the batch's slots are pinned, so its rows keep the weights they started with.
+One batch runs at a time per engine (the LoRA binding lives on the shared modules).
+``generate``/``generate_stream`` run a given set of requests to the end; a server opens
+``running()`` instead and lets requests join the batch between decoding steps and leave it as
+they finish (multilora.running, on the per-row key/value cache of multilora.rowcache).
+Registry changes may happen meanwhile: a row's slots are pinned while it runs, so it keeps the
+weights it started with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
@@ -30,11 +34,11 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from multilora.bound import ArrowRow, BoundRow
+from multilora.bound import BoundRow
 from multilora.chat import chat_prompt_ids
 from multilora.composition import Composition
 from multilora.lora import LoraRegistry
-from multilora.model import DEFAULT_MAX_BOUND_BYTES, Binding, MultiLoraModel
+from multilora.model import DEFAULT_MAX_BOUND_BYTES, MultiLoraModel
 from multilora.requests import (
     DEFAULT_MAX_NEW_TOKENS,
     GenerationError,
@@ -45,7 +49,7 @@ from multilora.requests import (
     _lanes_of,
     _Row,
 )
-from multilora.sampling import Sampler
+from multilora.running import RunningBatch
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
@@ -65,7 +69,6 @@ class Engine:
         *,
         registry: LoraRegistry | None = None,
         max_bound_bytes: int = DEFAULT_MAX_BOUND_BYTES,
-        compact_fraction: float = 0.25,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -73,9 +76,6 @@ class Engine:
         self.registry = registry if registry is not None else LoraRegistry.for_model(model)
         self.lora = MultiLoraModel(model, self.registry, max_bound_bytes=max_bound_bytes)
         self.device = next(model.parameters()).device
-        # Finished rows are dropped from the batch (KV cache included) once they are this
-        # fraction of it: each drop copies the cache, so not after every single row.
-        self.compact_fraction = compact_fraction
         self.pad_id = _first_id(tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -132,13 +132,27 @@ class Engine:
         with self._cancel_lock:
             self._running.update(row.request.request_id for row in rows)
         try:
-            with self._generation_lock:
-                yield from self._run(rows)
+            with self.running() as batch:
+                batch.join_rows(rows)
+                while len(batch):
+                    yield from batch.sample()
+                    batch.forward()
         finally:
             with self._cancel_lock:
                 for row in rows:
                     self._running.discard(row.request.request_id)
                     self._cancelled.discard(row.request.request_id)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[RunningBatch]:
+        """A batch that requests join and leave between decoding steps (multilora.running),
+        holding the engine for as long as it is open: one at a time per engine."""
+        with self._generation_lock, self.lora.adapters([]) as binding:
+            batch = RunningBatch(self, binding)
+            try:
+                yield batch
+            finally:
+                batch.close()
 
     def next_token_logits(self, requests: Sequence[GenerationRequest]) -> torch.Tensor:
         """The logits [B, vocab] of each request's first generated token (the prefill only),
@@ -150,62 +164,7 @@ class Engine:
             logits, *_ = self._prefill(rows)
         return _Lanes(rows, self.device).combine(logits)
 
-    # --- The loop ---------------------------------------------------------------------------
-
-    def _run(self, rows: list[_Row]) -> Iterator[StreamEvent]:
-        sampler = Sampler(
-            temperatures=[row.request.temperature for row in rows],
-            top_ps=[row.request.top_p for row in rows],
-            seeds=[row.request.seed for row in rows],
-            device=self.device,
-        )
-        with self.lora.adapters(_lanes_of(rows)) as binding:
-            logits, cache, mask, positions = self._prefill(rows)
-            batch = list(rows)  # the requests still in the batch, in batch order
-            lanes = _Lanes(batch, self.device)
-            while True:
-                tokens = sampler.sample(lanes.combine(logits)).tolist()  # the step's one sync
-                cancelled = self._take_cancelled(batch)
-                for i, (row, token) in enumerate(zip(batch, tokens, strict=True)):
-                    if row.finish_reason is not None:
-                        continue  # finished earlier, waiting to be dropped from the batch
-                    made: int | None = token
-                    if row.request.request_id in cancelled:
-                        row.finish_reason, made = "cancelled", None
-                    else:
-                        self._advance(row, token)
-                    arrow = binding.shares is not None and isinstance(row.members[0], ArrowRow)
-                    if arrow and row.finish_reason is not None:  # the row's one sync for it
-                        row.routed = binding.shares[lanes.first[i]].tolist()
-                    yield self._event(row, made)
-                if all(row.finish_reason is not None for row in batch):
-                    return
-                done = sum(row.finish_reason is not None for row in batch)
-                if done and done >= self.compact_fraction * len(batch):
-                    keep = [i for i, row in enumerate(batch) if row.finish_reason is None]
-                    state = (batch, tokens, cache, mask, positions)
-                    batch, tokens, cache, mask, positions = self._compact(
-                        keep, lanes.of(keep), *state, binding, sampler
-                    )
-                    lanes = _Lanes(batch, self.device)
-                # Requests already finished but not yet dropped are fed padding: their outputs
-                # are never read, and this keeps the step one forward for the whole batch. A
-                # logit request's token goes to each of its lanes.
-                step_ids = [
-                    tokens[i] if batch[i].finish_reason is None else self.pad_id
-                    for i in lanes.owner
-                ]
-                positions = positions + 1
-                mask = torch.cat([mask, mask.new_ones(len(step_ids), 1)], dim=1)
-                with torch.inference_mode():
-                    output = self.model(
-                        input_ids=torch.tensor(step_ids, device=self.device).unsqueeze(1),
-                        attention_mask=mask,
-                        position_ids=positions.unsqueeze(1),
-                        past_key_values=cache,
-                        use_cache=True,
-                    )
-                logits = output.logits[:, -1, :]
+    # --- Prefill --------------------------------------------------------------------------
 
     def _prefill(
         self, rows: list[_Row]
@@ -235,31 +194,6 @@ class Engine:
                 logits_to_keep=1,  # the lm_head on the last position only
             )
         return output.logits[:, -1, :], cache, mask, position_ids[:, -1]
-
-    def _compact(
-        self,
-        keep: list[int],
-        keep_lanes: list[int],
-        batch: list[_Row],
-        tokens: list[int],
-        cache: DynamicCache,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        binding: Binding,
-        sampler: Sampler,
-    ) -> tuple[list[_Row], list[int], DynamicCache, torch.Tensor, torch.Tensor]:
-        index = torch.tensor(keep_lanes, device=self.device)
-        with torch.inference_mode():
-            cache.batch_select_indices(index)
-        binding.select_rows(keep_lanes)
-        sampler.select_rows(keep)
-        return (
-            [batch[i] for i in keep],
-            [tokens[i] for i in keep],
-            cache,
-            mask.index_select(0, index),
-            positions.index_select(0, index),
-        )
 
     def _take_cancelled(self, batch: list[_Row]) -> set[str]:
         with self._cancel_lock:

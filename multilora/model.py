@@ -88,7 +88,8 @@ class LoraLinear(nn.Module):
 
 @dataclass
 class Binding:
-    """The rows a batch runs with; ``select_rows`` follows the batch as rows leave.
+    """The rows a batch runs with; ``select_rows`` follows the batch as rows leave and
+    ``joining`` as rows join (each row's adapters are pinned while it is bound).
 
     ``shares`` [rows, candidates] (float32, on the model's device; None without Arrow rows):
     each Arrow row's routing weights summed over the adapted modules and the forwards so far,
@@ -97,20 +98,98 @@ class Binding:
 
     owner: MultiLoraModel
     rows: list[BoundRow]
-    pinned: list[int]
     shares: torch.Tensor | None = None
 
     @property
     def slots(self) -> list[BoundRow]:
         return self.rows
 
+    @property
+    def pinned(self) -> list[int]:
+        return [slot for row in self.rows for slot in row_slots(row)]
+
     def select_rows(self, rows: Sequence[int]) -> None:
-        """Keep only these rows (indices into the current batch), in this order."""
+        """Keep only these rows (indices into the current batch), in this order; the rows
+        left out are unpinned."""
+        kept = set(rows)
+        dropped = [
+            slot for i, row in enumerate(self.rows) if i not in kept for slot in row_slots(row)
+        ]
         self.rows = [self.rows[row] for row in rows]
         if self.shares is not None:
             index = torch.tensor(list(rows), device=self.shares.device, dtype=torch.long)
             self.shares = self.shares.index_select(0, index)
+            if not any(isinstance(row, ArrowRow) for row in self.rows):
+                self.shares = None  # the other rows need no routing
         self.owner._bind(self.rows, self.shares)
+        self.owner.registry.unpin(dropped)
+
+    @contextlib.contextmanager
+    def joining(self, rows: Sequence[BoundRow]) -> Iterator[None]:
+        """Add rows at the end of the batch: inside, the modules are bound to the newcomers
+        alone (for their prefill, whose Arrow routing weights start their shares); on leaving,
+        to every row. If the block raises, the newcomers are not added."""
+        new = _rows_of(rows)
+        slots = [slot for row in new for slot in row_slots(row)]
+        new_shares = _shares_for(new, self.owner.registry.device)
+        registry = self.owner.registry
+        with registry.lock:
+            registry.pin(slots)
+            try:
+                self.owner._bind(new, new_shares)
+            except BaseException:
+                registry.unpin(slots)
+                self.owner._bind(self.rows, self.shares)
+                raise
+        try:
+            yield
+        except BaseException:
+            self.owner._bind(self.rows, self.shares)
+            registry.unpin(slots)
+            raise
+        self.shares = _joined_shares(self.shares, len(self.rows), new_shares, len(new))
+        self.rows = self.rows + new
+        self.owner._bind(self.rows, self.shares)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The base model alone inside (no LoRA bound), the batch's binding again after."""
+        self.owner._unbind()
+        try:
+            yield
+        finally:
+            self.owner._bind(self.rows, self.shares)
+
+
+def _rows_of(rows: Sequence[BoundRow] | torch.Tensor) -> list[BoundRow]:
+    if torch.is_tensor(rows):
+        rows = rows.tolist()
+    return [row if isinstance(row, WeightedRow | ArrowRow) else int(row) for row in rows]
+
+
+def _shares_for(rows: list[BoundRow], device: torch.device) -> torch.Tensor | None:
+    if not any(isinstance(row, ArrowRow) for row in rows):
+        return None
+    width = max(len(row.slots) if isinstance(row, ArrowRow) else 1 for row in rows)
+    return torch.zeros(len(rows), width, device=device)
+
+
+def _joined_shares(
+    old: torch.Tensor | None, old_rows: int, new: torch.Tensor | None, new_rows: int
+) -> torch.Tensor | None:
+    """The shares of a batch and its newcomers stacked (zeros for rows without Arrow)."""
+    if old is None and new is None:
+        return None
+    like = old if old is not None else new
+    assert like is not None
+    width = max(part.shape[1] for part in (old, new) if part is not None)
+    parts = []
+    for part, count in ((old, old_rows), (new, new_rows)):
+        padded = like.new_zeros(count, width)
+        if part is not None:
+            padded[:, : part.shape[1]] = part
+        parts.append(padded)
+    return torch.cat(parts)
 
 
 class MultiLoraModel:
@@ -170,16 +249,9 @@ class MultiLoraModel:
         """Run the model's forwards inside with row ``i`` bound to ``rows[i]``: a registry
         slot (0: the base alone), a ``WeightedRow`` or an ``ArrowRow`` (multilora.bound).
         Not reentrant: one batch at a time per model."""
-        if torch.is_tensor(rows):
-            rows = rows.tolist()
-        row_list: list[BoundRow] = [
-            row if isinstance(row, WeightedRow | ArrowRow) else int(row) for row in rows
-        ]
+        row_list = _rows_of(rows)
         pinned = [slot for row in row_list for slot in row_slots(row)]
-        shares = None
-        if any(isinstance(row, ArrowRow) for row in row_list):
-            width = max(len(row.slots) if isinstance(row, ArrowRow) else 1 for row in row_list)
-            shares = torch.zeros(len(row_list), width, device=self.registry.device)
+        shares = _shares_for(row_list, self.registry.device)
         with self.registry.lock:
             self.registry.pin(pinned)
             try:
@@ -187,11 +259,12 @@ class MultiLoraModel:
             except BaseException:
                 self.registry.unpin(pinned)
                 raise
+        binding = Binding(owner=self, rows=row_list, shares=shares)
         try:
-            yield Binding(owner=self, rows=row_list, pinned=pinned, shares=shares)
+            yield binding
         finally:
             self._unbind()
-            self.registry.unpin(pinned)
+            self.registry.unpin(binding.pinned)
 
     def _unbind(self) -> None:
         for module in self.modules.values():

@@ -90,21 +90,35 @@ class _Row:
 
 
 class _Lanes:
-    """The batch's rows (lanes) of its requests, and how lane logits become request ones."""
+    """The batch's rows (lanes) of its requests, and how lane logits become request ones.
 
-    def __init__(self, rows: Sequence[_Row], device: torch.device) -> None:
+    ``lanes``: per lane, (its request's index in ``rows``, which of the request's members it
+    runs); by default each request's lanes in order, one after another. A running batch
+    keeps its lanes in any order (rows that leave are replaced by the last ones)."""
+
+    def __init__(
+        self,
+        rows: Sequence[_Row],
+        device: torch.device,
+        lanes: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
+        if lanes is None:
+            lanes = [(i, j) for i, row in enumerate(rows) for j in range(len(row.members))]
         self.count = len(rows)
-        self.owner = [i for i, row in enumerate(rows) for _ in row.members]
-        self.first = [self.owner.index(i) for i in range(len(rows))]
-        methods = [rows[i].request.composition.method for i in self.owner]
-        fused = [lane for lane, method in enumerate(methods) if method == "logit"]
+        self.owner = [i for i, _ in lanes]
+        first: dict[int, int] = {}
+        for lane, owner in enumerate(self.owner):
+            first.setdefault(owner, lane)
+        self.first = [first[i] for i in range(len(rows))]
+        fused = [
+            lane
+            for lane, (i, _) in enumerate(lanes)
+            if rows[i].request.composition.method == "logit"
+        ]
         self.fused = None
         if fused:
             weights = [
-                weight
-                for row in rows
-                if row.request.composition.method == "logit"
-                for weight in row.request.composition.weights
+                rows[lanes[lane][0]].request.composition.weights[lanes[lane][1]] for lane in fused
             ]
             self.fused = (
                 torch.tensor(fused, device=device),
@@ -112,15 +126,14 @@ class _Lanes:
                 torch.tensor(self.owner, device=device),
             )
 
-    def of(self, rows: Sequence[int]) -> list[int]:
-        """The lanes of these requests (indices into the batch), in order."""
-        return [lane for i in rows for lane, owner in enumerate(self.owner) if owner == i]
-
     def combine(self, logits: torch.Tensor) -> torch.Tensor:
         """Lane logits [lanes, V] -> one row per request [requests, V]: a logit request's
         Σ wᵢ log_softmax(logitsᵢ), every other request's own logits unchanged."""
         if self.fused is None:
-            return logits
+            # One lane per request; a running batch may hold them in another order.
+            if self.owner == list(range(self.count)):
+                return logits
+            return logits.index_select(0, torch.tensor(self.first, device=logits.device))
         lanes, weights, owner = self.fused
         logits = logits.float()
         weighted = torch.log_softmax(logits.index_select(0, lanes), dim=-1) * weights

@@ -25,11 +25,23 @@ class Sampler:
         device: torch.device,
     ) -> None:
         self.device = device
-        self.temperatures = list(temperatures)
-        self.top_ps = list(top_ps)
+        self.temperatures: list[float] = []
+        self.top_ps: list[float] = []
         # temperature 0 means greedy: such a row never draws, so it needs no generator.
         self.generators: list[torch.Generator | None] = []
-        for temperature, seed in zip(temperatures, seeds, strict=True):
+        self.add_rows(temperatures=temperatures, top_ps=top_ps, seeds=seeds)
+
+    def add_rows(
+        self,
+        *,
+        temperatures: Sequence[float],
+        top_ps: Sequence[float],
+        seeds: Sequence[int | None],
+    ) -> None:
+        """Append rows (requests joining the batch) after the current ones."""
+        for temperature, top_p, seed in zip(temperatures, top_ps, seeds, strict=True):
+            self.temperatures.append(temperature)
+            self.top_ps.append(top_p)
             if temperature <= 0:
                 self.generators.append(None)
                 continue

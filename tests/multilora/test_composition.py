@@ -190,6 +190,74 @@ def test_a_mixed_batch_gives_every_request_what_it_gets_alone(
     assert len(distinct) > 3  # the compositions do answer differently
 
 
+@pytest.mark.parametrize("schedule", [0, 1, 2])
+def test_requests_that_join_a_running_batch_at_random_steps_get_what_they_get_alone(
+    engine: Engine, tokenizer, schedule
+):
+    import random
+
+    rng = random.Random(schedule)
+    compositions = [*MIXED, Composition.single("a1")]
+    requests = [
+        request(
+            tokenizer,
+            i,
+            c,
+            max_new_tokens=rng.randint(1, 9),
+            temperature=0.8 if i == len(MIXED) else 0.0,
+            seed=11 + i,
+        )
+        for i, c in enumerate(compositions)
+    ]
+    # Each request joins at its step (several may join together, some at once); rows leave
+    # as they finish, so joining rows take the places of rows that left.
+    steps = [0] + [rng.randint(0, 8) for _ in requests[1:]]
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    results = {}
+    lane_counts = set()
+    with engine.running() as batch:
+        step = 0
+        while len(results) < len(requests):
+            joining = [r for r, at in zip(requests, steps, strict=True) if at == step]
+            if joining:
+                batch.join(joining)
+            lane_counts.add(batch.lane_count)
+            for event in batch.sample():
+                if event.token_id is not None:
+                    tokens[event.request_id].append(event.token_id)
+                if event.result is not None:
+                    results[event.request_id] = event.result
+            batch.forward()
+            step += 1
+    assert len(lane_counts) > 2  # the batch did grow and shrink
+    for row in requests:
+        (alone,) = engine.generate([row])
+        result = results[row.request_id]
+        assert result.token_ids == alone.token_ids == tokens[row.request_id]
+        assert result.text == alone.text
+        assert result.shares == pytest.approx(alone.shares, abs=1e-5)
+
+
+def test_a_request_the_engine_refuses_does_not_join_and_the_batch_runs_on(
+    engine: Engine, tokenizer
+):
+    good = request(tokenizer, 0, Composition.single("a0"), max_new_tokens=4)
+    with engine.running() as batch:
+        batch.join([good])
+        made = [e.token_id for e in batch.sample()]
+        batch.forward()
+        with pytest.raises(GenerationError):
+            batch.join([request(tokenizer, 1, Composition.single("missing"))])
+        with pytest.raises(GenerationError):
+            batch.join([request(tokenizer, 2), GenerationRequest(prompt_ids=[])])
+        assert len(batch) == 1 and batch.lane_count == 1
+        while len(batch):
+            made += [e.token_id for e in batch.sample()]
+            batch.forward()
+    (alone,) = engine.generate([good])
+    assert made == alone.token_ids
+
+
 def test_binding_forms_follow_the_batch(engine: Engine, tokenizer):
     def forms() -> set[type]:
         return {type(m.lora) for m in engine.lora.modules.values() if m.lora is not None}

@@ -686,9 +686,19 @@ def test_rows_that_finish_early_leave_the_batch_and_the_rest_still_match_peft(
             request.max_new_tokens,
         )[1]
         assert result.token_ids == expected
-    # Two of five done after step 3 (>= a quarter): the batch shrinks to three rows; the
-    # fifth row is done after step 5: down to the two long ones.
-    assert bound == [[1, 2, 2, 0, 1], [2, 0, 1], [2, 0]]
+    # The batch opens empty; the five join (bound alone for their prefill, then as the
+    # batch). A row leaves as soon as it is done and the last row takes its place: the
+    # first after step 2, the second after step 3, the fifth after step 5, the last two
+    # after step 14.
+    assert bound == [
+        [],
+        [1, 2, 2, 0, 1],
+        [1, 2, 2, 0, 1],
+        [1, 2, 2, 0],
+        [1, 0, 2],
+        [2, 0],
+        [],
+    ]
     assert [result.completion_tokens for result in results] == lengths
 
 
