@@ -115,6 +115,11 @@ class Engine:
         assert all(result is not None for result in results)
         return results  # type: ignore[return-value]
 
+    def check(self, requests: Sequence[GenerationRequest]) -> None:
+        """Raise the GenerationError that ``generate`` would raise for these requests, if
+        any, without running them (nor waiting for a running batch)."""
+        self._rows(requests)
+
     def generate_stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:
         """Run the requests as one batch, yielding every row's event at every step.
 

@@ -1,33 +1,38 @@
 """The one thread that owns the engine: it takes waiting requests in batches and hands each
 row's tokens back to the asyncio side as they are made.
 
-Batching policy: requests that arrive while a batch is decoding wait for the NEXT BATCH
-(they do not join the running one at its next step). Joining mid-batch would mean prefilling
-the newcomers, then re-padding and concatenating every layer's key/value cache of the running
-batch at each arrival; on CPU, where one prefill of a 16-row batch costs about as much as ten
-decoding steps, that stalls the running rows more than the newcomers gain. A batch ends when
-its slowest row ends, so the wait is bounded by the per-request max_tokens cap; the server
-keeps batches short by capping max_tokens (TESSERA_SERVING_MAX_TOKENS) and the queue
+Batching policy: continuous. Requests that arrive while a batch decodes join it at the next
+decoding step (the engine's running batch, multilora.running: the newcomers are prefilled
+together and their rows added to the per-row key/value cache, copying only their entries),
+and a request leaves the batch as soon as it finishes, freeing its place. So a short request
+that arrives while long answers are being generated gets its first token after at most one
+decoding step plus its own prefill, instead of after the whole running batch. A batch lasts
+while it has rows; work handed in with ``call`` runs between two steps. The queue is bounded
 (TESSERA_SERVING_MAX_QUEUE, 503 with Retry-After beyond it).
 
-A batch takes the oldest waiting request and the next waiting ones of its cost class
+A batch starts with the oldest waiting request and the next waiting ones of its cost class
 (``cost_class``): requests composed with Arrow are batched among themselves, because every
-row of a batch runs at the widest row's LoRA rank. A batch is bounded in rows
-(TESSERA_SERVING_MAX_BATCH) and in tokens (TESSERA_SERVING_MAX_BATCH_TOKENS): its key/value
-cache holds, for every row, the widest prompt plus the longest max_tokens of the batch, so a
-request joins a batch only while ``lanes x (widest prompt + longest max_tokens)`` stays
-within the bound. A request over the bound by itself still runs, alone.
+row of a batch runs at the widest row's LoRA rank. Later, waiting requests join in arrival
+order while the oldest waiting one is of the batch's class and fits; when it is not, the
+batch takes no one else, drains, and that request's batch comes next (no class starves). A
+batch is bounded in rows (TESSERA_SERVING_MAX_BATCH) and in tokens
+(TESSERA_SERVING_MAX_BATCH_TOKENS): a request joins only while
+``lanes x (widest prompt + longest max_tokens)`` over the running requests and it stays
+within the bound (what the cache may come to hold). A request over the bound by itself
+still runs, alone.
 
 One request never fails its batch: requests the engine refuses are checked one by one and
-fail alone, and when a batch step raises (a request that passed every check and still
+fail alone; newcomers whose prefill raises are prefilled one by one, so only the one that
+breaks it fails; and when a decoding step raises (a request that passed every check and still
 breaks the engine), the batch's unfinished rows are run again one at a time, so only the
 row that fails alone gets an error. A row that had already streamed tokens resumes where it
 was: its rerun reproduces the tokens already sent (greedy rows, and sampled rows, whose
 seed is fixed here at submission when the client gave none), which are skipped.
 
-Work that must not run while a batch decodes (anything that uses the model without the
-batch's LoRA binding, such as Arrow routing's base-model pass) is submitted with ``call``
-and runs between two batches.
+Work that uses the model without the batch's LoRA binding (Arrow routing's base-model
+pass) is submitted with ``call`` and runs on the scheduler thread between two decoding
+steps, with the binding lifted meanwhile (or between two batches). It must not call the
+engine's own generation methods.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from typing import Any
 
 from multilora import Engine, GenerationError, GenerationRequest, StreamEvent
 from multilora.requests import DEFAULT_MAX_NEW_TOKENS
+from multilora.running import RunningBatch
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +128,8 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     submitted_at: float = field(default_factory=time.monotonic)
-    started_at: float | None = None
+    started_at: float | None = None  # when it joined a batch
+    finished_at: float | None = None
     cancelled: bool = False
     cancel_sent: bool = False  # the engine has been told
     size: Size | None = None
@@ -139,9 +146,10 @@ class Job:
 class SchedulerStats:
     waiting: int
     running: int
-    batches: int
+    batches: int  # batches started (a batch runs from its first rows until it has none)
+    joined: int  # requests that joined a batch already decoding
     completed: int
-    mean_batch_seconds: float
+    mean_request_seconds: float  # from joining a batch to the last token
 
 
 class Scheduler:
@@ -168,8 +176,9 @@ class Scheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._batches = 0
+        self._joined = 0
         self._completed = 0
-        self._batch_seconds = 0.0  # exponential moving average, for Retry-After
+        self._request_seconds = 0.0  # exponential moving average, for Retry-After
 
     # --- Life ---------------------------------------------------------------------------------
 
@@ -236,8 +245,8 @@ class Scheduler:
         return future
 
     def retry_after(self) -> int:
-        """Seconds a refused client should wait: about one batch's time, at least 1."""
-        return max(1, round(self._batch_seconds or 1.0))
+        """Seconds a refused client should wait: about one request's time, at least 1."""
+        return max(1, round(self._request_seconds or 1.0))
 
     def stats(self) -> SchedulerStats:
         with self._condition:
@@ -245,8 +254,9 @@ class Scheduler:
                 waiting=len(self._waiting),
                 running=len(self._running),
                 batches=self._batches,
+                joined=self._joined,
                 completed=self._completed,
-                mean_batch_seconds=self._batch_seconds,
+                mean_request_seconds=self._request_seconds,
             )
 
     # --- The thread ---------------------------------------------------------------------------
@@ -297,6 +307,26 @@ class Scheduler:
         self._waiting.extendleft(reversed(skipped))
         return batch
 
+    def _take_joiners(self, running: list[Job]) -> list[Job]:
+        """Waiting requests that join the running batch at its next step: from the head of
+        the queue, while the head is of the batch's cost class and fits its rows and tokens.
+        Caller holds the condition."""
+        if not running or self._stopping:
+            return []
+        kind = cost_class(running[0].request)
+        sizes = [job.size or request_size(job.request) for job in running]
+        joining: list[Job] = []
+        while self._waiting and len(running) + len(joining) < self.max_batch_size:
+            job = self._waiting[0]
+            size = job.size or request_size(job.request)
+            if cost_class(job.request) != kind:
+                break
+            if batch_tokens([*sizes, size]) > self.max_batch_tokens:
+                break
+            joining.append(self._waiting.popleft())
+            sizes.append(size)
+        return joining
+
     def _run_call(self, function: Callable[[Engine], Any], future: Future) -> None:
         if not future.set_running_or_notify_cancel():
             return
@@ -305,11 +335,12 @@ class Scheduler:
         except BaseException as error:  # handed to the caller, who decides
             future.set_exception(error)
 
-    def _run_batch(self, batch: list[Job]) -> None:
-        # An adapter can leave the mixture between a request's routing and its batch (the
-        # sync retires it a little later, but not never): fail that request alone.
+    def _loadable(self, jobs: list[Job]) -> list[Job]:
+        """The jobs whose adapters are loaded; the others fail alone. An adapter can leave
+        the mixture between a request's routing and its batch (the sync retires it a little
+        later, but not never)."""
         runnable = []
-        for job in batch:
+        for job in jobs:
             composition = job.request.composition
             missing = [key for key in composition.adapters if key not in self.engine.registry]
             if missing:
@@ -317,55 +348,138 @@ class Scheduler:
                 job._deliver(Failure("adapter_unavailable", f"Adapter {names} is not loaded."))
             else:
                 runnable.append(job)
-        if not runnable:
-            return
-        started = time.monotonic()
-        for job in runnable:
-            job.started_at = started
+        return runnable
+
+    def _run_batch(self, first: list[Job]) -> None:
+        """Run a batch from these jobs until it has no rows, letting waiting jobs join it
+        between steps. If a step fails, its unfinished jobs run again one by one."""
+        members: list[Job] = []  # every job that joined, finished or not
         try:
-            try:
-                stream = self.engine.generate_stream([job.request for job in runnable])
-            except GenerationError:
-                # One bad request must not fail its neighbours: check each alone, run the rest.
-                runnable = [job for job in runnable if self._check_alone(job)]
-                if not runnable:
-                    return
-                stream = self.engine.generate_stream([job.request for job in runnable])
-            self._pass_on(runnable, stream)
+            with self.engine.running() as batch:
+                handles: dict[int, Job] = {}
+                running: list[Job] = []
+                self._join(batch, first, handles, running, members)
+                while len(batch):
+                    for event in batch.sample():
+                        self._hand_out(handles[event.index], event, running)
+                    batch.forward()
+                    if not len(batch):
+                        break
+                    with self._condition:
+                        calls = list(self._calls)
+                        self._calls.clear()
+                        joining = self._take_joiners(running)
+                        self._running = running + joining
+                    if calls:
+                        with batch.binding.paused():
+                            for function, future in calls:
+                                self._run_call(function, future)
+                    if joining:
+                        with self._condition:
+                            self._joined += len(joining)
+                        self._join(batch, joining, handles, running, members)
         except Exception as error:
-            if len(runnable) == 1:
+            if len(members) == 1:
                 logger.exception("A request failed in the engine")
-                runnable[0]._deliver(Failure("engine_error", _engine_failed(error)))
+                members[0]._deliver(Failure("engine_error", _engine_failed(error)))
+                members[0].finished = True
             else:
                 logger.exception(
                     "A batch of %d requests failed; running its unfinished rows apart",
-                    len(runnable),
+                    len(members),
                 )
-                for job in runnable:
+                for job in members:
                     if not job.finished:
                         self._run_alone(job)
         finally:
-            elapsed = time.monotonic() - started
             with self._condition:
-                self._batches += 1
-                self._completed += len(runnable)
-                self._batch_seconds = (
-                    elapsed if self._batches == 1 else 0.8 * self._batch_seconds + 0.2 * elapsed
+                self._batches += bool(members)
+                self._completed += len(members)
+
+    def _join(
+        self,
+        batch: RunningBatch,
+        jobs: list[Job],
+        handles: dict[int, Job],
+        running: list[Job],
+        members: list[Job],
+    ) -> None:
+        """Add jobs to the running batch. A request the engine refuses fails alone; when
+        the newcomers' prefill raises, they join one by one, so that only the one that
+        breaks it fails (the running rows are not touched by a failed join)."""
+        jobs = self._loadable(jobs)
+        try:
+            self.engine.check([job.request for job in jobs])
+        except GenerationError:
+            jobs = [job for job in jobs if self._check_alone(job)]
+        if not jobs:
+            return
+        try:
+            self._join_group(batch, jobs, handles, running, members)
+            return
+        except Exception as error:
+            if len(jobs) == 1:
+                self._failed_alone(jobs[0], error)
+                return
+            logger.exception("The prefill of %d requests failed; joining them apart", len(jobs))
+        for job in jobs:
+            try:
+                self._join_group(batch, [job], handles, running, members)
+            except Exception as error:
+                self._failed_alone(job, error)
+
+    def _failed_alone(self, job: Job, error: Exception) -> None:
+        logger.exception(
+            "Request %s failed in the engine on its own", job.request.request_id, exc_info=error
+        )
+        job._deliver(Failure("engine_error", _engine_failed(error)))
+        job.finished = True
+
+    def _join_group(
+        self,
+        batch: RunningBatch,
+        jobs: list[Job],
+        handles: dict[int, Job],
+        running: list[Job],
+        members: list[Job],
+    ) -> None:
+        joined_at = time.monotonic()
+        for job in jobs:
+            job.started_at = joined_at
+        for job, handle in zip(jobs, batch.join([job.request for job in jobs]), strict=True):
+            handles[handle] = job
+            running.append(job)
+            members.append(job)
+
+    def _hand_out(self, job: Job, event: StreamEvent, running: list[Job]) -> None:
+        if job.cancelled and not job.cancel_sent:
+            # Cancelled between leaving the queue and the engine taking the batch,
+            # when the engine did not know the request yet: pass it on now.
+            job.cancel_sent = self.engine.cancel(job.request.request_id)
+        job.sent.append(event.token_id)
+        job._deliver(event)
+        if event.result is not None:
+            self._finish(job)
+            running.remove(job)
+
+    def _finish(self, job: Job) -> None:
+        job.finished = True
+        job.finished_at = time.monotonic()
+        job._deliver(None)
+        if job.started_at is not None:
+            elapsed = job.finished_at - job.started_at
+            with self._condition:
+                self._request_seconds = (
+                    elapsed
+                    if not self._request_seconds
+                    else 0.8 * self._request_seconds + 0.2 * elapsed
                 )
 
-    def _pass_on(
-        self, jobs: list[Job], stream: Iterator[StreamEvent], *, resume: list | None = None
-    ) -> None:
-        """Hand each event to its job. ``resume``: the token ids one job (``jobs[0]``, run
-        alone) already sent; its rerun's events for them must match and are not sent
-        again."""
-        skip = list(resume or ())
+    def _pass_on(self, job: Job, stream: Iterator[StreamEvent], *, resume: list) -> None:
+        """Hand a rerun's events to its job. ``resume``: the token ids the job already sent;
+        its rerun's events for them must match and are not sent again."""
+        skip = list(resume)
         for event in stream:
-            job = jobs[event.index]
-            if job.cancelled and not job.cancel_sent:
-                # Cancelled between leaving the queue and the engine taking the batch,
-                # when the engine did not know the request yet: pass it on now.
-                job.cancel_sent = self.engine.cancel(job.request.request_id)
             if skip:
                 if event.token_id != skip.pop(0):
                     raise _Diverged
@@ -376,8 +490,7 @@ class Scheduler:
                 job.sent.append(event.token_id)
             job._deliver(event)
             if event.result is not None:
-                job.finished = True
-                job._deliver(None)
+                self._finish(job)
 
     def _run_alone(self, job: Job) -> None:
         """Run one row of a failed batch by itself: it completes, resumes, or fails alone."""
@@ -387,7 +500,7 @@ class Scheduler:
         try:
             stream = self.engine.generate_stream([job.request])
             try:
-                self._pass_on([job], stream, resume=job.sent)
+                self._pass_on(job, stream, resume=job.sent)
             finally:
                 stream.close()
         except GenerationError as error:
@@ -409,7 +522,7 @@ class Scheduler:
 
     def _check_alone(self, job: Job) -> bool:
         try:
-            self.engine.generate_stream([job.request]).close()
+            self.engine.check([job.request])
         except GenerationError as error:
             job._deliver(Failure("invalid_request", str(error)))
             return False

@@ -368,3 +368,97 @@ def test_rows_of_a_batch_that_fails_mid_answer_resume_without_repeating_what_the
         assert texts_of(items) == (text, text)
         events = items[:-1]
         assert len(events) == events[-1].result.completion_tokens > 3
+
+
+# --- Continuous batching ----------------------------------------------------------------------
+
+
+async def first_events(job, count: int) -> list:
+    return [await asyncio.wait_for(job.events.get(), timeout=30) for _ in range(count)]
+
+
+def test_a_request_that_arrives_while_a_batch_decodes_joins_it_and_answers_first(
+    scheduler, engine
+):
+    long = request(120, ignore_eos=True)
+    short = GenerationRequest(prompt="Add 123 and 456:", max_new_tokens=4, ignore_eos=True)
+    (expected,) = engine.generate([short])
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        scheduler.start()
+        long_job = scheduler.submit(long, loop=loop)
+        head = await first_events(long_job, 3)  # the long answer is decoding
+        short_job = scheduler.submit(short, loop=loop)
+        short_items = await drain(short_job)
+        # The short answer is whole while the long one is still being made.
+        assert not long_job.finished
+        long_items = head + await drain(long_job)
+        return long_job, short_job, short_items, long_items
+
+    long_job, short_job, short_items, long_items = run(main())
+    stats = settled(scheduler, completed=2)
+    assert (stats.batches, stats.joined) == (1, 1)
+    assert short_job.started_at > long_job.started_at
+    assert short_job.finished_at < long_job.finished_at
+    assert short_items[-2].result.token_ids == expected.token_ids
+    assert long_items[-2].result.completion_tokens == 120
+
+
+def test_joining_stops_at_a_waiting_request_of_another_class_so_it_is_not_passed(
+    scheduler, engine
+):
+    for key, seed in (("x", 1), ("y", 2)):
+        if key not in engine.registry:
+            adapter = random_adapter(key, seed=seed, rank=4, targets=("q_proj", "v_proj"))
+            engine.add_adapter(key, lora_config=adapter.config, tensors=load(adapter.weights))
+    arrow = Composition.arrow(("x", "y"), k=1)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        scheduler.start()
+        long_job = scheduler.submit(request(40, ignore_eos=True), loop=loop)
+        await first_events(long_job, 2)
+        arrow_job = scheduler.submit(request(3, composition=arrow), loop=loop)
+        plain_job = scheduler.submit(request(3, composition=Composition.single("x")), loop=loop)
+        for job in (long_job, arrow_job, plain_job):
+            await drain(job)
+        return long_job, arrow_job, plain_job
+
+    long_job, arrow_job, plain_job = run(main())
+    stats = settled(scheduler, completed=3)
+    assert stats.joined == 0
+    # The Arrow request waited for the plain batch to drain, and the later plain request
+    # waited behind it instead of joining the plain batch ahead of it.
+    assert arrow_job.started_at >= long_job.finished_at
+    assert plain_job.started_at >= arrow_job.started_at
+
+
+def test_a_call_runs_between_two_steps_of_a_running_batch_which_then_goes_on_unchanged(
+    scheduler, engine
+):
+    if "x" not in engine.registry:
+        adapter = random_adapter("x", seed=1, rank=4, targets=("q_proj", "v_proj"))
+        engine.add_adapter("x", lora_config=adapter.config, tensors=load(adapter.weights))
+    long = request(60, ignore_eos=True, composition=Composition.single("x"))
+    (expected,) = engine.generate([long])
+    bound_in_call: list[bool] = []
+
+    def look(engine) -> int:
+        bound_in_call.append(any(m.lora is not None for m in engine.lora.modules.values()))
+        return threading.current_thread().name
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        scheduler.start()
+        job = scheduler.submit(long, loop=loop)
+        head = await first_events(job, 2)
+        future = scheduler.call(look)
+        name = await asyncio.wrap_future(future)
+        assert not job.finished  # it ran while the batch was decoding
+        return name, head + await drain(job)
+
+    name, items = run(main())
+    assert name == "tessera-scheduler"
+    assert bound_in_call == [False]  # the base model alone inside the call
+    assert items[-2].result.token_ids == expected.token_ids
