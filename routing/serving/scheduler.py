@@ -161,8 +161,12 @@ class Scheduler:
         max_batch_tokens: int = 16384,
         max_queue: int = 64,
         gather_seconds: float = 0.002,
+        continuous: bool = True,
     ) -> None:
         self.engine = engine
+        # False: requests that arrive while a batch decodes wait for the next batch (the
+        # policy before continuous batching, kept for benchmarks/bench_serving.py).
+        self.continuous = continuous
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_queue = max_queue
@@ -311,7 +315,7 @@ class Scheduler:
         """Waiting requests that join the running batch at its next step: from the head of
         the queue, while the head is of the batch's cost class and fits its rows and tokens.
         Caller holds the condition."""
-        if not running or self._stopping:
+        if not running or self._stopping or not self.continuous:
             return []
         kind = cost_class(running[0].request)
         sizes = [job.size or request_size(job.request) for job in running]
