@@ -377,9 +377,7 @@ async def first_events(job, count: int) -> list:
     return [await asyncio.wait_for(job.events.get(), timeout=30) for _ in range(count)]
 
 
-def test_a_request_that_arrives_while_a_batch_decodes_joins_it_and_answers_first(
-    scheduler, engine
-):
+def test_a_request_that_arrives_while_a_batch_decodes_joins_it_and_answers_first(scheduler, engine):
     long = request(120, ignore_eos=True)
     short = GenerationRequest(prompt="Add 123 and 456:", max_new_tokens=4, ignore_eos=True)
     (expected,) = engine.generate([short])
@@ -405,9 +403,7 @@ def test_a_request_that_arrives_while_a_batch_decodes_joins_it_and_answers_first
     assert long_items[-2].result.completion_tokens == 120
 
 
-def test_joining_stops_at_a_waiting_request_of_another_class_so_it_is_not_passed(
-    scheduler, engine
-):
+def test_joining_stops_at_a_waiting_request_of_another_class_so_it_is_not_passed(scheduler, engine):
     for key, seed in (("x", 1), ("y", 2)):
         if key not in engine.registry:
             adapter = random_adapter(key, seed=seed, rank=4, targets=("q_proj", "v_proj"))
