@@ -14,7 +14,10 @@ its own column:
 - a row that leaves is replaced by the last row (its entries copied over), so the running
   rows stay the buffer's first rows and a step's forward covers exactly them;
 - the buffers grow (doubling, one copy) only when a newcomer needs more rows or columns than
-  they have, which ``reserve`` decides at joining time, never in the middle of a step.
+  they have, which ``reserve`` decides at joining time, never in the middle of a step; each
+  row says how many columns it may come to need (its prompt plus its most new tokens), and
+  when the rows that remain need less than a quarter of what is held, the buffers shrink to
+  their needs (one copy), so a long-gone long request does not keep its memory for ever.
 
 A step's attention mask is a 4-D additive mask built here (each row sees its own columns up
 to its new token), which transformers passes through unchanged, and the rows' positions are
@@ -43,6 +46,7 @@ class RowCache(Cache):
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.lengths: list[int] = []  # per running row, in row order
+        self.rooms: list[int] = []  # per running row: the most columns it may need
         self._step: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     # --- Size -----------------------------------------------------------------------------
@@ -73,19 +77,36 @@ class RowCache(Cache):
         new_length = max(have_length, _round_up(length, LENGTH_QUANTUM))
         if length > have_length:
             new_length = max(new_length, 2 * have_length)
+        self._reallocate(new_rows, new_length)
+
+    def _reallocate(self, rows: int, length: int) -> None:
         used_rows, used_length = self.rows, max(self.lengths, default=0)
         for buffers in (self.keys, self.values):
             for layer, old in enumerate(buffers):
                 _, heads, _, head_dim = old.shape
-                new = old.new_zeros((new_rows, heads, new_length, head_dim))
+                new = old.new_zeros((rows, heads, length, head_dim))
                 new[:used_rows, :, :used_length] = old[:used_rows, :, :used_length]
                 buffers[layer] = new
 
+    def _fit(self) -> None:
+        """Shrink the buffers to the rows' needs when those are under a quarter of them."""
+        if not self.keys or not self.rows:
+            return
+        have_rows, have_length = self.capacity
+        rows = _round_up(self.rows, ROW_QUANTUM)
+        length = _round_up(max(self.rooms), LENGTH_QUANTUM)
+        if 4 * rows * length <= have_rows * have_length:
+            self._reallocate(min(rows, have_rows), min(length, have_length))
+
     # --- Rows joining and leaving ---------------------------------------------------------
 
-    def insert(self, prefill: DynamicCache, lengths: Sequence[int], *, length: int) -> None:
+    def insert(
+        self, prefill: DynamicCache, lengths: Sequence[int], *, rooms: Sequence[int]
+    ) -> None:
         """Append the rows of a left-padded prefill (its row ``i`` has ``lengths[i]`` real
-        tokens at the right end) as the last rows, with room for ``length`` columns each."""
+        tokens at the right end) as the last rows; row ``i`` may come to need ``rooms[i]``
+        columns (it is given them now)."""
+        length = max(rooms)
         layers = prefill.layers
         if len(layers) != self.depth:
             raise ValueError(f"the prefill has {len(layers)} layers, not {self.depth}")
@@ -115,6 +136,7 @@ class RowCache(Cache):
                     for i, n in enumerate(lengths):
                         buffer[start + i, :, :n] = states[i, :, width - n :]
         self.lengths.extend(int(n) for n in lengths)
+        self.rooms.extend(int(n) for n in rooms)
 
     def keep(self, order: Sequence[int]) -> None:
         """Keep these rows (indices of the current rows), as the new rows ``0 .. len - 1``:
@@ -130,6 +152,8 @@ class RowCache(Cache):
                 for buffer in buffers:
                     buffer[targets, :, :span] = buffer[sources, :, :span]
         self.lengths = [self.lengths[old] for old in order]
+        self.rooms = [self.rooms[old] for old in order]
+        self._fit()
 
     # --- A decoding step ------------------------------------------------------------------
 

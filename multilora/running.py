@@ -80,9 +80,9 @@ class RunningBatch:
             with self.binding.joining(_lanes_of(rows)):
                 logits, prefill, _, _ = self.engine._prefill(rows)
             lengths = [len(row.prompt_ids) for row in rows for _ in row.members]
-            room = max(len(row.prompt_ids) + row.max_new_tokens for row in rows)
+            rooms = [len(row.prompt_ids) + row.max_new_tokens for row in rows for _ in row.members]
             with torch.inference_mode():
-                self.cache.insert(prefill, lengths, length=room)
+                self.cache.insert(prefill, lengths, rooms=rooms)
         except BaseException:
             self._forget(rows)
             raise

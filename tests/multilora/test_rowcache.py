@@ -30,9 +30,9 @@ def held(cache: RowCache, row: int) -> torch.Tensor:
 def test_newcomers_take_the_next_rows_with_their_real_tokens_from_column_zero():
     cache = RowCache(layers=LAYERS, device=torch.device("cpu"))
     first, first_rows = prefill([3, 5], seed=1)
-    cache.insert(first, [3, 5], length=10)
+    cache.insert(first, [3, 5], rooms=[10, 8])
     second, second_rows = prefill([2, 7, 4], seed=2)
-    cache.insert(second, [2, 7, 4], length=90)  # more columns and rows than held: grows
+    cache.insert(second, [2, 7, 4], rooms=[9, 90, 6])  # more columns and rows than held: grows
     assert cache.lengths == [3, 5, 2, 7, 4]
     rows, columns = cache.capacity
     assert rows >= 5 and rows % ROW_QUANTUM == 0
@@ -49,7 +49,7 @@ def test_a_leaving_row_is_replaced_by_the_last_one_and_the_others_stay_put():
     assert leave_order(4, {0, 1, 2, 3}) == []
     cache = RowCache(layers=LAYERS, device=torch.device("cpu"))
     source, rows = prefill([3, 5, 2, 6, 4], seed=3)
-    cache.insert(source, [3, 5, 2, 6, 4], length=16)
+    cache.insert(source, [3, 5, 2, 6, 4], rooms=[16] * 5)
     untouched = cache.keys[0][2].clone()
     cache.keep(leave_order(5, {0, 3}))
     assert cache.lengths == [4, 5, 2]
@@ -62,7 +62,7 @@ def test_a_step_writes_each_row_at_its_own_column_and_masks_the_rest():
     cache = RowCache(layers=1, device=torch.device("cpu"))
     source, _ = prefill([2, 4], seed=4)
     source.layers = source.layers[:1]
-    cache.insert(source, [2, 4], length=8)
+    cache.insert(source, [2, 4], rooms=[8, 8])
     positions, mask = cache.begin_step(torch.float32)
     assert positions.tolist() == [[2], [4]]
     assert mask.shape == (2, 1, 1, 5)
@@ -75,3 +75,16 @@ def test_a_step_writes_each_row_at_its_own_column_and_masks_the_rest():
     assert torch.equal(cache.keys[0][0, :, 2], new[0, :, 0])
     assert torch.equal(cache.keys[0][1, :, 4], new[1, :, 0])
     assert cache.lengths == [3, 5]
+
+
+def test_the_buffers_shrink_to_the_remaining_rows_needs_once_a_long_row_has_left():
+    cache = RowCache(layers=LAYERS, device=torch.device("cpu"))
+    source, rows = prefill([3, 4, 5], seed=5)
+    cache.insert(source, [3, 4, 5], rooms=[20, 30, 1000])
+    assert cache.capacity == (4, 1024)
+    cache.keep(leave_order(3, {1}))  # the remaining rows still need 1000 columns
+    assert cache.capacity == (4, 1024)
+    cache.keep(leave_order(2, {1}))  # the long row leaves
+    assert cache.capacity == (4, 64)
+    assert cache.lengths == [3] and cache.rooms == [20]
+    torch.testing.assert_close(held(cache, 0), rows[0])
