@@ -142,6 +142,16 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
+@dataclass
+class _Running:
+    """A running batch and its jobs, on the scheduler thread."""
+
+    batch: RunningBatch
+    members: list[Job]  # every job that joined, finished or not
+    handles: dict[int, Job] = field(default_factory=dict)  # the batch's event index -> job
+    running: list[Job] = field(default_factory=list)  # joined and not finished
+
+
 @dataclass(frozen=True)
 class SchedulerStats:
     waiting: int
@@ -360,20 +370,19 @@ class Scheduler:
         members: list[Job] = []  # every job that joined, finished or not
         try:
             with self.engine.running() as batch:
-                handles: dict[int, Job] = {}
-                running: list[Job] = []
-                self._join(batch, first, handles, running, members)
+                state = _Running(batch=batch, members=members)
+                self._join(state, first)
                 while len(batch):
                     for event in batch.sample():
-                        self._hand_out(handles[event.index], event, running)
+                        self._hand_out(state, event)
                     batch.forward()
                     if not len(batch):
                         break
                     with self._condition:
                         calls = list(self._calls)
                         self._calls.clear()
-                        joining = self._take_joiners(running)
-                        self._running = running + joining
+                        joining = self._take_joiners(state.running)
+                        self._running = state.running + joining
                     if calls:
                         with batch.binding.paused():
                             for function, future in calls:
@@ -381,7 +390,7 @@ class Scheduler:
                     if joining:
                         with self._condition:
                             self._joined += len(joining)
-                        self._join(batch, joining, handles, running, members)
+                        self._join(state, joining)
         except Exception as error:
             if len(members) == 1:
                 logger.exception("A request failed in the engine")
@@ -400,14 +409,7 @@ class Scheduler:
                 self._batches += bool(members)
                 self._completed += len(members)
 
-    def _join(
-        self,
-        batch: RunningBatch,
-        jobs: list[Job],
-        handles: dict[int, Job],
-        running: list[Job],
-        members: list[Job],
-    ) -> None:
+    def _join(self, state: _Running, jobs: list[Job]) -> None:
         """Add jobs to the running batch. A request the engine refuses fails alone; when
         the newcomers' prefill raises, they join one by one, so that only the one that
         breaks it fails (the running rows are not touched by a failed join)."""
@@ -419,7 +421,7 @@ class Scheduler:
         if not jobs:
             return
         try:
-            self._join_group(batch, jobs, handles, running, members)
+            self._join_group(state, jobs)
             return
         except Exception as error:
             if len(jobs) == 1:
@@ -428,7 +430,7 @@ class Scheduler:
             logger.exception("The prefill of %d requests failed; joining them apart", len(jobs))
         for job in jobs:
             try:
-                self._join_group(batch, [job], handles, running, members)
+                self._join_group(state, [job])
             except Exception as error:
                 self._failed_alone(job, error)
 
@@ -439,23 +441,18 @@ class Scheduler:
         job._deliver(Failure("engine_error", _engine_failed(error)))
         job.finished = True
 
-    def _join_group(
-        self,
-        batch: RunningBatch,
-        jobs: list[Job],
-        handles: dict[int, Job],
-        running: list[Job],
-        members: list[Job],
-    ) -> None:
+    def _join_group(self, state: _Running, jobs: list[Job]) -> None:
         joined_at = time.monotonic()
         for job in jobs:
             job.started_at = joined_at
-        for job, handle in zip(jobs, batch.join([job.request for job in jobs]), strict=True):
-            handles[handle] = job
-            running.append(job)
-            members.append(job)
+        handles = state.batch.join([job.request for job in jobs])
+        for job, handle in zip(jobs, handles, strict=True):
+            state.handles[handle] = job
+            state.running.append(job)
+            state.members.append(job)
 
-    def _hand_out(self, job: Job, event: StreamEvent, running: list[Job]) -> None:
+    def _hand_out(self, state: _Running, event: StreamEvent) -> None:
+        job = state.handles[event.index]
         if job.cancelled and not job.cancel_sent:
             # Cancelled between leaving the queue and the engine taking the batch,
             # when the engine did not know the request yet: pass it on now.
@@ -464,7 +461,7 @@ class Scheduler:
         job._deliver(event)
         if event.result is not None:
             self._finish(job)
-            running.remove(job)
+            state.running.remove(job)
 
     def _finish(self, job: Job) -> None:
         job.finished = True
