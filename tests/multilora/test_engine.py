@@ -702,6 +702,45 @@ def test_rows_that_finish_early_leave_the_batch_and_the_rest_still_match_peft(
     assert [result.completion_tokens for result in results] == lengths
 
 
+def test_rows_joining_a_running_batch_at_random_steps_still_match_peft_alone(
+    engine: Engine, tiny_dir: Path, tokenizer
+):
+    import random
+
+    adapters = [random_adapter(f"j{i}", seed=80 + i, rank=4, targets=ATTENTION) for i in range(3)]
+    load_into(engine, *adapters)
+    rng = random.Random(5)
+    keys = ["j0", None, "j1", "j2", "j0", "j1"]
+    requests = [
+        GenerationRequest(
+            prompt_ids=prompt(tokenizer, i),
+            composition=Composition.single(key) if key else Composition.base(),
+            max_new_tokens=rng.randint(2, 10),
+        )
+        for i, key in enumerate(keys)
+    ]
+    steps = [0, *sorted(rng.randint(1, 9) for _ in requests[1:])]
+    results = {}
+    with engine.running() as batch:
+        step = 0
+        while len(results) < len(requests):
+            joining = [r for r, at in zip(requests, steps, strict=True) if at == step]
+            if joining:
+                batch.join(joining)
+            for event in batch.sample():
+                if event.result is not None:
+                    results[event.request_id] = event.result
+            batch.forward()
+            step += 1
+    by_key = {adapter.key: adapter for adapter in adapters}
+    for request in requests:
+        adapter = by_key.get(request.composition.adapter)
+        expected = peft_reference(
+            tiny_dir, adapter, tuple(request.prompt_ids), request.max_new_tokens
+        )[1]
+        assert results[request.request_id].token_ids == expected
+
+
 def test_chat_messages_are_formatted_with_the_chat_template(engine: Engine, tokenizer):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
