@@ -26,6 +26,7 @@ weights it started with.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
@@ -58,8 +59,9 @@ class Engine:
     """The base model, its LoRA registry, and batched generation over both.
 
     Wraps ``model``'s linear modules in place. ``model`` must be a causal LM whose forward
-    takes ``attention_mask``, ``position_ids``, ``past_key_values`` and ``logits_to_keep``
-    (every transformers decoder does).
+    takes ``attention_mask``, ``position_ids``, a cache (``cache``, or ``past_key_values``,
+    its name before transformers 5.2x) and ``logits_to_keep`` (every transformers decoder
+    does).
     """
 
     def __init__(
@@ -80,6 +82,10 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.vocab_size = getattr(model.config, "vocab_size", None)
+        # transformers renamed the forward's cache argument (the old name warns, and goes in
+        # 5.40): pass it under whichever name this model's forward takes.
+        parameters = inspect.signature(model.forward).parameters
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self._generation_lock = threading.Lock()
         self._cancel_lock = threading.Lock()
         self._running: set[str] = set()
@@ -194,9 +200,9 @@ class Engine:
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,  # the lm_head on the last position only
+                **{self.cache_argument: cache},
             )
         return output.logits[:, -1, :], cache, mask, position_ids[:, -1]
 

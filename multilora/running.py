@@ -139,8 +139,8 @@ class RunningBatch:
                 input_ids=torch.tensor(tokens, device=self.device).unsqueeze(1),
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=self.cache,
                 use_cache=True,
+                **{self.engine.cache_argument: self.cache},
             )
         self.cache.end_step()
         self.logits = output.logits[:, -1, :]
