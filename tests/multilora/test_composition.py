@@ -209,26 +209,10 @@ def test_requests_that_join_a_running_batch_at_random_steps_get_what_they_get_al
         )
         for i, c in enumerate(compositions)
     ]
-    # Each request joins at its step (several may join together, some at once); rows leave
-    # as they finish, so joining rows take the places of rows that left.
+    # Each request joins at its step (several may join together, some at once).
     steps = [0] + [rng.randint(0, 8) for _ in requests[1:]]
-    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    results = {}
-    lane_counts = set()
-    with engine.running() as batch:
-        step = 0
-        while len(results) < len(requests):
-            joining = [r for r, at in zip(requests, steps, strict=True) if at == step]
-            if joining:
-                batch.join(joining)
-            lane_counts.add(batch.lane_count)
-            for event in batch.sample():
-                if event.token_id is not None:
-                    tokens[event.request_id].append(event.token_id)
-                if event.result is not None:
-                    results[event.request_id] = event.result
-            batch.forward()
-            step += 1
+    joined = support.run_joining(engine, requests, steps)
+    results, tokens, lane_counts = joined.results, joined.tokens, joined.lane_counts
     assert len(lane_counts) > 2  # the batch did grow and shrink
     for row in requests:
         (alone,) = engine.generate([row])

@@ -34,6 +34,7 @@ from multilora import (
     Engine,
     GenerationError,
     GenerationRequest,
+    GenerationResult,
     LoraRegistry,
 )
 from multilora.model import _GatheredLora, _LazyLora, _SharedLora
@@ -702,11 +703,37 @@ def test_rows_that_finish_early_leave_the_batch_and_the_rest_still_match_peft(
     assert [result.completion_tokens for result in results] == lengths
 
 
+@dataclasses.dataclass
+class Joined:
+    results: dict[str, GenerationResult]  # by request id
+    tokens: dict[str, list[int]]  # every token streamed, by request id
+    lane_counts: set[int]  # the batch's sizes, step by step
+
+
+def run_joining(engine: Engine, requests: list[GenerationRequest], steps: list[int]) -> Joined:
+    """Run a batch in which ``requests[i]`` joins before step ``steps[i]`` (several may join
+    together); rows leave as they finish, so later rows take the places of rows that left."""
+    joined = Joined(results={}, tokens={r.request_id: [] for r in requests}, lane_counts=set())
+    with engine.running() as batch:
+        step = 0
+        while len(joined.results) < len(requests):
+            joining = [r for r, at in zip(requests, steps, strict=True) if at == step]
+            if joining:
+                batch.join(joining)
+            joined.lane_counts.add(batch.lane_count)
+            for event in batch.sample():
+                if event.token_id is not None:
+                    joined.tokens[event.request_id].append(event.token_id)
+                if event.result is not None:
+                    joined.results[event.request_id] = event.result
+            batch.forward()
+            step += 1
+    return joined
+
+
 def test_rows_joining_a_running_batch_at_random_steps_still_match_peft_alone(
     engine: Engine, tiny_dir: Path, tokenizer
 ):
-    import random
-
     adapters = [random_adapter(f"j{i}", seed=80 + i, rank=4, targets=ATTENTION) for i in range(3)]
     load_into(engine, *adapters)
     rng = random.Random(5)
@@ -720,18 +747,7 @@ def test_rows_joining_a_running_batch_at_random_steps_still_match_peft_alone(
         for i, key in enumerate(keys)
     ]
     steps = [0, *sorted(rng.randint(1, 9) for _ in requests[1:])]
-    results = {}
-    with engine.running() as batch:
-        step = 0
-        while len(results) < len(requests):
-            joining = [r for r, at in zip(requests, steps, strict=True) if at == step]
-            if joining:
-                batch.join(joining)
-            for event in batch.sample():
-                if event.result is not None:
-                    results[event.request_id] = event.result
-            batch.forward()
-            step += 1
+    results = run_joining(engine, requests, steps).results
     by_key = {adapter.key: adapter for adapter in adapters}
     for request in requests:
         adapter = by_key.get(request.composition.adapter)
