@@ -108,6 +108,7 @@ class RunningBatch:
         assert self.logits is not None
         # The step's one sync.
         tokens = self.sampler.sample(self._lanes.combine(self.logits)).tolist()
+        self.logits = None  # drawn from; ``forward`` makes the next ones
         cancelled = self.engine._take_cancelled(self.rows)
         shares = self.binding.shares
         events = []
@@ -129,7 +130,6 @@ class RunningBatch:
         """Feed every running lane the token ``sample`` drew for it: one forward."""
         tokens, self.tokens = self.tokens, None
         if not self.lanes:
-            self.logits = None
             return
         assert tokens is not None and len(tokens) == len(self.lanes)
         model = self.engine.model
@@ -159,11 +159,8 @@ class RunningBatch:
             self.cache.keep(order)
         self.binding.select_rows(order)
         self.sampler.select_rows(kept)
-        index = torch.tensor(order, device=self.device, dtype=torch.long)
-        assert self.logits is not None
-        self.logits = self.logits.index_select(0, index) if order else None
-        if self.tokens is not None:
-            self.tokens = [self.tokens[lane] for lane in order]
+        assert self.tokens is not None  # drawn by ``sample``, which calls this
+        self.tokens = [self.tokens[lane] for lane in order]
         self.lanes = [(renumber[self.lanes[lane][0]], self.lanes[lane][1]) for lane in order]
         self.rows = [self.rows[i] for i in kept]
         self._lanes = _Lanes(self.rows, self.device, self.lanes)

@@ -5,6 +5,7 @@ alone. The tiny random model and adapters of test_engine are reused."""
 from __future__ import annotations
 
 import json
+import random
 import warnings
 from pathlib import Path
 
@@ -194,8 +195,6 @@ def test_a_mixed_batch_gives_every_request_what_it_gets_alone(
 def test_requests_that_join_a_running_batch_at_random_steps_get_what_they_get_alone(
     engine: Engine, tokenizer, schedule
 ):
-    import random
-
     rng = random.Random(schedule)
     compositions = [*MIXED, Composition.single("a1")]
     requests = [
