@@ -6,7 +6,9 @@ at least 0.5), the share where the candidate the router picks (by the serving ru
 best adapter if it beats the base model's prediction by the margin, else the base model)
 solves it. It cannot see examples nobody solves (there every pick scores the same), so ties
 in accuracy go to the setting that leaves more of those to the base model, the safe
-default: an adapter that does not help should not answer. Only public benchmark examples
+default: an adapter that does not help should not answer; remaining ties to the better
+calibrated setting (the lower Brier score of its predicted P(correct) against every measured
+outcome held out), as a few dozen public examples tie often. Only public benchmark examples
 are held out; contributors' example prompts always stay in the training folds, as they say
 something about one adapter only.
 """
@@ -22,12 +24,17 @@ from routing.router.learned import KINDS, LearnedRouterModel
 
 SOLVED = 0.5
 KS = (40, 20, 10, 5, 3, 1)  # largest first: on a tie the smoother model wins
+# The nearest neighbours' kernel widths (cosine distance; 0: the inverse distance), widest
+# first for the same reason.
+BANDWIDTHS = (0.0, 0.1, 0.05, 0.02)
 CS = (0.1, 1.0, 10.0)  # strongest regularisation first, for the same reason
 # How much an adapter's P(correct) must beat the base model's: the one kept routes the
 # held-out examples best (accuracy, then the base model's share of what nobody solves; the
 # larger margin on a tie), so prompts nobody solves stay on the base model wherever that
-# costs no solvable example.
-MARGINS = (0.0, 0.05, 0.1, 0.2, 0.3)
+# costs no solvable example. Never none: an adapter predicted a hair above the base model
+# (a far neighbour's faint vote, where the near ones say nobody helps) is no reason to leave
+# it, so the least is one point.
+MARGINS = (0.01, 0.05, 0.1, 0.2, 0.3)
 FOLDS = 5
 MIN_SCORED = 2  # fewer scored examples than this: nothing to cross-validate on
 
@@ -76,16 +83,19 @@ class CrossValidated:
     n: int
     base_kept: float | None
     unsolved: int
+    brier: float | None = None  # mean (P(correct) - score)² over the measured cells
 
-    def key(self) -> tuple[float, float]:
-        """Accuracy first; the base model's share of what nobody solves breaks ties."""
+    def key(self) -> tuple[float, float, float]:
+        """Accuracy first; the base model's share of what nobody solves breaks ties, then
+        calibration."""
         return (
             -1.0 if self.accuracy is None else self.accuracy,
             0.0 if self.base_kept is None else self.base_kept,
+            -1.0 if self.brier is None else -self.brier,
         )
 
     def entry(self) -> dict:
-        return {"accuracy": self.accuracy, "base_kept": self.base_kept}
+        return {"accuracy": self.accuracy, "base_kept": self.base_kept, "brier": self.brier}
 
 
 def fit_best(
@@ -93,13 +103,17 @@ def fit_best(
     *,
     kinds: Sequence[str] = KINDS,
     ks: Sequence[int] = KS,
+    bandwidths: Sequence[float] = BANDWIDTHS,
     cs: Sequence[float] = CS,
     folds: int = FOLDS,
     seed: int = 0,
 ) -> Fitted:
     """Tune each kind in ``kinds`` by cross-validation, keep the best one (ties: the first
     kind listed), choose its margin, refit it on everything."""
-    grids = {"knn": [{"k": k} for k in ks], "linear": [{"C": c} for c in cs]}
+    grids = {
+        "knn": [{"k": k, "bandwidth": h} for k in ks for h in bandwidths],
+        "linear": [{"C": c} for c in cs],
+    }
     splits = _folds(data.scored, folds, seed)
     cv: dict = {}
     best: tuple[tuple[float, float], str, dict] | None = None
@@ -176,11 +190,13 @@ def routing_hits(
     unsolved = known.any(axis=1) & ~solvable
     hit = solves[np.arange(len(rows)), picks] & solvable
     kept = (picks == 0) & unsolved
+    error = (predicted - data.correct[rows]) ** 2
     return CrossValidated(
         accuracy=_accuracy(int(hit.sum()), int(solvable.sum())),
         n=int(solvable.sum()),
         base_kept=_accuracy(int(kept.sum()), int(unsolved.sum())),
         unsolved=int(unsolved.sum()),
+        brier=float(error[known].mean()) if known.any() else None,
     )
 
 
@@ -228,6 +244,7 @@ def fit(
             known=np.ascontiguousarray(data.known[rows], dtype=np.float32),
             owner=np.asarray(data.owner, dtype=np.int64),
             k=int(params["k"]),
+            bandwidth=float(params.get("bandwidth", 0.0)),
             margin=margin,
         )
     if kind == "linear":

@@ -15,8 +15,9 @@ import numpy as np
 
 KINDS = ("knn", "linear")
 FORMAT_VERSION = 1
-# Added to the cosine distance before inverting it: a training prompt identical to the
-# request weighs 20 times one at distance 1, not infinitely more.
+# The inverse-distance weighting of files written before the bandwidth existed: 1 / (cosine
+# distance + 0.05), so a training prompt identical to the request weighs 20 times one at
+# distance 1, not infinitely more.
 DISTANCE_EPS = 0.05
 # Rows scored together when predicting many queries at once (cross-validation): bounds the
 # gathered [rows, k, columns] block to a few tens of megabytes with 1,000 columns.
@@ -40,6 +41,12 @@ class LearnedRouterModel:
     owner: np.ndarray | None = None  # int64 [N - N_public]
     k: int = 0
     alpha: float = 1.0
+    # knn: a neighbour at cosine distance d from the request weighs exp(-d / bandwidth)
+    # relative to the nearest one (0: the inverse distance above). A narrow kernel lets the
+    # request's own task speak: with 1 / (d + 0.05), the neighbours of another task that
+    # fill up k (a units adapter's example prompts, for an addition prompt) weighed a third
+    # of the nearest and voted their adapter in where nobody is measured to help.
+    bandwidth: float = 0.0
     # How much an adapter's predicted P(correct) must exceed the base model's for it to
     # answer (chosen by cross-validation: the largest that costs no held-out example).
     margin: float = 0.0
@@ -98,7 +105,12 @@ class LearnedRouterModel:
         else:
             top = np.broadcast_to(np.arange(len(points)), (n, len(points)))
         near = np.take_along_axis(similarity, top, axis=1)
-        weight = 1.0 / (np.maximum(1.0 - near, 0.0) + DISTANCE_EPS)  # [n, k]
+        if self.bandwidth > 0:
+            # Relative to the nearest neighbour (weight 1), so that it cannot underflow; the
+            # prediction is a ratio of weighted sums, unchanged by a common factor.
+            weight = np.exp((near - near.max(axis=1, keepdims=True)) / self.bandwidth)
+        else:
+            weight = 1.0 / (np.maximum(1.0 - near, 0.0) + DISTANCE_EPS)  # [n, k]
         is_dense = top < dense
         rows = np.where(is_dense, top, 0)
         dense_weight = np.where(is_dense, weight, 0.0)
@@ -132,6 +144,7 @@ class LearnedRouterModel:
             "prior": np.asarray(self.prior, dtype=np.float32),
             "k": np.asarray(self.k, dtype=np.int64),
             "alpha": np.asarray(self.alpha, dtype=np.float64),
+            "bandwidth": np.asarray(self.bandwidth, dtype=np.float64),
             "margin": np.asarray(self.margin, dtype=np.float64),
         }
         for name in ("points", "correct", "known", "weights", "bias"):
@@ -170,6 +183,7 @@ class LearnedRouterModel:
             alpha=float(arrays["alpha"]),
             # Files written before the margin existed route with none.
             margin=float(arrays["margin"]) if "margin" in arrays else 0.0,
+            bandwidth=float(arrays["bandwidth"]) if "bandwidth" in arrays else 0.0,
             weights=optional("weights", np.float32),
             bias=optional("bias", np.float32),
         )
@@ -188,6 +202,8 @@ class LearnedRouterModel:
         ]
         if not all(np.isfinite(a).all() for a in present):
             raise ValueError("a learned router's arrays must be finite")
+        if not (np.isfinite(self.bandwidth) and 0.0 <= self.bandwidth <= 10.0):
+            raise ValueError("a learned router's bandwidth is a cosine distance in [0, 10]")
         if not 0.0 <= self.margin < 1.0:
             raise ValueError("a learned router's margin is a probability difference in [0, 1)")
         if self.kind == "knn":

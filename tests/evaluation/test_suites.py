@@ -25,6 +25,7 @@ from django.core.management import call_command
 from django.urls import reverse
 from rest_framework.test import APIClient
 
+from evaluation.management.commands.load_suites import SAMPLE
 from evaluation.models import Example, Suite, SuiteVersion, Task
 from evaluation.services.suites import (
     suite_version_create,
@@ -423,12 +424,19 @@ def test_load_suites_sample_keeps_each_splits_first_examples_and_a_full_load_fol
     out = io.StringIO()
     call_command("load_suites", "--sample", stdout=out)
     assert "sampled" in out.getvalue()
+    committed: dict[str, int] = {}  # each task's public examples in the committed files
+    for path in Path(settings.BASE_DIR, "evaluation", "suites").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("split") == "public":
+                committed[row["task"]] = committed.get(row["task"], 0) + 1
     for task in Task.objects.filter(suite_version__is_current=True):
         counts = {
             split: task.examples.filter(split=split).count()
             for split in ("hidden", "public", "paraphrase")
         }
-        assert counts["hidden"] == 30 and counts["public"] == 5, task.slug
+        assert counts["hidden"] == 30, task.slug
+        assert counts["public"] == min(SAMPLE["public"], committed[task.slug]), task.slug
         assert counts["paraphrase"] in (0, 10), task.slug
         first = task.examples.filter(split="hidden").order_by("position").first()
         assert first.position == 0

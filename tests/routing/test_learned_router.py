@@ -213,7 +213,7 @@ def test_a_prompt_no_adapter_helps_goes_to_the_base_model_even_near_an_adapters_
     assert fitted.kind == "knn" and fitted.cv["knn"]["base_kept"] == 1.0
     assert fitted.cv["linear"]["base_kept"] < 1.0
     assert fitted.model.margin > 0 and fitted.params["margin"] == fitted.model.margin
-    assert [g["margin"] for g in fitted.margins] == [0.0, 0.05, 0.1, 0.2, 0.3]
+    assert [g["margin"] for g in fitted.margins] == [0.01, 0.05, 0.1, 0.2, 0.3]
     catalog = Catalog(
         mixture_number=1,
         router="learned",

@@ -39,9 +39,13 @@ from evaluation.suites_selectors import suite_secret_examples
 from tessera.errors import DomainError
 
 BUILT_IN = HERE
-# What --sample keeps of each task: the fewest hidden and public examples a suite may have,
-# and ten paraphrases (the router's test on unseen wording).
-SAMPLE = {"hidden": MIN_EXAMPLES["hidden"], "public": MIN_EXAMPLES["public"], "paraphrase": 10}
+# What --sample keeps of each task: the fewest hidden examples a suite may have, ten
+# paraphrases (the router's test on unseen wording) and twenty public examples. Public
+# examples cost nothing until the learned router measures every candidate on them, and it
+# learns what each candidate does from them: with the five a suite may have, a general
+# task's five outcomes per candidate were too few to tell which adapter beats the base
+# model there, and cross-validation too coarse to tell two routers apart.
+SAMPLE = {"hidden": MIN_EXAMPLES["hidden"], "public": 20, "paraphrase": 10}
 
 
 class Command(BaseCommand):
