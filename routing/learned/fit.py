@@ -1,16 +1,20 @@
 """Fitting the learned router: a k-nearest-neighbour model and a linear one, each tuned and
-compared by cross-validated routing accuracy; pure numpy and scikit-learn, no database.
+compared by cross-validation; pure numpy and scikit-learn, no database.
 
-Routing accuracy is the scoreboard's: among held-out examples some candidate solves (score
-at least 0.5), the share where the candidate the router picks (by the serving rule: the
-best adapter if it beats the base model's prediction by the margin, else the base model)
-solves it. It cannot see examples nobody solves (there every pick scores the same), so ties
-in accuracy go to the setting that leaves more of those to the base model, the safe
-default: an adapter that does not help should not answer; remaining ties to the better
-calibrated setting (the lower Brier score of its predicted P(correct) against every measured
-outcome held out), as a few dozen public examples tie often. Only public benchmark examples
-are held out; contributors' example prompts always stay in the training folds, as they say
-something about one adapter only.
+A setting is judged by how it routes the held-out examples, under the serving rule (the
+best adapter if it beats the base model's prediction by the margin, else the base model).
+Each example has a right answer: a candidate that solves it (score at least 0.5) where any
+does, else the base model, the safe default, since an adapter that is not measured to help
+should not answer. The setting that routes the largest share of held-out examples right is
+kept. Routing accuracy alone (the scoreboard's: the share of solvable examples whose pick
+solves them) is blind to the examples nobody solves, where every pick scores the same: by
+it, a model that hands every prompt of a skill no admitted adapter has to the adapter with
+the most similar prompts (a units adapter, for prompts full of numbers) was as good as one
+that left them to the base model, and one solvable example more made it better. Ties go to
+the higher routing accuracy, then to the better calibrated setting (the lower Brier score of
+its predicted P(correct) against every measured outcome held out), as a few dozen public
+examples tie often. Only public benchmark examples are held out; contributors' example
+prompts always stay in the training folds, as they say something about one adapter only.
 """
 
 from __future__ import annotations
@@ -29,11 +33,9 @@ KS = (40, 20, 10, 5, 3, 1)  # largest first: on a tie the smoother model wins
 BANDWIDTHS = (0.0, 0.1, 0.05, 0.02)
 CS = (0.1, 1.0, 10.0)  # strongest regularisation first, for the same reason
 # How much an adapter's P(correct) must beat the base model's: the one kept routes the
-# held-out examples best (accuracy, then the base model's share of what nobody solves; the
-# larger margin on a tie), so prompts nobody solves stay on the base model wherever that
-# costs no solvable example. Never none: an adapter predicted a hair above the base model
-# (a far neighbour's faint vote, where the near ones say nobody helps) is no reason to leave
-# it, so the least is one point.
+# held-out examples best (as the settings are judged; the larger margin on a tie). Never
+# none: an adapter predicted a hair above the base model (a far neighbour's faint vote,
+# where the near ones say nobody helps) is no reason to leave it, so the least is one point.
 MARGINS = (0.01, 0.05, 0.1, 0.2, 0.3)
 FOLDS = 5
 MIN_SCORED = 2  # fewer scored examples than this: nothing to cross-validate on
@@ -85,17 +87,31 @@ class CrossValidated:
     unsolved: int
     brier: float | None = None  # mean (P(correct) - score)² over the measured cells
 
+    @property
+    def right(self) -> float | None:
+        """The share of held-out examples routed right: solvable ones to a candidate that
+        solves them, the others to the base model."""
+        hits = (self.accuracy or 0.0) * self.n
+        kept = (self.base_kept or 0.0) * self.unsolved
+        total = self.n + self.unsolved
+        return (hits + kept) / total if total else None
+
     def key(self) -> tuple[float, float, float]:
-        """Accuracy first; the base model's share of what nobody solves breaks ties, then
-        calibration."""
+        """Routed right first, then accuracy, then calibration (see the module docstring)."""
+        right = self.right
         return (
+            -1.0 if right is None else right,
             -1.0 if self.accuracy is None else self.accuracy,
-            0.0 if self.base_kept is None else self.base_kept,
             -1.0 if self.brier is None else -self.brier,
         )
 
     def entry(self) -> dict:
-        return {"accuracy": self.accuracy, "base_kept": self.base_kept, "brier": self.brier}
+        return {
+            "right": self.right,
+            "accuracy": self.accuracy,
+            "base_kept": self.base_kept,
+            "brier": self.brier,
+        }
 
 
 def fit_best(
@@ -141,9 +157,8 @@ def fit_best(
 def _margin(
     data: TrainingSet, kind: str, params: dict, splits: list[np.ndarray]
 ) -> tuple[float, list]:
-    """The margin of MARGINS that routes held-out examples best (accuracy, then the base
-    model's share of what nobody solves; the larger margin on a tie), and each one's
-    figures."""
+    """The margin of MARGINS that routes held-out examples best (the larger margin on a
+    tie), and each one's figures."""
     held, predicted = held_out_predictions(data, kind, params, splits)
     results = [(m, routing_hits(predicted, data, held, margin=m)) for m in MARGINS]
     chosen = max(results, key=lambda result: (result[1].key(), result[0]))[0]

@@ -444,3 +444,105 @@ def test_the_command_prints_the_chosen_kind_and_accuracies(mixture, capsys):
     assert "| knn" in out and "| linear" in out
     call_command("train_router", "--mixture", str(mixture.number), "--json")
     assert '"cv_accuracy"' in capsys.readouterr().out
+
+
+# --- On real prompts: the three-adapter demo a newcomer starts with --------------------------
+
+SKILLS = (
+    "addition",
+    "date-formatting",
+    "number-words",
+    "sorting",
+    "unit-conversion",
+    "word-reversal",
+)
+THREE = {"unit-conversion": 101, "date-formatting": 102, "word-reversal": 103}  # task: version
+TRAINED = 20  # public examples a task trains on (as the demo's sample keeps); the rest query
+
+
+def suite_public_prompts() -> dict[str, list[str]]:
+    """Every built-in skill and general task's committed public prompts, rendered as a
+    request carries them."""
+    from evaluation.suite_io import parse_suite_jsonl
+    from evaluation.worker.scoring import render_prompt
+
+    prompts: dict[str, list[str]] = {}
+    for name in (*SKILLS, "general"):
+        parsed = parse_suite_jsonl(
+            (ROOT / "evaluation" / "suites" / f"{name}.jsonl").read_bytes(),
+            splits=("public",),
+            min_examples={},
+        )
+        for task in parsed.tasks:
+            prompts[task.slug] = [
+                render_prompt(e.prompt_template or task.prompt_template, e.fields)
+                for e in task.split("public")
+            ]
+    return prompts
+
+
+def test_prompts_of_skills_no_admitted_adapter_has_go_to_the_base_model_on_real_prompts():
+    """Units, dates and word reversal admitted; addition, number words and sorting prompts
+    (whose numbers sit close to the units adapter's prompts) are solved by none of them, and
+    go to the base model, while each admitted skill's prompts go to its adapter. Real
+    all-MiniLM-L6-v2 embeddings of the suites' public prompts and the demo adapters' example
+    prompts; outcomes as the demo measured them (each adapter solves most of its own skill
+    and nothing of another, the base model none of the skills, every candidate about two
+    thirds of the general tasks)."""
+    import json
+
+    from evaluation.worker.signatures import embed
+
+    prompts = suite_public_prompts()
+    rng = np.random.default_rng(3)
+    columns = [None, *THREE.values()]
+    texts, rows = [], []
+    for slug, task_prompts in prompts.items():
+        for index, text in enumerate(task_prompts[:TRAINED]):
+            if slug in THREE:
+                row = [float(THREE[slug] == c and index % 5 != 0) for c in columns]
+            elif slug in SKILLS:
+                row = [0.0] * len(columns)
+            else:
+                row = [float(v) for v in rng.random(len(columns)) < 0.67]
+            texts.append(text)
+            rows.append(row)
+    owned = []
+    for folder, task in (
+        ("unit-conversion", "unit-conversion"),
+        ("date-formatting", "date-formatting"),
+        ("word-reversal", "word-reversal"),
+    ):
+        metadata = json.loads((ROOT / "demo" / "adapters" / folder / "metadata.json").read_text())
+        owned += [(1 + list(THREE).index(task), p) for p in metadata["example_prompts"]]
+    correct = np.asarray(rows, dtype=np.float32)
+    data = TrainingSet(
+        points=embed([*texts, *(p for _column, p in owned)]),
+        correct=correct,
+        known=np.ones_like(correct, dtype=bool),
+        owner=np.asarray([column for column, _p in owned], dtype=np.int64),
+        version_ids=list(THREE.values()),
+        example_ids=list(range(1, len(texts) + 1)),
+        mixture_number=1,
+    )
+    fitted = fit_best(data)
+    catalog = Catalog(
+        mixture_number=1,
+        router="learned",
+        router_settings={},
+        adapters=tuple(served(f"demo/{t}", version_id=v) for t, v in THREE.items()),
+        learned=fitted.model,
+    )
+
+    def picks(slug: str) -> list[str]:
+        queries = embed(prompts[slug][TRAINED:])
+        assert len(queries) >= 10, slug
+        decisions = [route_learned_embedded(catalog=catalog, query=q) for q in queries]
+        return [d.adapter.model_id if d.adapter else "base" for d in decisions]
+
+    for slug in ("addition", "number-words", "sorting"):
+        routed = picks(slug)
+        assert routed.count("base") >= 0.9 * len(routed), (slug, fitted.params, routed)
+    for slug in THREE:
+        routed = picks(slug)
+        assert routed.count(f"demo/{slug}") >= 0.9 * len(routed), (slug, fitted.params, routed)

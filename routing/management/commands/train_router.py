@@ -5,8 +5,8 @@
 
 The same computation as the job queued when a mixture is published: outcomes missing on
 the public splits are measured first (one sandboxed child), then both kinds are tuned and
-compared by cross-validated routing accuracy. A serving process picks the new router up
-at its next poll. Prints counts and accuracies only (no example leaves the database).
+compared by cross-validation (routing.learned.fit says how). A serving process picks the
+new router up at its next poll. Prints counts and accuracies only (no example leaves the database).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from routing.selectors import mixture_by_number_or_active
 
 
 class Command(BaseCommand):
-    help = "Train a mixture version's learned router and print its cross-validated accuracy."
+    help = "Train a mixture version's learned router and print how it routed held-out examples."
 
     def add_arguments(self, parser):
         parser.add_argument("--mixture", type=int, help="mixture version number (default: active)")
@@ -39,6 +39,7 @@ class Command(BaseCommand):
             "params": router.params,
             "cv_accuracy": {
                 kind: {
+                    "right": entry.get("right"),
                     "accuracy": entry["accuracy"],
                     "base_kept": entry.get("base_kept"),
                     "params": entry["params"],
@@ -59,14 +60,15 @@ class Command(BaseCommand):
             f"{training.get('candidates', 0)} candidates"
         )
         self.stdout.write(
-            "| kind | cross-validated routing accuracy | unsolved kept on the base model "
-            "| best params | n |"
+            "| kind | cross-validated: routed right | routing accuracy "
+            "| unsolved kept on the base model | best params | n |"
         )
-        self.stdout.write("|---|---:|---:|---|---:|")
+        self.stdout.write("|---|---:|---:|---:|---|---:|")
         for kind, entry in result["cv_accuracy"].items():
             self.stdout.write(
                 f"| {kind}{' (chosen)' if kind == router.kind else ''} | "
-                f"{_share(entry['accuracy'])} | {_share(entry['base_kept'])} | "
+                f"{_share(entry['right'])} | {_share(entry['accuracy'])} | "
+                f"{_share(entry['base_kept'])} | "
                 f"{_params(entry['params'])} | {entry['n']} |"
             )
 
