@@ -233,16 +233,53 @@ def test_a_prompt_no_adapter_helps_goes_to_the_base_model_even_near_an_adapters_
     assert [a.model_id for a in helped] == ["ann/units"] * 10
 
 
-def test_the_margin_round_trips_and_an_old_file_without_one_routes_with_none(fitted):
-    model = dataclasses.replace(fitted.model, margin=0.2)
-    assert LearnedRouterModel.from_npz(model.to_npz()).margin == 0.2
+def test_the_margin_and_bandwidth_round_trip_and_an_old_file_without_them_routes_as_before(
+    fitted,
+):
+    model = dataclasses.replace(fitted.model, margin=0.2, bandwidth=0.05)
+    read = LearnedRouterModel.from_npz(model.to_npz())
+    assert (read.margin, read.bandwidth) == (0.2, 0.05)
     buffer = io.BytesIO()
     with np.load(io.BytesIO(model.to_npz()), allow_pickle=False) as stored:
-        arrays = {name: stored[name] for name in stored.files if name != "margin"}
+        arrays = {n: stored[n] for n in stored.files if n not in ("margin", "bandwidth")}
     np.savez(buffer, **arrays)
-    assert LearnedRouterModel.from_npz(buffer.getvalue()).margin == 0.0
+    old = LearnedRouterModel.from_npz(buffer.getvalue())
+    assert (old.margin, old.bandwidth) == (0.0, 0.0)
     with pytest.raises(ValueError):
         dataclasses.replace(fitted.model, margin=1.5).check()
+    with pytest.raises(ValueError):
+        dataclasses.replace(fitted.model, bandwidth=float("nan")).check()
+
+
+def test_the_kernel_weighs_each_neighbour_by_its_distance_to_the_request():
+    """Two public examples: the near one (cosine 1) says column 1 solves it, the far one
+    (cosine 0.6) says column 2 does. Inverse distance weighs them 20 : 2.2; a bandwidth of
+    0.1 weighs them 1 : exp(-4), so the far one barely counts."""
+    query = np.asarray([1.0, 0.0], dtype=np.float32)
+    far = np.asarray([0.6, 0.8], dtype=np.float32)
+    correct = np.asarray([[0, 1, 0], [0, 0, 1]], dtype=np.float32)
+
+    def model(bandwidth: float) -> LearnedRouterModel:
+        return LearnedRouterModel(
+            kind="knn",
+            version_ids=np.asarray([1, 2]),
+            prior=np.zeros(3, dtype=np.float32),
+            points=np.stack([query, far]),
+            correct=correct,
+            known=np.ones_like(correct),
+            owner=np.zeros(0, dtype=np.int64),
+            k=2,
+            alpha=1.0,
+            bandwidth=bandwidth,
+        )
+
+    def expected(w_near: float, w_far: float) -> np.ndarray:
+        pull = (w_near + w_far) / 2
+        total = w_near + w_far + pull
+        return np.asarray([0.0, w_near / total, w_far / total])
+
+    np.testing.assert_allclose(model(0.0).predict(query), expected(20.0, 1 / 0.45), rtol=1e-5)
+    np.testing.assert_allclose(model(0.1).predict(query), expected(1.0, np.exp(-4)), rtol=1e-5)
 
 
 def test_the_weaker_adapter_still_answers_when_the_stronger_one_is_filtered_out(fitted):
