@@ -61,6 +61,22 @@ class TrainingSet:
     def scored(self) -> int:
         return len(self.example_ids)
 
+    def only(self, version_ids: Sequence[int]) -> TrainingSet:
+        """The same set for a mixture of only ``version_ids`` (each one of this set's): the
+        base model's column and theirs, and their example prompts."""
+        columns = [0, *(1 + self.version_ids.index(v) for v in version_ids)]
+        renumber = {column: new for new, column in enumerate(columns)}
+        owned = np.isin(self.owner, columns)
+        return TrainingSet(
+            points=np.concatenate([self.points[: self.scored], self.points[self.scored :][owned]]),
+            correct=self.correct[:, columns],
+            known=self.known[:, columns],
+            owner=np.asarray([renumber[int(o)] for o in self.owner[owned]], dtype=np.int64),
+            version_ids=list(version_ids),
+            example_ids=list(self.example_ids),
+            mixture_number=self.mixture_number,
+        )
+
 
 @dataclass(frozen=True)
 class Fitted:

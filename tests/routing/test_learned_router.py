@@ -583,3 +583,17 @@ def test_prompts_of_skills_no_admitted_adapter_has_go_to_the_base_model_on_real_
     for slug in THREE:
         routed = picks(slug)
         assert routed.count(f"demo/{slug}") >= 0.9 * len(routed), (slug, fitted.params, routed)
+
+
+def test_a_training_set_narrowed_to_some_members_keeps_their_columns_and_prompts_only():
+    data = synthetic()  # columns: base, STRONG, WEAK, DATES; 5 example prompts each
+    narrowed = data.only([DATES, STRONG])
+    assert narrowed.version_ids == [DATES, STRONG]
+    np.testing.assert_array_equal(narrowed.correct, data.correct[:, [0, 3, 1]])
+    assert narrowed.scored == data.scored and narrowed.known.shape == narrowed.correct.shape
+    # STRONG's and DATES's example prompts, renumbered to their new columns; WEAK's dropped.
+    assert sorted(narrowed.owner.tolist()) == [1] * 5 + [2] * 5
+    np.testing.assert_array_equal(
+        narrowed.points[data.scored :][narrowed.owner == 1],
+        data.points[data.scored :][data.owner == 3],
+    )
