@@ -83,12 +83,13 @@ class Fitted:
     model: LearnedRouterModel
     kind: str
     params: dict
-    # {kind: {"accuracy": best cross-validated accuracy or None, "base_kept": its share of
-    #         unsolved examples kept on the base model, "params": its params,
-    #         "grid": [{"params": ..., "accuracy": ..., "base_kept": ...}, ...],
+    # {kind: {"right": its best setting's share of held-out examples routed right,
+    #         "accuracy": its routing accuracy or None, "base_kept": its share of unsolved
+    #         examples kept on the base model, "brier": its Brier score, "params": its
+    #         params, "grid": [{"params": ..., "right": ..., ...}, ...],
     #         "n": solvable examples it was over}}
     cv: dict = field(default_factory=dict)
-    # [{"margin": m, "accuracy": ..., "base_kept": ...}, ...] for the chosen kind
+    # [{"margin": m, "right": ..., "accuracy": ..., ...}, ...] for the chosen kind
     margins: list = field(default_factory=list)
 
 
@@ -148,7 +149,7 @@ def fit_best(
     }
     splits = _folds(data.scored, folds, seed)
     cv: dict = {}
-    best: tuple[tuple[float, float], str, dict] | None = None
+    best: tuple[tuple[float, float, float], str, dict] | None = None
     for kind in kinds:
         results = [(params, cross_validated(data, kind, params, splits)) for params in grids[kind]]
         # max keeps the first of equals: the smoother setting, listed first.
