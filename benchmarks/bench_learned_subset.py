@@ -59,13 +59,13 @@ def main() -> None:
     # In the mixture's own column order (by version), as the job would train on them.
     kept = sorted((members[name] for name in args.members), key=lambda version: version.pk)
     data, summary = training_set(mixture=mixture)
-    fitted = fit_best(data.only([v.pk for v in kept]))
+    narrowed = data.only([v.pk for v in kept])
+    fitted = fit_best(narrowed)
     catalog = dataclasses.replace(public_catalog(mixture, kept), learned=fitted.model)
     print(
         f"Mixture v{mixture.number}, kept {len(kept)} of {len(members)} members; learned "
         f"router {fitted.kind} {fitted.params} on {summary['public_examples']} public "
-        f"examples and {len(fitted.model.owner if fitted.model.owner is not None else [])} "
-        "example prompts"
+        f"examples and {len(narrowed.owner)} example prompts"
     )
     print("\n| task (hidden) | n | learned router's picks | embedding router's picks |")
     print("|---|---:|---|---|")

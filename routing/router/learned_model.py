@@ -48,7 +48,7 @@ class LearnedRouterModel:
     # of the nearest and voted their adapter in where nobody is measured to help.
     bandwidth: float = 0.0
     # How much an adapter's predicted P(correct) must exceed the base model's for it to
-    # answer (chosen by cross-validation: the largest that costs no held-out example).
+    # answer (chosen by cross-validation with the rest of the setting, routing.learned.fit).
     margin: float = 0.0
     # linear
     weights: np.ndarray | None = None  # float32 [C, d]
