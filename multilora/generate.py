@@ -346,6 +346,17 @@ class Engine:
             )
         return rows
 
+    def lanes(self, composition: Composition) -> list[tuple[BoundRow, float]]:
+        """The rows that run ``composition`` and the weight of each row's log-probabilities
+        in the answer: one row of weight 1 for ``top1``, ``topk`` and ``arrow`` (their mix
+        is inside the row); one row per adapter for ``logit``, with its weight. For callers
+        that run the forwards themselves (``lora.adapters`` binds the rows). GenerationError
+        for an adapter the registry does not hold."""
+        members = self._members(composition)
+        if composition.method == "logit":
+            return list(zip(members, composition.weights, strict=True))
+        return [(members[0], 1.0)]
+
     def _members(self, composition: Composition) -> list[BoundRow]:
         if not isinstance(composition, Composition):
             raise GenerationError(f"composition must be a Composition, not {composition!r}.")

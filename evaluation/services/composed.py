@@ -27,8 +27,6 @@ from evaluation.worker.specs import AdapterSpec, ComposedTaskSpec, JobSpec
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
-GENERATIVE_METRICS = frozenset({"exact_match", "contains", "parts"})
-
 
 @dataclass(frozen=True)
 class ExtraAdapter:
@@ -62,11 +60,10 @@ def composed_measure(
     parts: list[ComposedPart],
     extra: Sequence[ExtraAdapter] = (),
 ) -> dict[str, list[float]]:
-    """{part key: per-example scores} for every part whose metric is generative (others
-    are left out: a composition of log-likelihoods means nothing here). An example whose
-    composition names a version that could not be copied scores 0.0. Raises RunFailure when
-    the child fails as a whole."""
-    parts = [part for part in parts if part.split.task.metric in GENERATIVE_METRICS]
+    """{part key: per-example scores} for every part: greedy answers on a generative
+    metric, log-likelihoods under the composed model on a multiple-choice one. An example
+    whose composition names a version that could not be copied scores 0.0. Raises
+    RunFailure when the child fails as a whole."""
     if not parts:
         return {}
     wanted = {pk for part in parts for c in part.compositions for pk in c.get("adapters", ())}

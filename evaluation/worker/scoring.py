@@ -250,49 +250,182 @@ def score_composed(
     progress: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Per-example scores of ``task`` (a ComposedTaskSpec) answered by the serving engine
-    (a multilora.Engine) with each example's own composition, greedy, in batches of
-    ``batch_size`` rows sorted by prompt length. The prompts are tokenized exactly as
-    ``generate_ids`` tokenizes them, so a ``top1`` composition scores what the variant
-    path scores. An example whose composition names an adapter the engine does not hold
-    (it was refused at load time) scores 0.0."""
-    from multilora import Composition, CompositionError, GenerationRequest
-
-    if task.metric not in _GENERATIVE:
-        raise ValueError(f"compositions are scored on generative metrics, not {task.metric!r}")
+    (a multilora.Engine) with each example's own composition, in batches of ``batch_size``
+    rows sorted by length. A generative metric scores the greedy answer the engine serves
+    (the prompts tokenized exactly as ``generate_ids`` tokenizes them, so a ``top1``
+    composition scores what the variant path scores); ``multiple_choice`` and
+    ``mean_loglik`` score log-likelihoods under the composed model (``composed_logliks``).
+    An example whose composition names an adapter the engine does not hold (it was refused
+    at load time) scores 0.0. ``progress`` counts examples."""
+    if task.metric not in METRICS:
+        raise ValueError(f"unknown metric {task.metric!r}")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    metric = _GENERATIVE[task.metric]
     tokenizer = engine.tokenizer
-    loaded = set(engine.registry.keys())
-    scores = [0.0] * len(task.examples)
-    rows: list[tuple[int, list[int], Any]] = []
+    prompts: dict[int, str] = {}
+    compositions: dict[int, Any] = {}
     for index, (example, fields) in enumerate(zip(task.examples, task.compositions, strict=True)):
-        try:
-            composition = Composition(**fields)
-        except (CompositionError, TypeError):
-            continue
-        if not set(composition.adapters) <= loaded:
-            continue
-        ids = _encode(tokenizer, chat_prompt(tokenizer, task.prompt_template, example.fields))
-        rows.append((index, ids, composition))
+        composition = _loaded_composition(engine, fields)
+        if composition is not None:
+            compositions[index] = composition
+            prompts[index] = chat_prompt(tokenizer, task.prompt_template, example.fields)
+    scores = [0.0] * len(task.examples)
+    if task.metric in _GENERATIVE:
+        _generate_composed(engine, task, prompts, compositions, scores, batch_size, progress)
+    else:
+        _loglik_composed(engine, task, prompts, compositions, scores, batch_size, progress)
+    if progress is not None and len(compositions) < len(task.examples):
+        progress(len(task.examples) - len(compositions))
+    return scores
+
+
+def _loaded_composition(engine: Any, fields: Mapping[str, Any]) -> Any:
+    """The composition ``fields`` describe, or None when they are not one or name an
+    adapter the engine does not hold."""
+    from multilora import Composition, CompositionError
+
+    try:
+        composition = Composition(**fields)
+    except (CompositionError, TypeError):
+        return None
+    return composition if set(composition.adapters) <= set(engine.registry.keys()) else None
+
+
+def _generate_composed(
+    engine: Any,
+    task: Any,
+    prompts: Mapping[int, str],
+    compositions: Mapping[int, Any],
+    scores: list[float],
+    batch_size: int,
+    progress: Callable[[int], None] | None,
+) -> None:
+    from multilora import GenerationRequest
+
+    metric = _GENERATIVE[task.metric]
+    rows = [(index, _encode(engine.tokenizer, prompt)) for index, prompt in prompts.items()]
     rows.sort(key=lambda row: (len(row[1]), row[0]))
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         results = engine.generate(
             [
                 GenerationRequest(
-                    prompt_ids=ids, composition=composition, max_new_tokens=task.max_new_tokens
+                    prompt_ids=ids,
+                    composition=compositions[index],
+                    max_new_tokens=task.max_new_tokens,
                 )
-                for _index, ids, composition in batch
+                for index, ids in batch
             ]
         )
-        for (index, _ids, _composition), result in zip(batch, results, strict=True):
+        for (index, _ids), result in zip(batch, results, strict=True):
             scores[index] = metric(result.text, task.examples[index].target)
         if progress is not None:
             progress(len(batch))
-    if progress is not None and len(rows) < len(task.examples):
-        progress(len(task.examples) - len(rows))
-    return scores
+
+
+def _loglik_composed(
+    engine: Any,
+    task: Any,
+    prompts: Mapping[int, str],
+    compositions: Mapping[int, Any],
+    scores: list[float],
+    batch_size: int,
+    progress: Callable[[int], None] | None,
+) -> None:
+    # (example index, continuation): every choice of a multiple-choice example, or the target
+    pairs: list[tuple[int, str]] = []
+    for index in prompts:
+        example = task.examples[index]
+        if task.metric == "multiple_choice":
+            if not example.choices:
+                raise ValueError(f"example {index} of a multiple_choice task has no choices")
+            pairs.extend((index, choice) for choice in example.choices)
+        else:
+            pairs.append((index, example.target))
+    sums, counts = composed_logliks(
+        engine,
+        [(prompts[index], continuation) for index, continuation in pairs],
+        [compositions[index] for index, _ in pairs],
+        batch_size=batch_size,
+        progress=_in_examples(progress, len(pairs), len(prompts)),
+    )
+    if task.metric == "mean_loglik":
+        for (index, _), total, count in zip(pairs, sums, counts, strict=True):
+            scores[index] = total / count if count else 0.0
+        return
+    cursor = 0
+    for index in prompts:
+        example = task.examples[index]
+        k = len(example.choices)
+        best = int(np.argmax(sums[cursor : cursor + k]))
+        scores[index] = float(example.choices[best] == example.target)
+        cursor += k
+
+
+def composed_logliks(
+    engine: Any,
+    pairs: Sequence[tuple[str, str]],
+    compositions: Sequence[Any],
+    *,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[float], list[int]]:
+    """``continuation_logliks`` of each (chat-templated prompt, continuation) under its
+    composition (a multilora.Composition the engine holds every adapter of), with the
+    engine's own rows: ``top1``, ``topk`` and ``arrow`` one row bound to the composition;
+    ``logit`` one row per adapter, whose log-probabilities at each position are combined
+    by weight, Σ wᵢ log pᵢ(token), and normalised over the vocabulary, as the engine
+    combines them to choose a token. ``progress`` counts rows. Uses the engine's model
+    outside its generation loop: not while the engine generates."""
+    import torch
+
+    lanes: list[tuple[int, Any, float]] = []  # (pair, bound row, weight)
+    for index, composition in enumerate(compositions):
+        lanes.extend((index, row, weight) for row, weight in engine.lanes(composition))
+    items = [
+        _continuation_item(engine.tokenizer, prompt, continuation) for prompt, continuation in pairs
+    ]
+    remaining = [0] * len(pairs)
+    for index, _row, _weight in lanes:
+        remaining[index] += 1
+    combined: dict[int, torch.Tensor] = {}
+    sums = [0.0] * len(pairs)
+    counts = [0] * len(pairs)
+    for lane, log_probs, targets in _continuation_log_probs(
+        engine.model,
+        engine.tokenizer,
+        [items[index] for index, _row, _weight in lanes],
+        batch_size=batch_size,
+        bound=lambda batch: engine.lora.adapters([lanes[j][1] for j in batch]),
+        progress=_in_examples(progress, len(lanes), len(pairs)),
+    ):
+        index, _row, weight = lanes[lane]
+        term = log_probs * weight
+        combined[index] = combined[index] + term if index in combined else term
+        remaining[index] -= 1
+        if remaining[index] == 0:  # its last row: the composed model's log-probabilities
+            sums[index] = _picked_sum(torch.log_softmax(combined.pop(index), dim=-1), targets)
+            counts[index] = len(targets)
+    return sums, counts
+
+
+def _in_examples(
+    progress: Callable[[int], None] | None, units: int, examples: int
+) -> Callable[[int], None] | None:
+    """A progress callback counting ``units`` (rows, choices) that reports to ``progress``
+    in ``examples``, in proportion: all of them once every unit is counted."""
+    if progress is None or units == 0:
+        return None
+    state = {"units": 0, "reported": 0}
+
+    def reporter(count: int) -> None:
+        state["units"] += count
+        whole = min(examples, state["units"] * examples // units)
+        if whole > state["reported"]:
+            progress(whole - state["reported"])
+            state["reported"] = whole
+
+    return reporter
 
 
 def _bound(bind: Bind | None, slots: Sequence[int] | None, batch: Sequence[int]):
@@ -394,18 +527,53 @@ def continuation_logliks(
     """For each (chat-templated prompt, continuation): the summed log-likelihood of the
     continuation's tokens after the prompt, and their number. Batched with right padding
     (a causal model's earlier positions never see it)."""
+    items = [_continuation_item(tokenizer, prompt, continuation) for prompt, continuation in pairs]
+    sums = [0.0] * len(items)
+    counts = [0] * len(items)
+    for i, log_probs, targets in _continuation_log_probs(
+        model,
+        tokenizer,
+        items,
+        batch_size=batch_size,
+        bound=lambda batch: _bound(bind, slots, batch),
+        progress=progress,
+    ):
+        sums[i] = _picked_sum(log_probs, targets)
+        counts[i] = len(targets)
+    return sums, counts
+
+
+def _continuation_item(
+    tokenizer: Any, prompt: str, continuation: str
+) -> tuple[list[int], list[int]]:
+    return _encode(tokenizer, prompt), tokenizer(continuation, add_special_tokens=False)[
+        "input_ids"
+    ]
+
+
+def _picked_sum(log_probs: torch.Tensor, targets: torch.Tensor) -> float:
+    return float(log_probs.gather(1, targets.unsqueeze(1)).squeeze(1).double().sum())
+
+
+def _continuation_log_probs(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[tuple[list[int], list[int]]],
+    *,
+    batch_size: int,
+    bound: Callable[[list[int]], AbstractContextManager[Any]],
+    progress: Callable[[int], None] | None = None,
+):
+    """For each (prompt ids, continuation ids) item with a non-empty continuation, in
+    batches sorted by length: (its index, the log-probabilities [continuation, vocab] that
+    predict each continuation token, the continuation's tokens). Each batch's forward runs
+    inside ``bound(its item indices)``; items of one length keep their order, so the rows of
+    one prompt and continuation usually share a batch."""
     import torch
 
     pad_id, _ = _special_ids(model, tokenizer)
     device = _device(model)
-    items = []
-    for prompt, continuation in pairs:
-        prompt_ids = _encode(tokenizer, prompt)
-        continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        items.append((prompt_ids, continuation_ids))
     order = sorted(range(len(items)), key=lambda i: (sum(map(len, items[i])), i))
-    sums = [0.0] * len(items)
-    counts = [0] * len(items)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         width = max(len(items[i][0]) + len(items[i][1]) for i in batch)
@@ -415,7 +583,7 @@ def continuation_logliks(
             ids = items[i][0] + items[i][1]
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
-        with torch.inference_mode(), _bound(bind, slots, batch):
+        with torch.inference_mode(), bound(batch):
             logits = model(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
             ).logits.float()
@@ -427,13 +595,9 @@ def continuation_logliks(
             last = first + len(continuation_ids)
             # Token t is predicted by the logits at position t - 1.
             log_probs = torch.log_softmax(logits[row, first - 1 : last - 1], dim=-1)
-            targets = input_ids[row, first:last].to(log_probs.device)
-            picked = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
-            sums[i] = float(picked.double().sum())
-            counts[i] = len(continuation_ids)
+            yield i, log_probs, input_ids[row, first:last].to(log_probs.device)
         if progress is not None:
             progress(len(batch))
-    return sums, counts
 
 
 def _score_multiple_choice(
@@ -455,24 +619,13 @@ def _score_multiple_choice(
             pairs.append((prompt, choice))
             pair_slots.append(slots[index] if slots is not None else 0)
     # Choices are batched across examples (in order of length), so progress is reported in
-    # examples in proportion to the choices scored, the remainder at the end.
-    state = {"pairs": 0, "reported": 0}
-    reporter = None
-    if progress is not None:
-
-        def reporter(count: int) -> None:
-            state["pairs"] += count
-            whole = state["pairs"] * len(examples) // len(pairs)
-            if whole > state["reported"]:
-                progress(whole - state["reported"])
-                state["reported"] = whole
-
+    # examples in proportion to the choices scored.
     sums, _counts = continuation_logliks(
         model,
         tokenizer,
         pairs,
         batch_size=batch_size,
-        progress=reporter,
+        progress=_in_examples(progress, len(pairs), len(examples)),
         slots=pair_slots if slots is not None else None,
         bind=bind,
     )
@@ -483,8 +636,6 @@ def _score_multiple_choice(
         best = int(np.argmax(sums[cursor : cursor + k]))
         scores.append(float(example.choices[best] == example.target))
         cursor += k
-    if progress is not None and state["reported"] < len(examples):
-        progress(len(examples) - state["reported"])
     return scores
 
 

@@ -41,11 +41,11 @@ class ComposedTaskSpec:
     """A task split answered by compositions of the job's adapters, one per example (the
     router's choice for that prompt differs from example to example). Each composition is
     a plain dict of multilora.Composition's fields (method, adapters as job adapter keys,
-    weights, k, temperature); the child generates with the serving engine itself, so a
+    weights, k, temperature); the child answers with the serving engine's own rows, so a
     composition is measured exactly as it is served."""
 
     key: str  # names it in the child's answer ("task:12:hidden|embedding/topk")
-    metric: str  # a generative metric: exact_match | contains | parts
+    metric: str  # any task metric (evaluation.worker.scoring.METRICS)
     prompt_template: str
     max_new_tokens: int
     examples: list[ExampleSpec]

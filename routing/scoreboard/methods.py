@@ -7,9 +7,8 @@ makes it. Most compositions need no generation: one the router sends to the base
 the base model's stored outcome, and one with a single adapter is that adapter's. The rest
 are measured together in one sandboxed child (evaluation.services.composed), with the
 mixture's merged adapter (when it is built) answering every example as the ``merged``
-method. Only generated answers are measured: on a multiple-choice task a mixed
-composition is credited with its main adapter's stored outcome, and the merged adapter,
-which has none, with 0.
+method. On a generative task a composition's greedy answer is scored; on a
+multiple-choice task, the choice the composed model finds likeliest.
 """
 
 from __future__ import annotations
@@ -21,12 +20,7 @@ from typing import Any
 from django.conf import settings
 
 from contributions.models import AdapterVersion, BaseModel
-from evaluation.services.composed import (
-    GENERATIVE_METRICS,
-    ComposedPart,
-    ExtraAdapter,
-    composed_measure,
-)
+from evaluation.services.composed import ComposedPart, ExtraAdapter, composed_measure
 from evaluation.services.outcomes import UnionSplit
 from routing.catalog import Catalog
 from routing.compose import Composed, compose
@@ -106,10 +100,6 @@ def method_scores(
                     for offset in range(len(part.example_ids)):
                         position = start + offset
                         composed, fields = composed_for(catalog, decisions[position], method)
-                        if fields is not None and part.task.metric not in GENERATIVE_METRICS:
-                            # A mixed answer's log-likelihood is not measured: the
-                            # composition's main adapter stands for it on such a task.
-                            fields = None
                         if fields is None:
                             values[position] = stored_score(composed, routing.scores, position)
                         else:
@@ -124,8 +114,6 @@ def method_scores(
         if merged is not None:
             labels[MERGED] = [0.0] * sum(len(part.example_ids) for part in routing.parts)
             for part, start in zip(routing.parts, offsets, strict=True):
-                if part.task.metric not in GENERATIVE_METRICS:
-                    continue  # left at 0: the merged adapter has no stored outcome there
                 item = ComposedPart(
                     label=MERGED,
                     split=part,
