@@ -70,6 +70,9 @@ class Catalog:
     # {router: the composition method that scored best with it on this mixture's
     # scoreboard}, empty until the mixture is scored: what TESSERA_COMPOSITION=best serves.
     best_compositions: dict[str, str] = field(default_factory=dict)
+    # The router that scored best on this mixture's scoreboard, None until it is scored:
+    # what the ``best`` router (TESSERA_ROUTER=best) hands each request to.
+    best_router: str | None = None
 
     def __iter__(self) -> Iterator[ServedAdapter]:
         return iter(self.adapters)

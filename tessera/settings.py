@@ -362,12 +362,17 @@ if TESSERA_ADMISSION_REVIEW not in {"first", "always", "never"}:
     raise ImproperlyConfigured("TESSERA_ADMISSION_REVIEW must be one of first, always, never.")
 
 # --- Routing ---------------------------------------------------------------------------------
-# The deployment's router ("embedding", "arrow" or "explicit"); requests may override it.
-TESSERA_ROUTER = env.str("TESSERA_ROUTER", default="embedding")
+# The deployment's router, unless a request names another: "embedding", "learned",
+# "arrow", "explicit", or "best": whichever of embedding and learned scored best on the
+# served mixture's scoreboard (embedding until it is scored). docs/architecture.md has the
+# scoreboard's figures for each.
+TESSERA_ROUTER = env.str("TESSERA_ROUTER", default="best")
 # Cosine similarity a request needs with an adapter's signature to be routed to it.
 TESSERA_ROUTER_THRESHOLD = env.float("TESSERA_ROUTER_THRESHOLD", default=0.35)
-if TESSERA_ROUTER not in {"embedding", "arrow", "explicit", "learned"}:
-    raise ImproperlyConfigured("TESSERA_ROUTER must be one of embedding, arrow, explicit, learned.")
+if TESSERA_ROUTER not in {"best", "embedding", "arrow", "explicit", "learned"}:
+    raise ImproperlyConfigured(
+        "TESSERA_ROUTER must be one of best, embedding, arrow, explicit, learned."
+    )
 # How the mixture composes an answer from the router's candidates, unless a request says
 # otherwise: "top1" (the best one), "topk" (the k best, weighted by a softmax of their router
 # scores at TESSERA_COMPOSITION_TEMPERATURE), "arrow" (per token, the k best by Arrow

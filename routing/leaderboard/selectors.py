@@ -25,6 +25,8 @@ from routing import usage_selectors
 from routing.models import MixtureVersion, Scoreboard
 from routing.scoreboard import selectors as board_selectors
 
+BEST = "best"  # a router or composition setting that serves whatever scored best
+
 # The board's splits in the order the page shows them; a board holds those it could score.
 SPLITS = ("hidden", "paraphrase", "composite")
 SPLIT_TITLES = {
@@ -87,8 +89,9 @@ class SplitBoard:
 class Board:
     mixture: int
     finished_at: dt.datetime | None
-    router: str
-    composition: str
+    router: str  # the router it serves with ("best" resolved to the board's choice)
+    composition: str  # likewise the composition method
+    chosen_by_board: bool  # the deployment serves whatever scored best here
     members: int
     task: str  # the task the splits are narrowed to, "" for the whole union
     task_title: str
@@ -269,8 +272,7 @@ def _active_board_status(active: MixtureVersion | None, latest: Scoreboard | Non
 
 def _board(board: Scoreboard, task: str) -> tuple[Board, bool]:
     figures = board.figures or {}
-    router = figures.get("router") or ""
-    composition = (figures.get("composition") or {}).get("default") or "top1"
+    router, composition, chosen = _served_choice(figures)
     splits: list[SplitBoard] = []
     task_title = ""
     for name in SPLITS:
@@ -289,6 +291,7 @@ def _board(board: Scoreboard, task: str) -> tuple[Board, bool]:
         finished_at=board.finished_at,
         router=router,
         composition=composition,
+        chosen_by_board=chosen,
         members=len(figures.get("members") or ()),
         task=task,
         task_title=task_title,
@@ -297,6 +300,19 @@ def _board(board: Scoreboard, task: str) -> tuple[Board, bool]:
         methods_pending=pending and not pending_lost,
     )
     return summary, not task or bool(splits)
+
+
+def _served_choice(figures: dict[str, Any]) -> tuple[str, str, bool]:
+    """(the router, the composition method the mixture serves with, whether either was the
+    board's own choice): a ``best`` setting resolved as serving resolves it."""
+    router = figures.get("router") or ""
+    composition = (figures.get("composition") or {}).get("default") or "top1"
+    chosen = BEST in (router, composition)
+    if router == BEST:
+        router = board_selectors.best_router(figures) or "embedding"
+    if composition == BEST:
+        composition = board_selectors.best_compositions(figures).get(router, "top1")
+    return router, composition, chosen
 
 
 def _methods_pending(board: Scoreboard) -> tuple[bool, bool]:

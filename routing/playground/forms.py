@@ -22,7 +22,7 @@ MIXTURE_MODEL = "tessera"
 
 # The names routing.router.ROUTERS and routing.compose.METHODS register, repeated because
 # importing those modules loads torch into the portal process; a test keeps them equal.
-ROUTERS = ("embedding", "learned", "arrow", "explicit")
+ROUTERS = ("best", "embedding", "learned", "arrow", "explicit")
 COMPOSITIONS = ("top1", "topk", "arrow", "logit", "merged")
 
 ROUTER_CHOICES = [("", "Mixture default")] + [(name, name) for name in ROUTERS]

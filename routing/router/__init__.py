@@ -7,7 +7,7 @@ Why it is shaped like this:
   the mixture changes meanwhile.
 - Visibility comes before everything: another contributor's private adapter is invisible,
   and naming it fails exactly like naming nothing (``model_not_found``).
-- The default router embeds the request (all-MiniLM-L6-v2, offline) and compares it by
+- The embedding router embeds the request (all-MiniLM-L6-v2, offline) and compares it by
   cosine with each adapter's signature, the centroid of its example and benchmark prompts;
   the best adapter answers if it clears a threshold, else the base model does. An adapter is
   only admitted because it beats the base on its tasks, so sending off-topic requests to the
@@ -19,6 +19,8 @@ Why it is shaped like this:
 - ``learned`` predicts each candidate's chance of answering correctly from the request's
   embedding, with a model trained per mixture version on measured outcomes (see
   ``routing.router.learned``); until one is trained it answers as the embedding router.
+- ``best`` hands each request to whichever of those scored best on the served mixture's
+  scoreboard (``routing.router.best``), the embedding router until it is scored.
 - Routers live in one registry (``routing.router.registry``): a new one is one
   ``register(name, decide)`` call, and ``ROUTERS`` is what is registered.
 - Every decision carries its best scores and a machine-readable reason, so the API can say
@@ -35,6 +37,7 @@ from routing.router.arrow import (
     capture_module_inputs,
     top_right_singular_vector,
 )
+from routing.router.best import BEST
 from routing.router.decision import ArrowScores, candidates, route, route_embedded
 from routing.router.embedding import signature_matrix
 from routing.router.learned import LearnedRouterModel, route_learned_embedded
@@ -49,6 +52,7 @@ from routing.router.types import (
 )
 
 __all__ = [
+    "BEST",
     "MAX_COMPOSE",
     "MAX_SCORES",
     "ROUTERS",

@@ -56,7 +56,7 @@ from routing.catalog import MERGED_MODEL_ID, Catalog, ServedAdapter
 from routing.learned.services import learned_router_load
 from routing.models import LearnedRouter, MergedAdapter, Scoreboard
 from routing.router.learned import LearnedRouterModel
-from routing.scoreboard.selectors import best_compositions
+from routing.scoreboard.selectors import best_compositions, best_router
 
 
 def add_adapter_version(registry: LoraRegistry, version: Any, *, key: str) -> int:
@@ -301,7 +301,7 @@ class MixtureSync:
         removed = [adapter for pk, adapter in current.items() if pk not in wanted]
         self._merged_seen, merged = self._load_merged(mixture.pk)
         self._learned_seen, learned = self._load_learned(mixture.pk)
-        self._board_seen, best = self._load_board(mixture.pk)
+        self._board_seen, best, best_by_board = self._load_board(mixture.pk)
         retired = [*removed] + ([self.catalog.merged] if self.catalog.merged is not None else [])
         self._active = (mixture.pk, mixture.number)
         self.catalog = Catalog(
@@ -312,6 +312,7 @@ class MixtureSync:
             merged=merged,
             learned=learned,
             best_compositions=best,
+            best_router=best_by_board,
         )
         due = time.monotonic() + RETIRE_GRACE_SECONDS
         self._retiring.extend((due, adapter.key) for adapter in retired)
@@ -439,27 +440,35 @@ class MixtureSync:
 
     def _refresh_board(self, mixture_pk: int) -> bool:
         """The served mixture's scoreboard, when its row changed since the last poll: the
-        best composition per router, for TESSERA_COMPOSITION=best."""
+        best composition per router, for TESSERA_COMPOSITION=best, and the best router, for
+        TESSERA_ROUTER=best."""
         seen = Scoreboard.objects.filter(mixture_id=mixture_pk).values_list("pk", "status")
         if seen.first() == self._board_seen:
             return False
-        self._board_seen, best = self._load_board(mixture_pk)
-        if best == self.catalog.best_compositions:
+        self._board_seen, best, router = self._load_board(mixture_pk)
+        if (best, router) == (self.catalog.best_compositions, self.catalog.best_router):
             return False
-        self.catalog = replace(self.catalog, best_compositions=best)
-        logger.info("Best compositions by router on the scoreboard: %s", best or "none yet")
+        self.catalog = replace(self.catalog, best_compositions=best, best_router=router)
+        logger.info(
+            "On the scoreboard: best router %s, best compositions by router %s",
+            router or "none yet",
+            best or "none yet",
+        )
         return True
 
-    def _load_board(self, mixture_pk: int) -> tuple[tuple[int, str] | None, dict[str, str]]:
-        """(the row's (pk, status), {router: best method}, empty until it is done)."""
+    def _load_board(
+        self, mixture_pk: int
+    ) -> tuple[tuple[int, str] | None, dict[str, str], str | None]:
+        """(the row's (pk, status), {router: best method}, the best router), the last two
+        empty until it is done."""
         row = Scoreboard.objects.filter(mixture_id=mixture_pk).only("pk", "status").first()
         if row is None:
-            return None, {}
+            return None, {}, None
         seen = (row.pk, row.status)
         if row.status != Scoreboard.Status.DONE:
-            return seen, {}
-        figures = Scoreboard.objects.values_list("figures", flat=True).get(pk=row.pk)
-        return seen, best_compositions(figures or {})
+            return seen, {}, None
+        figures = Scoreboard.objects.values_list("figures", flat=True).get(pk=row.pk) or {}
+        return seen, best_compositions(figures), best_router(figures)
 
     def _retire_due(self) -> None:
         now = time.monotonic()

@@ -352,6 +352,23 @@ def test_the_board_on_the_page_is_the_stored_one(world):
     )
 
 
+def test_a_deployment_serving_what_scored_best_shows_the_router_and_method_it_resolves_to(world):
+    board = world["board"]
+    figures = {**board.figures, "router": "best", "composition": {"default": "best", "k": 2}}
+    Scoreboard.objects.filter(pk=board.pk).update(figures=figures)
+    html = page()
+    facts = text(re.search(r'class="facts lb-facts">.*?</dl>', html, re.S).group(0))
+    # The embedding router's top-1 (1.0) beats its topk (0.875) and the learned router (0.5).
+    facts = " ".join(facts.split()).replace(" ,", ",")
+    assert "Router it serves with embedding, composition top1 (what scored best on this board)" in (
+        facts
+    )
+    routers = table(html, "Routers, each sending every example to one adapter (hidden")
+    assert [row[0] for row in routers] == ["embedding served", "learned"]
+    methods = table(html, "Composition methods, mixing several adapters per answer (hidden")
+    assert not any("served" in row[0] for row in methods)
+
+
 def test_the_history_chart_has_its_figures_in_a_table_too(world):
     html = page()
     rows = table(html, "Scores by mixture version (hidden")

@@ -92,7 +92,7 @@ def test_the_routers_settings_accept_are_exactly_the_registered_ones():
     literal = re.search(r"if TESSERA_ROUTER not in \{([^}]*)\}", source)
     assert literal is not None
     accepted = {name.strip().strip("\"'") for name in literal.group(1).split(",")}
-    assert ROUTERS == accepted == {"embedding", "arrow", "explicit", "learned"}
+    assert ROUTERS == accepted == {"best", "embedding", "arrow", "explicit", "learned"}
 
 
 # --- The learned router on synthetic embeddings --------------------------------------------------
@@ -181,6 +181,70 @@ def test_prompts_no_adapter_helps_go_to_the_base_model(fitted):
         decision = route_learned_embedded(catalog=catalog, query=query)
         assert (decision.adapter, decision.reason) == (None, "below_threshold")
         assert decision.ranked  # still ranked, for a composition that wants them
+
+
+# --- The best router: whichever the board scored best -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("best_router", "trained", "decides"),
+    [
+        (None, True, "embedding"),  # not scored yet
+        ("embedding", True, "embedding"),
+        ("learned", True, "learned"),
+        ("learned", False, "embedding"),  # the board's choice is not loaded: no stand-in
+    ],
+)
+def test_the_best_router_hands_each_request_to_the_router_the_board_chose(
+    fitted, best_router, trained, decides
+):
+    catalog = dataclasses.replace(
+        learned_catalog(fitted.model if trained else None),
+        router="best",
+        best_router=best_router,
+    )
+    kwargs = {"model": MIXTURE_MODEL_ID, "text": UNIT_REQUEST, "user_id": None}
+    decision = route(catalog=catalog, policy=RoutingPolicy(), **kwargs)
+    direct = route(catalog=catalog, policy=RoutingPolicy(), router=decides, **kwargs)
+    # The decision names the router that made it, never "best".
+    assert decision.router == decides
+    assert (decision.adapter, decision.reason, decision.threshold) == (
+        direct.adapter,
+        direct.reason,
+        direct.threshold,
+    )
+    assert decision.reason != "no_learned_router"
+
+
+def test_the_best_router_is_the_one_with_the_best_score_on_the_hidden_union():
+    from routing.scoreboard.selectors import best_router
+
+    def board(**scores):
+        routers = {r: {"score": v} for r, v in scores.items() if "_" not in r}
+        methods = {r.replace("_", "/"): {"score": v} for r, v in scores.items() if "_" in r}
+        return {"splits": {"hidden": {"routers": routers, "methods": methods}}}
+
+    assert best_router({}) is None
+    assert best_router(board(embedding=0.8, learned=0.85)) == "learned"
+    # A router's best method counts: embedding/topk beats learned's top-1.
+    assert best_router(board(embedding=0.8, learned=0.85, embedding_topk=0.9)) == "embedding"
+    # The merged adapter is no router's.
+    assert (
+        best_router(
+            {
+                "splits": {
+                    "hidden": {
+                        "routers": {"embedding": {"score": 0.8}, "learned": {"score": 0.7}},
+                        "methods": {"merged": {"score": 0.99}},
+                    }
+                }
+            }
+        )
+        == "embedding"
+    )
+    # On a tie, the router that needs no training.
+    assert best_router(board(embedding=0.85, learned=0.85)) == "embedding"
+    assert best_router(board(learned=0.85, embedding=0.85)) == "embedding"
 
 
 def unhelped() -> TrainingSet:

@@ -129,6 +129,14 @@ def test_the_best_composition_per_router_follows_the_served_mixtures_scoreboard(
     )
     assert sync.refresh() is True
     assert sync.catalog.best_compositions == {"embedding": "topk", "learned": "top1"}
+    # embedding/topk (0.86) beats every learned figure (0.84 at best).
+    assert sync.catalog.best_router == "embedding"
+    hidden["methods"]["learned/logit"] = {"score": 0.90}
+    Scoreboard.objects.filter(pk=board.pk).update(figures={"splits": {"hidden": hidden}})
+    sync._board_seen = None  # the same row with new figures: read it again
+    assert sync.refresh() is True
+    assert sync.catalog.best_router == "learned"
+    assert sync.catalog.best_compositions["learned"] == "logit"
 
 
 def test_edits_after_admission_are_served_at_the_next_poll_without_reloading(
