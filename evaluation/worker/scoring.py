@@ -262,10 +262,11 @@ def score_composed(
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     tokenizer = engine.tokenizer
+    loaded = set(engine.registry.keys())
     prompts: dict[int, str] = {}
     compositions: dict[int, Any] = {}
     for index, (example, fields) in enumerate(zip(task.examples, task.compositions, strict=True)):
-        composition = _loaded_composition(engine, fields)
+        composition = _loaded_composition(fields, loaded)
         if composition is not None:
             compositions[index] = composition
             prompts[index] = chat_prompt(tokenizer, task.prompt_template, example.fields)
@@ -279,16 +280,16 @@ def score_composed(
     return scores
 
 
-def _loaded_composition(engine: Any, fields: Mapping[str, Any]) -> Any:
+def _loaded_composition(fields: Mapping[str, Any], loaded: set[str]) -> Any:
     """The composition ``fields`` describe, or None when they are not one or name an
-    adapter the engine does not hold."""
+    adapter that is not ``loaded``."""
     from multilora import Composition, CompositionError
 
     try:
         composition = Composition(**fields)
     except (CompositionError, TypeError):
         return None
-    return composition if set(composition.adapters) <= set(engine.registry.keys()) else None
+    return composition if set(composition.adapters) <= loaded else None
 
 
 def _generate_composed(
@@ -353,13 +354,9 @@ def _loglik_composed(
         for (index, _), total, count in zip(pairs, sums, counts, strict=True):
             scores[index] = total / count if count else 0.0
         return
-    cursor = 0
-    for index in prompts:
-        example = task.examples[index]
-        k = len(example.choices)
-        best = int(np.argmax(sums[cursor : cursor + k]))
-        scores[index] = float(example.choices[best] == example.target)
-        cursor += k
+    chosen = _choice_scores([task.examples[index] for index in prompts], sums)
+    for index, score in zip(prompts, chosen, strict=True):
+        scores[index] = score
 
 
 def composed_logliks(
@@ -375,7 +372,7 @@ def composed_logliks(
     engine's own rows: ``top1``, ``topk`` and ``arrow`` one row bound to the composition;
     ``logit`` one row per adapter, whose log-probabilities at each position are combined
     by weight, Σ wᵢ log pᵢ(token), and normalised over the vocabulary, as the engine
-    combines them to choose a token. ``progress`` counts rows. Uses the engine's model
+    combines them to choose a token. ``progress`` counts pairs. Uses the engine's model
     outside its generation loop: not while the engine generates."""
     import torch
 
@@ -546,9 +543,9 @@ def continuation_logliks(
 def _continuation_item(
     tokenizer: Any, prompt: str, continuation: str
 ) -> tuple[list[int], list[int]]:
-    return _encode(tokenizer, prompt), tokenizer(continuation, add_special_tokens=False)[
-        "input_ids"
-    ]
+    """(the prompt's ids, the continuation's), tokenized as the variant path does."""
+    continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    return _encode(tokenizer, prompt), continuation_ids
 
 
 def _picked_sum(log_probs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -629,6 +626,12 @@ def _score_multiple_choice(
         slots=pair_slots if slots is not None else None,
         bind=bind,
     )
+    return _choice_scores(examples, sums)
+
+
+def _choice_scores(examples: Sequence[ExampleSpec], sums: Sequence[float]) -> list[float]:
+    """1.0 for each example whose target is its likeliest choice (the first one on a tie),
+    from every choice's log-likelihood, the examples' choices one after another."""
     scores: list[float] = []
     cursor = 0
     for example in examples:

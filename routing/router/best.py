@@ -19,7 +19,6 @@ from routing.router.registry import RouteRequest, register
 from routing.router.types import RoutingDecision
 
 BEST = "best"
-EMBEDDING = "embedding"
 
 
 def decide_best(request: RouteRequest) -> RoutingDecision:

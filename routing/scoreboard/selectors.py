@@ -71,39 +71,16 @@ def board_history() -> list[dict[str, Any]]:
 _CHEAPEST_FIRST = ("top1", "topk", "merged", "logit", "arrow")
 
 
-def best_router(figures: dict[str, Any]) -> str | None:
-    """The router that scored best on the board's hidden union, with its best composition
-    method (the merged adapter, which no router chooses, left out): what
-    TESSERA_ROUTER=best serves. On a tie the router that needs no training (embedding)
-    wins. None when the board has no hidden split."""
-    hidden = (figures.get("splits") or {}).get("hidden")
-    if not hidden:
-        return None
-    scores: dict[str, float] = {}
-    for router, routed in (hidden.get("routers") or {}).items():
-        if routed.get("score") is not None:
-            scores[router] = routed["score"]
-    for label, measured in (hidden.get("methods") or {}).items():
-        router, _, method = label.partition("/")
-        if method and router in scores and measured.get("score") is not None:
-            scores[router] = max(scores[router], measured["score"])
-    if not scores:
-        return None
-    order = {router: i for i, router in enumerate(_SIMPLEST_FIRST)}
-    return max(scores, key=lambda r: (scores[r], -order.get(r, len(_SIMPLEST_FIRST)), r))
-
-
 # Among routers that score the same, the one that needs no training job.
 _SIMPLEST_FIRST = ("embedding", "learned")
 
 
-def best_compositions(figures: dict[str, Any]) -> dict[str, str]:
-    """{router: the composition method that scored best with it on the board's hidden
-    union}; ``merged`` (router-independent) competes under every router. Empty when the
-    board has no hidden split."""
+def _hidden_scores(figures: dict[str, Any]) -> tuple[dict[str, dict[str, float]], float | None]:
+    """({router: {method: score}} on the board's hidden union, top-1 routing as ``top1``;
+    the merged adapter's score, which no router's), empty when there is no hidden split."""
     hidden = (figures.get("splits") or {}).get("hidden")
     if not hidden:
-        return {}
+        return {}, None
     scores: dict[str, dict[str, float]] = {}
     for router, routed in (hidden.get("routers") or {}).items():
         if routed.get("score") is not None:
@@ -117,6 +94,27 @@ def best_compositions(figures: dict[str, Any]) -> dict[str, str]:
             merged = measured["score"]
         else:
             scores.setdefault(router, {})[method] = measured["score"]
+    return scores, merged
+
+
+def best_router(figures: dict[str, Any]) -> str | None:
+    """The router that scored best on the board's hidden union, with its best composition
+    method (the merged adapter, which no router chooses, left out): what
+    TESSERA_ROUTER=best serves. On a tie the router that needs no training (embedding)
+    wins. None when the board has no hidden split."""
+    by_router, _merged = _hidden_scores(figures)
+    scores = {r: max(methods.values()) for r, methods in by_router.items() if "top1" in methods}
+    if not scores:
+        return None
+    order = {router: i for i, router in enumerate(_SIMPLEST_FIRST)}
+    return max(scores, key=lambda r: (scores[r], -order.get(r, len(_SIMPLEST_FIRST)), r))
+
+
+def best_compositions(figures: dict[str, Any]) -> dict[str, str]:
+    """{router: the composition method that scored best with it on the board's hidden
+    union}; ``merged`` (router-independent) competes under every router. Empty when the
+    board has no hidden split."""
+    scores, merged = _hidden_scores(figures)
     best: dict[str, str] = {}
     for router, by_method in scores.items():
         if merged is not None:

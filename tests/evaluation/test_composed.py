@@ -198,27 +198,33 @@ def likeliest_choices(engine: Engine, composition: Composition) -> list[str]:
     return found
 
 
-def test_multiple_choice_compositions_score_the_choice_the_composed_model_finds_likeliest(
-    engine,
-):
-    slot = engine.registry.slot_of("a")
-    variant_task = TaskSpec(
-        key="t:mc",
-        metric="multiple_choice",
+def variant_scores(engine: Engine, key: str, metric: str, examples: list[ExampleSpec]):
+    """What the variant path (the evaluation of one adapter) scores ``examples`` at."""
+    task = TaskSpec(
+        key=f"t:{metric}",
+        metric=metric,
         prompt_template=TEMPLATE,
         max_new_tokens=4,
-        examples=[
-            ExampleSpec(fields={"question": q}, target="yes", choices=CHOICES) for q in QUESTIONS
-        ],
+        examples=examples,
     )
-    (variant,) = score_task_variants(
+    (scores,) = score_task_variants(
         engine.model,
         engine.tokenizer,
-        variant_task,
-        variants=[slot],
+        task,
+        variants=[engine.registry.slot_of(key)],
         bind=engine.lora.adapters,
         batch_size=4,
     )
+    return scores
+
+
+def test_multiple_choice_compositions_score_the_choice_the_composed_model_finds_likeliest(
+    engine,
+):
+    examples = [
+        ExampleSpec(fields={"question": q}, target="yes", choices=CHOICES) for q in QUESTIONS
+    ]
+    variant = variant_scores(engine, "a", "multiple_choice", examples)
     single = [{"method": "top1", "adapters": ["a"]}] * len(QUESTIONS)
     # One adapter scores as the variant path scores it.
     assert (
@@ -245,23 +251,8 @@ def test_multiple_choice_compositions_score_the_choice_the_composed_model_finds_
 
 
 def test_a_mean_log_likelihood_under_one_adapter_matches_the_variant_path(engine):
-    slot = engine.registry.slot_of("b")
     examples = [ExampleSpec(fields={"question": q}, target="maybe so") for q in QUESTIONS]
-    variant_task = TaskSpec(
-        key="t:ll",
-        metric="mean_loglik",
-        prompt_template=TEMPLATE,
-        max_new_tokens=4,
-        examples=examples,
-    )
-    (variant,) = score_task_variants(
-        engine.model,
-        engine.tokenizer,
-        variant_task,
-        variants=[slot],
-        bind=engine.lora.adapters,
-        batch_size=4,
-    )
+    variant = variant_scores(engine, "b", "mean_loglik", examples)
     task = ComposedTaskSpec(
         key="t|ll",
         metric="mean_loglik",
